@@ -1,0 +1,173 @@
+"""Generate: run one technique (argv[1]) over data/prepared/test.jsonl in its own process and write
+data/generations/<technique>.jsonl (per-sample predictions and timings) and
+metrics/techniques/<technique>/perf.json (latency, throughput, memory, environment)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from backends import Generation, hf_generate
+from common import (
+    GENERATIONS,
+    PREPARED,
+    TECHNIQUE_METRICS,
+    InputError,
+    Skip,
+    env_info,
+    fail,
+    load_params,
+    log,
+    read_json,
+    read_jsonl,
+    setup_logging,
+    write_json,
+    write_jsonl,
+)
+from prompts import build_prompt, has_chat_template
+from techniques import build_model, check_hardware, pick_device, resolve
+from trackers import Latency, MemoryTracker
+
+GenerateFn = Callable[[list[str]], list[Generation]]
+
+
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str) -> tuple[list[Generation], dict[str, Any]]:
+    """Warm up, then generate every prompt once, timing each batch; return generations and perf numbers.
+
+    Args:
+        generate_fn: a backend bound to its model and generate kwargs.
+        prompts: all prompts, in row order.
+        batch_size: prompts per call.
+        warmup_runs: untimed calls on the first batch (compile, allocator and cache warm-up).
+        device: "cpu" or "cuda", for the memory tracker.
+    """
+    groups = batches(prompts, batch_size)
+    warmup_s = []
+    for _ in range(warmup_runs):
+        start = time.perf_counter()
+        generate_fn(groups[0])
+        warmup_s.append(time.perf_counter() - start)
+    memory = MemoryTracker(device)
+    gens: list[Generation] = []
+    wall = time.perf_counter()
+    with memory.track():
+        for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
+            gens.extend(generate_fn(group))
+    wall = time.perf_counter() - wall
+    per_call = [g.latency_s for g in gens[::batch_size]] if batch_size > 1 else [g.latency_s for g in gens]
+    new_tokens = sum(g.new_tokens for g in gens)
+    busy = sum(per_call)
+    perf = {
+        **Latency.from_values([g.latency_s for g in gens]).to_dict("latency"),
+        **Latency.from_values([g.ttft_s for g in gens if g.ttft_s is not None]).to_dict("ttft"),
+        **Latency.from_values([g.tpot_s for g in gens if g.tpot_s is not None]).to_dict("tpot"),
+        "samples_per_s": len(gens) / busy,
+        "tokens_per_s": new_tokens / busy,
+        "new_tokens_mean": new_tokens / len(gens),
+        "wall_s": wall,
+        "warmup_s": warmup_s,
+        **{k: v for k, v in asdict(memory.get_memory()).items() if v is not None and k != "unit"},
+    }
+    return gens, perf
+
+
+def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build prompts; rows whose prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
+    p = params["prompt"]
+    chat = has_chat_template(tokenizer)
+    prompts, kept, too_long = [], [], []
+    for row in rows:
+        prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            too_long.append({**row, "prediction": None, "skipped": f"prompt has {n} tokens > limit {limit}"})
+            continue
+        prompts.append(prompt)
+        kept.append(row)
+    return prompts, kept, too_long
+
+
+def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+    """Load the technique's model(s) and bind hf_generate to them and to its generate kwargs."""
+    model, tokenizer, info = build_model(cfg, device)
+    gen_kwargs = {**cfg["generate"], "stop_strings": ["\n"]}
+    if cfg.get("speculative"):
+        draft_cfg = resolve(params, "kv_cache") | {"role": "model", "model_name": params["base"]["model"]}
+        draft, draft_tok, _ = build_model(draft_cfg, device)
+        gen_kwargs.update(assistant_model=draft, **cfg["speculative"])
+        if draft_tok.get_vocab() != tokenizer.get_vocab():
+            gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
+    from compress import weight_bytes
+
+    info["weight_mb"] = weight_bytes(model) / 2**20
+    info["dtype"] = str(getattr(model, "dtype", cfg["dtype"])).replace("torch.", "")
+    limit = min(params["generate"]["max_input_tokens"], getattr(model.config, "max_position_embeddings", 10**9) - cfg["generate"]["max_new_tokens"])
+    info["max_input_tokens"] = limit
+
+    def generate_fn(prompts: list[str]) -> list[Generation]:
+        return hf_generate(model, tokenizer, prompts, device, **gen_kwargs)
+
+    return generate_fn, tokenizer, info
+
+
+def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one technique over the rows. Returns generation records and the perf metrics.
+
+    A technique that this machine cannot run returns no records and {"skipped": reason}.
+    """
+    cfg = resolve(params, name)
+    device = pick_device(params["base"].get("device", "auto"))
+    perf: dict[str, Any] = {"technique": name, "config": cfg, "env": env_info(), "device": device}
+    try:
+        check_hardware(cfg, device)
+        if cfg["backend"] == "hf":
+            generate_fn, tokenizer, info = hf_setup(cfg, params, device)
+        else:
+            from engines import setup as engine_setup  # llama.cpp / vLLM
+
+            generate_fn, tokenizer, info = engine_setup(cfg, params, device)
+    except Skip as e:
+        log.warning("%s: skipped: %s", name, e)
+        return [], {**perf, "skipped": str(e)}
+    source = read_json(Path(info["path"]) / "source.json") if info.get("path") else {}
+    prompts, kept, too_long = prompts_for(rows, tokenizer, params, info.pop("max_input_tokens", 10**9))
+    if not prompts:
+        raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
+    log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
+    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device)
+    records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
+    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers)
+    return records, perf
+
+
+def main() -> None:
+    setup_logging()
+    if len(sys.argv) != 2:
+        fail("usage: python stages/generate.py <technique>")
+    name = sys.argv[1]
+    params = load_params()
+    try:
+        rows = read_jsonl(PREPARED / "test.jsonl")
+        records, perf = generate(name, params, rows)
+    except InputError as e:
+        fail(str(e))
+    write_jsonl(GENERATIONS / f"{name}.jsonl", records)
+    write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
+    if "skipped" in perf:
+        log.info("%s: skip recorded -> %s", name, TECHNIQUE_METRICS / name / "perf.json")
+    else:
+        log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Prompt building and headline clean-up, shared by every backend so all techniques see the same text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], chat: bool, tokenizer: Any = None) -> str:
+    """The task prompt for one summary.
+
+    Chat models get the instruction as a user turn through their chat template. Base models (no template)
+    get the same instruction in a few-shot block ending in "Headline:", so that the first line they write
+    is the headline.
+
+    Args:
+        summary: the news summary.
+        template: the instruction with a `{summary}` field.
+        few_shot: example {summary, headline} pairs for base models.
+        chat: use the tokenizer's chat template.
+        tokenizer: needed when `chat` is true.
+    """
+    instruction = template.format(summary=summary.strip())
+    if chat:
+        messages = [{"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    shots = "".join(f"{template.format(summary=s['summary'].strip())}\nHeadline: {s['headline'].strip()}\n\n" for s in few_shot)
+    return f"{shots}{instruction}\nHeadline:"
+
+
+def clean_headline(text: str) -> str:
+    """Keep the first non-empty line, without surrounding quotes or a 'Headline:' label."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            break
+    else:
+        return ""
+    if line.lower().startswith("headline:"):
+        line = line[len("headline:") :].strip()
+    return line.strip().strip('"').strip("*").strip()

@@ -1,0 +1,119 @@
+"""Techniques: each is data in params.yaml (`techniques.<name>`) plus the few lines here that apply it.
+
+A resolved technique is a dict with these keys (defaults in DEFAULTS):
+  role       "model" (small) or "target" (large): which model of `base` it runs.
+  backend    "hf" (transformers), "llamacpp", "vllm".
+  generate   generate() kwargs over the `generate` section (use_cache, prompt_lookup_num_tokens, ...).
+  batch_size prompts per generate call.
+  reference  the technique whose predictions this one must equal if it is lossless.
+  quantize / prune / compile / speculative / device_map / parallel: optional, see the apply_* below.
+Model transforms run in the order of TRANSFORMS; settings compose (quantize + kv cache + compile ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import MODELS, InputError, Skip, log
+
+DEFAULTS: dict[str, Any] = {"role": "model", "backend": "hf", "generate": {}, "batch_size": 1, "reference": "baseline"}
+GENERATE_SECTION_KEYS = ("max_new_tokens", "use_cache")  # the `generate` params that are generate() kwargs
+
+
+def resolve(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The full config of one technique: defaults, then the `generate` section, then its own entry."""
+    techniques = params.get("techniques") or {}
+    if name not in techniques:
+        raise InputError(f"unknown technique '{name}'; params.yaml defines: {', '.join(sorted(techniques))}")
+    entry = copy.deepcopy(techniques[name] or {})
+    unknown = set(entry) - set(DEFAULTS) - {"quantize", "prune", "compile", "speculative", "device_map", "parallel", "threads", "dtype"}
+    if unknown:
+        raise InputError(f"technique '{name}': unknown setting(s) {sorted(unknown)}")
+    section = params["generate"]
+    cfg = {**copy.deepcopy(DEFAULTS), "batch_size": section.get("batch_size", 1), **entry}
+    cfg["generate"] = {**{k: section[k] for k in GENERATE_SECTION_KEYS if k in section}, **entry.get("generate", {})}
+    cfg["name"] = name
+    cfg["model_name"] = params["base"][cfg["role"]]
+    cfg["dtype"] = entry.get("dtype", params["base"].get("dtype", "float32"))
+    return cfg
+
+
+def pick_device(setting: str = "auto") -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def model_path(name: str) -> Path:
+    path = MODELS / name
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: model not converted; run `dvc repro models`")
+    return path
+
+
+def check_hardware(cfg: dict[str, Any], device: str) -> None:
+    """Raise Skip with the reason when this machine cannot run the technique as named."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if cfg.get("device_map") and gpus < 2:
+        raise Skip(f"device_map={cfg['device_map']!r} splits layers across GPUs; this machine has {gpus} GPU(s)")
+    if cfg["backend"] == "vllm" and not gpus:
+        raise Skip("vLLM needs a CUDA GPU; this machine has none")
+
+
+def apply_compile(model: Any, mode: str = "default", fullgraph: bool = False, dynamic: bool | None = None) -> Any:
+    """Compile the forward pass (gpt-fast's decode_one_token idea); pair with a static KV cache."""
+    model.forward = torch.compile(model.forward, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    return model
+
+
+def apply_prune(model: Any, **spec: Any) -> Any:
+    from compress import apply_prune as prune  # lazy: keeps this module light
+
+    return prune(model, **spec)
+
+
+TRANSFORMS: dict[str, Callable[..., Any]] = {"prune": apply_prune, "compile": apply_compile}
+
+
+def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+    """from_pretrained kwargs: dtype, quantization config, device placement."""
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, cfg["dtype"])}
+    if cfg.get("quantize"):
+        from compress import quantization_config
+
+        kwargs.update(quantization_config(cfg["quantize"], device))
+    if cfg.get("device_map"):
+        kwargs["device_map"] = cfg["device_map"]
+    return kwargs
+
+
+def build_model(cfg: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the technique's model and tokenizer and apply its transforms in order.
+
+    Returns:
+        model, tokenizer and facts about the load (time, path).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(cfg["model_name"])
+    start = time.perf_counter()
+    kwargs = load_kwargs(cfg, device)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs and not cfg.get("quantize"):
+        model.to(device)
+    model.eval()
+    for key, transform in TRANSFORMS.items():
+        if cfg.get(key):
+            log.info("applying %s %s", key, cfg[key])
+            model = transform(model, **cfg[key])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # decoder-only batches must pad on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, {"path": str(path), "load_s": time.perf_counter() - start}

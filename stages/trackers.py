@@ -1,0 +1,161 @@
+"""Measurement only: latency, per-token timestamps and peak memory (after optimum-benchmark's trackers).
+
+The generate loop wraps its calls in these; nothing here knows about techniques.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work so that a host timer measures it (a no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Latency:
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    stdev: float
+    unit: str = "s"
+
+    @staticmethod
+    def from_values(values: list[float]) -> Latency:
+        a = np.asarray(values, dtype=float)
+        if a.size == 0:
+            return Latency(0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return Latency(int(a.size), float(a.mean()), float(p50), float(p90), float(p99), float(a.std()))
+
+    def to_dict(self, prefix: str) -> dict[str, float]:
+        d = asdict(self)
+        unit = d.pop("unit")
+        count = d.pop("count")
+        return {f"{prefix}_{unit}_{k}": v for k, v in d.items()} | {f"{prefix}_count": count}
+
+
+class LatencyTracker:
+    """Times each `track()` block with perf_counter, synchronizing the device on both sides."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.values: list[float] = []
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.values.append(time.perf_counter() - start)
+
+    def get_latency(self) -> Latency:
+        return Latency.from_values(self.values)
+
+
+@dataclass
+class Memory:
+    peak_rss_mb: float | None = None
+    max_allocated_mb: float | None = None
+    max_reserved_mb: float | None = None
+    unit: str = "MB"
+
+
+def _rss_hwm_mb() -> float | None:
+    """The process's peak resident set size (VmHWM) in MB, Linux only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS ('5' to clear_refs, Linux >= 4.0) so each run gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryTracker:
+    """Peak memory of the `track()` blocks: CUDA allocator peaks on GPU, peak RSS of the process on CPU.
+
+    Peaks are reset when a block starts, so a run never inherits an earlier run's peak (the seed's
+    10,868 MB on every row came from never resetting). Across several blocks the maximum is kept.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.memory = Memory()
+        self.rss_reset = True
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.rss_reset = reset_peak_rss() and self.rss_reset
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+            alloc = torch.cuda.max_memory_allocated() / 2**20
+            reserved = torch.cuda.max_memory_reserved() / 2**20
+            self.memory.max_allocated_mb = max(self.memory.max_allocated_mb or 0.0, alloc)
+            self.memory.max_reserved_mb = max(self.memory.max_reserved_mb or 0.0, reserved)
+        rss = _rss_hwm_mb()
+        if rss is not None:
+            self.memory.peak_rss_mb = max(self.memory.peak_rss_mb or 0.0, rss)
+
+    def get_memory(self) -> Memory:
+        return self.memory
+
+
+class TokenTimer(LogitsProcessor):
+    """Records one timestamp per decoding step without editing `generate` (optimum-benchmark's trick).
+
+    The processor runs after each forward pass, so the first stamp minus the start is the time to the
+    first token (prefill) and the later gaps are per-token decode times. With assisted decoding several
+    tokens land per step, so only end-to-end numbers are meaningful there.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.start = 0.0
+        self.stamps: list[float] = []
+
+    def reset(self) -> None:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+        self.stamps = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def ttft(self) -> float | None:
+        return self.stamps[0] - self.start if self.stamps else None
+
+    def tpot(self) -> float | None:
+        """Mean decode time per output token after the first."""
+        if len(self.stamps) < 2:
+            return None
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)

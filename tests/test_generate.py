@@ -1,0 +1,86 @@
+"""The generate loop on a tiny random Llama: outputs, timings, lossless KV cache, skips and bad input."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import common
+from common import InputError
+from generate import generate
+
+BASE_PARAMS: dict[str, Any] = {
+    "base": {"seed": 1, "model": "tiny", "target": "tiny", "dtype": "float32", "device": "cpu"},
+    "prompt": {"template": "generate concise headline for the following news summary : {summary}",
+               "few_shot": [{"summary": "the city council vote", "headline": "council vote"}]},
+    "generate": {"max_new_tokens": 6, "use_cache": True, "batch_size": 1, "warmup_runs": 1, "max_input_tokens": 600},
+    "techniques": {"baseline": {"generate": {"use_cache": False}}, "kv_cache": {}, "batched": {"batch_size": 2},
+                   "layer_split_auto": {"device_map": "auto"}},
+}
+ROWS = [{"id": f"r{i}", "summary": s, "reference": "city council vote"} for i, s in
+        enumerate(["the city council vote on new news", "a new summary of the news in the city", "council vote for a new city"])]
+
+
+@pytest.fixture()
+def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
+    import techniques
+
+    monkeypatch.setattr(techniques, "MODELS", tmp_path)
+    monkeypatch.setattr(common, "MODELS", tmp_path)
+    return tmp_path
+
+
+def test_generate_records_and_timings(models_dir: Path) -> None:
+    records, perf = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    assert [r["id"] for r in records] == ["r0", "r1", "r2"]
+    for r in records:
+        assert isinstance(r["prediction"], str) and 1 <= r["new_tokens"] <= 6
+        assert 0 < r["ttft_s"] <= r["latency_s"] and r["prompt_tokens"] > 100
+    assert perf["samples"] == 3 and perf["latency_count"] == 3
+    assert perf["latency_s_p50"] <= perf["latency_s_p99"]
+    assert perf["tokens_per_s"] == pytest.approx(sum(r["new_tokens"] for r in records) / sum(r["latency_s"] for r in records))
+    assert perf["peak_rss_mb"] > 0 and perf["weight_mb"] > 0 and len(perf["warmup_s"]) == 1
+    assert perf["model"]["id"] == "tiny-random-llama" and perf["env"]["torch"]
+    assert perf["config"]["generate"]["use_cache"] is True
+
+
+def test_kv_cache_equals_baseline(models_dir: Path) -> None:
+    """Lossless: greedy with a KV cache must give exactly the no-cache predictions in fp32."""
+    base, _ = generate("baseline", copy.deepcopy(BASE_PARAMS), ROWS)
+    kv, _ = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    assert [r["raw"] for r in base] == [r["raw"] for r in kv]
+
+
+def test_batched_left_padding_matches_unbatched(models_dir: Path) -> None:
+    one, _ = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    two, perf = generate("batched", copy.deepcopy(BASE_PARAMS), ROWS)
+    assert perf["config"]["batch_size"] == 2
+    assert [r["prompt_tokens"] for r in one] == [r["prompt_tokens"] for r in two]
+    assert [r["raw"] for r in one] == [r["raw"] for r in two]
+
+
+def test_layer_split_without_gpus_is_a_recorded_skip(models_dir: Path) -> None:
+    records, perf = generate("layer_split_auto", copy.deepcopy(BASE_PARAMS), ROWS)
+    assert records == [] and "0 GPU(s)" in perf["skipped"]
+
+
+def test_unknown_technique_names_the_known_ones(models_dir: Path) -> None:
+    with pytest.raises(InputError, match="unknown technique 'quant3'; params.yaml defines: baseline, batched, kv_cache"):
+        generate("quant3", copy.deepcopy(BASE_PARAMS), ROWS)
+
+
+def test_over_long_prompts_are_set_aside_with_reason(models_dir: Path) -> None:
+    params = copy.deepcopy(BASE_PARAMS)
+    rows = ROWS + [{"id": "long", "summary": "news " * 200, "reference": "x"}]
+    records, perf = generate("kv_cache", params, rows)
+    long = next(r for r in records if r["id"] == "long")
+    assert long["prediction"] is None and "tokens > limit 600" in long["skipped"]
+    assert perf["rows_too_long"] == 1 and perf["samples"] == 3
+    with pytest.raises(InputError, match="every prompt is longer"):
+        generate("kv_cache", params, rows[-1:])
