@@ -47,6 +47,12 @@ def eos_ids(model: Any) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
+def newline_ids(tokenizer: Any) -> set[int]:
+    """Ids of every token whose text contains a newline: generating one ends the headline's first line."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return {i for i, text in enumerate(texts) if "\n" in text}
+
+
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **gen_kwargs: Any) -> list[Generation]:
     """Greedy generation of one batch with transformers, timed end to end and per token.
 
@@ -68,7 +74,7 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **g
         )
     # out: [B, S + T]
     new = out[:, inputs["input_ids"].shape[1] :]
-    eos = eos_ids(model)
+    eos = set(gen_kwargs.get("eos_token_id") or eos_ids(model))
     results = []
     for row, mask in zip(new, inputs["attention_mask"]):
         n = count_new_tokens(row, tokenizer.pad_token_id, eos)
@@ -77,26 +83,39 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **g
     return results
 
 
-def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, **_: Any) -> list[Generation]:
-    """Greedy generation with llama.cpp, one prompt at a time, each from a cold cache.
+def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: str = "\n", **_: Any) -> list[Generation]:
+    """Greedy generation with llama.cpp, one prompt at a time, each from a cold KV cache.
 
-    llama.cpp reuses the previous prompt's KV cache when prompts share a prefix, which flatters it;
-    resetting per prompt measures what a fresh request costs, like the transformers backends.
+    llama.cpp reuses the previous prompt's KV cache when prompts share a prefix (our chat template
+    does), which flatters it; `reset()` per prompt measures what a fresh request costs, like the
+    transformers backends. Tokens come from the low-level generator, so counts are exact ids, not
+    stream chunks, and every sampled token (the one holding the newline or EOS included) counts,
+    as in hf_generate.
+
+    Args:
+        llm: a llama_cpp.Llama.
+        prompts: full prompt strings (chat template already applied).
+        max_new_tokens: cap on sampled tokens.
+        stop: stop after the token whose text contains this (the HF path's stop_strings).
     """
+    from llama_cpp import llama_vocab_is_eog
+
+    vocab = llm._model.vocab  # the end-of-generation test create_completion uses; EOS alone misses <|im_end|>-style ids
     results = []
     for prompt in prompts:
         llm.reset()
         tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        ids: list[int] = []
+        stamps: list[float] = []
         start = time.perf_counter()
-        first = None
-        pieces, n = [], 0
-        for chunk in llm(tokens, max_tokens=max_new_tokens, temperature=0.0, top_k=1, stop=["\n"], stream=True):
-            if first is None:
-                first = time.perf_counter()
-            pieces.append(chunk["choices"][0]["text"])
-            n += 1
+        for tok in llm.generate(list(tokens), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            ids.append(tok)
+            if llama_vocab_is_eog(vocab, tok) or stop in llm.detokenize([tok]).decode("utf-8", "ignore") or len(ids) >= max_new_tokens:
+                break
         end = time.perf_counter()
-        raw = "".join(pieces)
-        tpot = (end - first) / (n - 1) if first is not None and n > 1 else None
-        results.append(Generation(clean_headline(raw), raw, len(tokens), n, end - start, (first or end) - start, tpot))
+        raw = llm.detokenize([t for t in ids if not llama_vocab_is_eog(vocab, t)]).decode("utf-8", "ignore")
+        tpot = (stamps[-1] - stamps[0]) / (len(ids) - 1) if len(ids) > 1 else None
+        ttft = stamps[0] - start if stamps else None
+        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot))
     return results

@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from backends import Generation, hf_generate
+from backends import Generation, eos_ids, hf_generate, newline_ids
 from common import (
     GENERATIONS,
     PREPARED,
@@ -32,7 +32,7 @@ from common import (
 )
 from prompts import build_prompt, has_chat_template
 from techniques import build_model, check_hardware, pick_device, resolve
-from trackers import Latency, MemoryTracker
+from trackers import AcceptanceTracker, Latency, MemoryTracker
 
 GenerateFn = Callable[[list[str]], list[Generation]]
 
@@ -98,21 +98,40 @@ def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, An
 
 
 def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
-    """Load the technique's model(s) and bind hf_generate to them and to its generate kwargs."""
+    """Load the technique's model(s) and bind hf_generate to them and to its generate kwargs.
+
+    Returns:
+        the bound generate function, the tokenizer (for prompts) and load facts; `info["after_run"]`
+        gives the numbers only known after the timed run (acceptance rate).
+    """
+    from compress import weight_bytes
+
     model, tokenizer, info = build_model(cfg, device)
-    gen_kwargs = {**cfg["generate"], "stop_strings": ["\n"]}
+    info["weight_mb"] = weight_bytes(model) / 2**20
+    info.update(getattr(model, "compression_facts", {}))
+    # Stop at the end of the first line. Newline tokens join the EOS ids rather than using `stop_strings`,
+    # which assisted generation forwards to the draft without a tokenizer (and then fails).
+    gen_kwargs = {**cfg["generate"], "eos_token_id": sorted(eos_ids(model) | newline_ids(tokenizer))}
+    if cfg.get("compile"):
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(**cfg["compile"])
+        compile_config._compile_all_devices = device == "cpu"  # generate() compiles on GPUs only unless told
+        gen_kwargs["compile_config"] = compile_config
+    acceptance = AcceptanceTracker()
     if cfg.get("speculative"):
-        draft_cfg = resolve(params, "kv_cache") | {"role": "model", "model_name": params["base"]["model"]}
-        draft, draft_tok, _ = build_model(draft_cfg, device)
+        draft, draft_tok, _ = build_model({"model_name": params["base"]["model"], "dtype": cfg["dtype"]}, device)
         gen_kwargs.update(assistant_model=draft, **cfg["speculative"])
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
-    from compress import weight_bytes
-
-    info["weight_mb"] = weight_bytes(model) / 2**20
+        info["draft_weight_mb"] = weight_bytes(draft) / 2**20
+    if cfg.get("speculative") or gen_kwargs.get("prompt_lookup_num_tokens"):
+        acceptance.attach(model)
+    info["after_run"] = lambda: {"acceptance_rate": acceptance.rate(), "draft_tokens_proposed": acceptance.proposed,
+                                 "draft_tokens_accepted": acceptance.accepted} if acceptance.attached else {}
     info["dtype"] = str(getattr(model, "dtype", cfg["dtype"])).replace("torch.", "")
-    limit = min(params["generate"]["max_input_tokens"], getattr(model.config, "max_position_embeddings", 10**9) - cfg["generate"]["max_new_tokens"])
-    info["max_input_tokens"] = limit
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", 10**9)
+    info["max_input_tokens"] = min(params["generate"]["max_input_tokens"], context - cfg["generate"]["max_new_tokens"])
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
         return hf_generate(model, tokenizer, prompts, device, **gen_kwargs)
@@ -144,9 +163,13 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     if not prompts:
         raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
+    after_run = info.pop("after_run", dict)
     gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device)
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
-    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers)
+    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers, **after_run())
+    if cfg.get("compile") and numbers["warmup_s"]:
+        # the first warm-up call compiles; the same prompts' timed call is the steady state
+        perf["compile_s"] = numbers["warmup_s"][0] - gens[0].latency_s
     return records, perf
 
 

@@ -81,13 +81,15 @@ def main() -> None:
             return
         records = read_jsonl(GENERATIONS / f"{name}.jsonl")
         baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
-        reference = read_jsonl(GENERATIONS / f"{cfg['reference']}.jsonl")
+        ref_name = cfg["reference"] or "baseline"  # lossy techniques: fidelity to the baseline, for information
+        reference = read_jsonl(GENERATIONS / f"{ref_name}.jsonl")
         s = params["score"]
         result = score(records, baseline, reference, params["base"]["seed"], s["bootstrap_samples"], s["confidence"])
     except (InputError, FileNotFoundError) as e:
         fail(f"score {name}: {e}")
-    write_json(out, {"technique": name, "fidelity_reference": cfg["reference"], **result})
-    log.info("score: %s ROUGE-L %.4f, fidelity %s vs %s -> %s", name, result["rougeL"], result["fidelity"], cfg["reference"], out)
+    write_json(out, {"technique": name, "fidelity_reference": ref_name, "lossless": cfg["reference"] is not None,
+                     "confidence": s["confidence"], **result})
+    log.info("score: %s ROUGE-L %.4f, fidelity %s vs %s -> %s", name, result["rougeL"], result["fidelity"], ref_name, out)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ A resolved technique is a dict with these keys (defaults in DEFAULTS):
   backend    "hf" (transformers), "llamacpp", "vllm".
   generate   generate() kwargs over the `generate` section (use_cache, prompt_lookup_num_tokens, ...).
   batch_size prompts per generate call.
-  reference  the technique whose predictions this one must equal if it is lossless.
-  quantize / prune / compile / speculative / device_map / parallel: optional, see the apply_* below.
-Model transforms run in the order of TRANSFORMS; settings compose (quantize + kv cache + compile ...).
+  reference  for lossless techniques: the technique whose predictions this one must equal (None: lossy).
+  quantize   from_pretrained quantization (compress.quantization_config).
+  prune      a model transform (TRANSFORMS), applied after loading.
+  compile    torch.compile of generate's decode step (transformers' CompileConfig), with a static cache.
+  speculative  assisted generation kwargs; the draft is base.model.
+  device_map / parallel: layer split across GPUs / tensor parallel (tp.py).
+Settings compose: quantize + prune + kv cache + compile in one entry.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from common import MODELS, InputError, Skip, log
 
-DEFAULTS: dict[str, Any] = {"role": "model", "backend": "hf", "generate": {}, "batch_size": 1, "reference": "baseline"}
+DEFAULTS: dict[str, Any] = {"role": "model", "backend": "hf", "generate": {}, "batch_size": 1, "reference": None}
 GENERATE_SECTION_KEYS = ("max_new_tokens", "use_cache")  # the `generate` params that are generate() kwargs
 
 
@@ -66,19 +70,13 @@ def check_hardware(cfg: dict[str, Any], device: str) -> None:
         raise Skip("vLLM needs a CUDA GPU; this machine has none")
 
 
-def apply_compile(model: Any, mode: str = "default", fullgraph: bool = False, dynamic: bool | None = None) -> Any:
-    """Compile the forward pass (gpt-fast's decode_one_token idea); pair with a static KV cache."""
-    model.forward = torch.compile(model.forward, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
-    return model
-
-
 def apply_prune(model: Any, **spec: Any) -> Any:
     from compress import apply_prune as prune  # lazy: keeps this module light
 
     return prune(model, **spec)
 
 
-TRANSFORMS: dict[str, Callable[..., Any]] = {"prune": apply_prune, "compile": apply_compile}
+TRANSFORMS: dict[str, Callable[..., Any]] = {"prune": apply_prune}
 
 
 def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,3 +160,44 @@ class TokenTimer(LogitsProcessor):
         if len(self.stamps) < 2:
             return None
         return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+
+class AcceptanceTracker:
+    """Counts draft tokens proposed and accepted in assisted generation (speculative, prompt lookup).
+
+    It wraps the candidate generator that `generate` builds for each call (a private hook of transformers,
+    `_get_candidate_generator`); where that hook is missing, the rate is None rather than a guess.
+    """
+
+    def __init__(self) -> None:
+        self.proposed = 0
+        self.accepted = 0
+        self.attached = False
+
+    def attach(self, model: Any) -> None:
+        build = getattr(model, "_get_candidate_generator", None)
+        if build is None:
+            return
+        tracker = self
+
+        def counting_build(*args: Any, **kwargs: Any) -> Any:
+            generator = build(*args, **kwargs)
+            get, update = generator.get_candidates, generator.update_candidate_strategy
+
+            def get_candidates(input_ids: torch.LongTensor, *a: Any, **kw: Any) -> Any:
+                candidates, logits = get(input_ids, *a, **kw)
+                tracker.proposed += candidates.shape[1] - input_ids.shape[1]
+                return candidates, logits
+
+            def update_candidate_strategy(input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> Any:
+                tracker.accepted += int(num_matches)
+                return update(input_ids, scores, num_matches)
+
+            generator.get_candidates, generator.update_candidate_strategy = get_candidates, update_candidate_strategy
+            return generator
+
+        model._get_candidate_generator = counting_build
+        self.attached = True
+
+    def rate(self) -> float | None:
+        return self.accepted / self.proposed if self.attached and self.proposed else None

@@ -84,3 +84,50 @@ def test_over_long_prompts_are_set_aside_with_reason(models_dir: Path) -> None:
     assert perf["rows_too_long"] == 1 and perf["samples"] == 3
     with pytest.raises(InputError, match="every prompt is longer"):
         generate("kv_cache", params, rows[-1:])
+
+
+DECODING = {
+    "target_only": {"role": "target"},
+    "speculative": {"role": "target", "reference": "target_only", "speculative": {"num_assistant_tokens": 3}},
+    "prompt_lookup": {"generate": {"prompt_lookup_num_tokens": 4}},
+    "static_cache": {"generate": {"cache_implementation": "static", "max_cache_len": 1024}},
+}
+
+
+@pytest.fixture()
+def two_models(models_dir: Path) -> dict[str, Any]:
+    """A draft ('tiny') and a different target ('tiny_target'): same tokenizer, different random weights."""
+    from conftest import make_tiny_llama
+
+    make_tiny_llama(models_dir / "tiny_target", seed=7)
+    (models_dir / "tiny_target" / "source.json").write_text('{"name": "tiny_target"}')
+    params = copy.deepcopy(BASE_PARAMS)
+    params["base"]["target"] = "tiny_target"
+    params["techniques"].update(DECODING)
+    return params
+
+
+@pytest.mark.parametrize(("name", "reference"), [("speculative", "target_only"), ("prompt_lookup", "kv_cache"), ("static_cache", "kv_cache")])
+def test_lossless_decoding_equals_plain_greedy(two_models: dict[str, Any], name: str, reference: str) -> None:
+    """Speculative, prompt-lookup and static-cache decoding must reproduce plain greedy output exactly."""
+    expected, _ = generate(reference, copy.deepcopy(two_models), ROWS)
+    got, perf = generate(name, copy.deepcopy(two_models), ROWS)
+    assert [r["raw"] for r in got] == [r["raw"] for r in expected]
+    if name in ("speculative", "prompt_lookup"):
+        assert perf["draft_tokens_proposed"] > 0
+        assert 0.0 <= perf["acceptance_rate"] <= 1.0
+        assert perf["draft_tokens_accepted"] <= perf["draft_tokens_proposed"]
+
+
+def test_speculative_draft_is_the_small_model(two_models: dict[str, Any]) -> None:
+    _, perf = generate("speculative", copy.deepcopy(two_models), ROWS[:1])
+    assert perf["config"]["model_name"] == "tiny_target" and perf["draft_weight_mb"] > 0
+
+
+def test_static_cache_compile_is_lossless_and_reports_compile_time(models_dir: Path) -> None:
+    params = copy.deepcopy(BASE_PARAMS)
+    params["techniques"]["static_compile"] = {"generate": {"cache_implementation": "static", "max_cache_len": 1024}, "compile": {"mode": "default"}}
+    expected, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
+    got, perf = generate("static_compile", params, ROWS)
+    assert [r["raw"] for r in got] == [r["raw"] for r in expected]
+    assert perf["compile_s"] > 0 and perf["warmup_s"][0] > perf["latency_s_p50"]

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import gpu_bench
 import pytest
 import torch
 import yaml
+
+import gpu_bench
 
 BANDWIDTH_GBS = 20.0
 NEW_TOKENS = 24
