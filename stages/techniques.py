@@ -106,6 +106,9 @@ def build_model(cfg: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, A
     if "device_map" not in kwargs and not cfg.get("quantize"):
         model.to(device)
     model.eval()
+    from compress import detach_from_checkpoint
+
+    model = detach_from_checkpoint(model)  # else memory-mapped checkpoint pages count in every variant's RSS
     for key, transform in TRANSFORMS.items():
         if cfg.get(key):
             log.info("applying %s %s", key, cfg[key])

@@ -1,0 +1,78 @@
+"""End to end: `dvc repro` in a temporary copy of the repo with tiny models and two rows, then an experiment
+focused on kv_cache and `dvc metrics diff` against the committed baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_tiny_llama
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git+DVC copy of the project with tiny models, 2 rows and three techniques, reproduced once."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    repo = tmp / "repo"
+    repo.mkdir()
+    for item in ["dvc.yaml", "params.yaml", "stages", "data/sample", ".dvcignore"]:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"] = {"tiny": {"path": str(make_tiny_llama(tmp / "tiny"))}, "tiny_target": {"path": str(make_tiny_llama(tmp / "tiny_target", seed=3))}}
+    params["base"].update(model="tiny", target="tiny_target")
+    params["prepare"]["n"] = 2
+    params["generate"].update(max_new_tokens=4, warmup_runs=1, max_input_tokens=1000)  # byte-level tiny tokenizer: long prompts
+    params["score"]["bootstrap_samples"] = 100
+    params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(DVC + ["init", "-q"], repo)
+    sh(DVC + ["repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline"], repo)
+    return repo
+
+
+def test_repro_writes_report_and_metrics(repo: Path) -> None:
+    report = (repo / "metrics/report.md").read_text()
+    for name in ["baseline", "kv_cache", "target_only"]:
+        assert name in report
+        perf = json.loads((repo / f"metrics/techniques/{name}/perf.json").read_text())
+        score = json.loads((repo / f"metrics/techniques/{name}/score.json").read_text())
+        assert perf["samples"] == 2 and perf["latency_s_p50"] > 0 and score["samples"] == 2
+    assert json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())["fidelity"] == 1.0
+    assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
+
+
+def test_second_repro_does_nothing(repo: Path) -> None:
+    out = sh(DVC + ["repro"], repo)
+    assert "Running stage" not in out.stdout
+
+
+def test_experiment_focus_and_metrics_diff(repo: Path) -> None:
+    sh(DVC + ["exp", "run", "-S", "technique=kv_cache"], repo)
+    focus = json.loads((repo / "metrics/focus.json").read_text())
+    assert focus["technique"] == "kv_cache"
+    diff = json.loads(sh(DVC + ["metrics", "diff", "--json"], repo).stdout)
+    changed = diff["metrics/focus.json"]
+    assert "latency_s_p50" in changed and "rougeL" in changed or "tokens_per_s" in changed
+    shown = sh(DVC + ["exp", "show", "--json"], repo).stdout
+    assert "kv_cache" in shown
