@@ -3,7 +3,8 @@
 Performance only: weights are random, built from the real configs in stages/gpu_configs.yaml (as
 optimum-benchmark's `no_weights` does), so nothing is downloaded. Each technique runs in its own
 subprocess (`--one <technique>`) so peak memory is per technique, and a failing one only skips itself.
-Standalone on purpose: it must run on a bare GPU box with only torch/transformers installed.
+Needs torch, transformers and pyyaml (bitsandbytes for quant8/quant4) plus the stages/ modules it shares:
+compress (2:4 pruning, bitsandbytes configs, weight bytes) and trackers (timers, peak memory).
 
     python stages/gpu_bench.py --config llama-3.2-1b          # GPU, bf16
     python stages/gpu_bench.py --config tiny --out /tmp/gpu   # CPU, fp32 (the tests)
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import platform
@@ -28,9 +28,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from common import Skip
+from compress import apply_prune, quantization_config, sparse_kernel_support, weight_bytes
+from trackers import LatencyTracker, MemoryTracker, TokenTimer
+
 CONFIGS = Path(__file__).with_name("gpu_configs.yaml")
 OUT_DIR = Path("metrics/gpu")
 TECHNIQUES = ("baseline", "kv_cache", "static_compile", "batched", "prune_2of4", "quant8", "quant4")
+QUANT_BITS = {"quant8": 8, "quant4": 4}
 RESULT_TAG = "GPU_BENCH_RESULT "
 TECHNIQUE_TIMEOUT_S = 600
 # Peak HBM bandwidth (bytes/s) by card; first regex that matches torch.cuda.get_device_name() wins.
@@ -66,17 +71,10 @@ def load_configs() -> dict[str, dict]:
 
 
 def skip_reason(technique: str) -> str | None:
-    """Why a technique cannot run on this machine, decided before paying for a subprocess."""
-    if technique == "prune_2of4":
-        if not torch.cuda.is_available():
-            return "2:4 semi-structured sparse kernels need CUDA sm80+ (running on cpu)"
-        if torch.cuda.get_device_capability() < (8, 0):
-            return f"2:4 semi-structured sparse kernels need sm80+, got sm{''.join(map(str, torch.cuda.get_device_capability()))}"
-    if technique in ("quant8", "quant4"):
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return "bitsandbytes is not installed"
-        if not torch.cuda.is_available():
-            return "bitsandbytes quantization is benchmarked on CUDA only (running on cpu)"
+    """Why a GPU-only technique is not benchmarked here, decided before paying for a subprocess. What the
+    child can still lack (sm80+ for the 2:4 kernels, bitsandbytes) compress decides, and its reason is recorded."""
+    if technique in ("prune_2of4", "quant8", "quant4") and not torch.cuda.is_available():
+        return f"{technique} is benchmarked on CUDA only (running on cpu)"
     return None
 
 
@@ -97,140 +95,84 @@ def build_model(config: dict, device: str, dtype: torch.dtype) -> torch.nn.Modul
     return model.eval()
 
 
-def mask_2of4(weight: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest-magnitude weights in every group of 4 along the input dim."""
-    groups = weight.reshape(-1, 4)  # [out * in / 4, 4]
-    keep = groups.abs().topk(2, dim=1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
-    return mask.reshape(weight.shape)
-
-
-def apply_prune_2of4(model: torch.nn.Module) -> torch.nn.Module:
-    """2:4 magnitude pruning of the decoder Linears, stored as semi-structured sparse tensors so the
-    cuSPARSELt/CUTLASS kernels run. lm_head stays dense (it is tied to the embedding in 1B)."""
-    from torch.sparse import to_sparse_semi_structured
-
-    for layer in model.model.layers:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                pruned = module.weight.detach() * mask_2of4(module.weight.detach())
-                module.weight = torch.nn.Parameter(to_sparse_semi_structured(pruned), requires_grad=False)
+def apply_2of4(model: torch.nn.Module) -> torch.nn.Module:
+    """compress's 2:4 magnitude pruning of every Linear but lm_head, stored as semi-structured sparse tensors.
+    The bench times those kernels, so where they cannot run (or refuse a layer) it skips instead of timing dense zeros."""
+    reason = sparse_kernel_support(model)  # checked first: pruning an fp32 model on CPU only to skip is waste
+    if reason:
+        raise Skip(f"2:4 sparse kernels: {reason}")
+    model = apply_prune(model, method="2of4", kernels=True)
+    kernels = model.compression_facts["sparse_kernels"]
+    if "dense:" in kernels:
+        raise Skip(f"2:4 sparse kernels {kernels}")
     return model
 
 
-def apply_quant(model: torch.nn.Module, bits: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """bitsandbytes 8-bit (LLM.int8) or 4-bit NF4 via BitsAndBytesConfig. BnB quantizes while loading,
-    so the random weights make one trip through a temporary checkpoint."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
+def quant_spec(bits: int, dtype: torch.dtype) -> dict:
+    """compress.quantization_config settings: LLM.int8 (default threshold), or NF4 computing in the model dtype."""
     if bits == 8:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return {"method": "bnb", "bits": 8}
+    return {"method": "bnb", "bits": 4, "quant_type": "nf4", "compute_dtype": str(dtype).removeprefix("torch."), "double_quant": False}
+
+
+def apply_quant(model: torch.nn.Module, quant_kwargs: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """Reload through a temporary checkpoint with compress's from_pretrained kwargs (quantization_config,
+    device_map): bitsandbytes quantizes while loading, so the random weights make one trip to disk."""
+    from transformers import AutoModelForCausalLM
+
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype, device_map={"": device})
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, **quant_kwargs)
     return quantized.eval()
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Storage bytes, looking inside wrapper subclasses (sparse packed values + metadata) and adding
-    bitsandbytes' scales (4-bit absmax, 8-bit SCB)."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        total = sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n) is not None)
-    else:
-        total = t.nbytes
-    state = getattr(t, "quant_state", None)
-    for scale in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None), getattr(t, "SCB", None)):
-        if isinstance(scale, torch.Tensor):
-            total += scale.nbytes
-    return total
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 # ---- measurement ----
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepTimer:
-    """LogitsProcessor that stamps the time of each step: stamp 0 ends prefill, the rest are decode."""
-
-    def __init__(self, device: str):
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-def reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        log.warning("could not reset VmHWM; peak RSS covers the whole process")
-
-
-def read_peak(device: str) -> dict:
-    if device == "cuda":
-        return {"peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
-    status = Path("/proc/self/status").read_text()
-    return {"peak_rss_mb": int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024}
-
-
-def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, gen_kwargs: dict, device: str) -> dict:
-    """One timed generate call. Returns latency, TTFT, decode seconds and new tokens per sequence."""
+def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, gen_kwargs: dict, latency: LatencyTracker, timer: TokenTimer) -> dict:
+    """One timed generate call. Returns latency, TTFT, decode seconds per step and new tokens per sequence."""
     from transformers import LogitsProcessorList
 
-    timer = StepTimer(device)
-    sync(device)
-    start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), logits_processor=LogitsProcessorList([timer]), **gen_kwargs)
-    sync(device)
-    end = time.perf_counter()
-    return {"latency_s": end - start, "ttft_s": timer.stamps[0] - start, "decode_s": timer.stamps[-1] - timer.stamps[0],
+    with latency.track():
+        timer.reset()
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), logits_processor=LogitsProcessorList([timer]), **gen_kwargs)
+    return {"latency_s": latency.values[-1], "ttft_s": timer.ttft(), "tpot_s": timer.tpot(),
             "generated_tokens": out.shape[1] - input_ids.shape[1]}  # out: [B, S + new]
+
+
+def peak_memory(memory: MemoryTracker, device: str) -> dict:
+    """The tracker's peaks under this JSON's names: CUDA allocator peaks on GPU, peak RSS on CPU."""
+    peaks = memory.get_memory()
+    if device == "cuda":
+        return {"peak_allocated_mb": peaks.max_allocated_mb, "peak_reserved_mb": peaks.max_reserved_mb}
+    if not memory.rss_reset:
+        log.warning("could not reset VmHWM; peak RSS covers the whole process")
+    return {"peak_rss_mb": peaks.peak_rss_mb}
 
 
 def bench(model: torch.nn.Module, batch: int, gen_kwargs: dict, args: argparse.Namespace, device: str, warmup: int) -> dict:
     """Warm up, then time `args.iters` generate calls at one batch size; mean and p50 of each number."""
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)  # [B, S]
-    first_run_s = None  # includes compilation where there is one
-    for i in range(warmup):
-        latency = time_generate(model, input_ids, gen_kwargs, device)["latency_s"]
-        if i == 0:
-            first_run_s = latency
-    reset_peak(device)
-    runs = [time_generate(model, input_ids, gen_kwargs, device) for _ in range(args.iters)]
+    warm, latency, memory, timer = LatencyTracker(device), LatencyTracker(device), MemoryTracker(device), TokenTimer(device)
+    for _ in range(warmup):
+        time_generate(model, input_ids, gen_kwargs, warm, timer)
+    first_run_s = warm.values[0] if warm.values else None  # includes compilation where there is one
+    with memory.track():
+        runs = [time_generate(model, input_ids, gen_kwargs, latency, timer) for _ in range(args.iters)]
     generated = {r["generated_tokens"] for r in runs}
     if generated != {args.new_tokens}:
         raise RuntimeError(f"generated {generated} tokens, expected exactly {args.new_tokens}")
-    steps = args.new_tokens - 1  # decode steps after the prefill's token
-    series = {
+    series = {  # one timer stamp per new token, so tpot is the mean over the new_tokens - 1 decode steps
         "latency_s": [r["latency_s"] for r in runs],
         "ttft_s": [r["ttft_s"] for r in runs],
-        "decode_tokens_per_s": [batch * steps / r["decode_s"] for r in runs],
+        "decode_tokens_per_s": [batch / r["tpot_s"] for r in runs],
         "e2e_tokens_per_s": [batch * args.new_tokens / r["latency_s"] for r in runs],
     }
     result = {"batch_size": batch, "generated_tokens": args.new_tokens, "first_run_s": first_run_s}
     for key, values in series.items():
         result[f"{key}_mean"], result[f"{key}_p50"] = statistics.fmean(values), statistics.median(values)
-    return result | read_peak(device) | {"weight_bytes": weight_bytes(model)}
+    return result | peak_memory(memory, device) | {"weight_bytes": weight_bytes(model)}
 
 
 def run_one(technique: str, args: argparse.Namespace) -> dict:
@@ -240,6 +182,8 @@ def run_one(technique: str, args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = load_configs()[args.config]
+    bits = QUANT_BITS.get(technique)
+    quant_kwargs = quantization_config(quant_spec(bits, dtype), device) if bits else {}  # a missing bitsandbytes skips before the build
     model = build_model(config, device, dtype)
     n = args.new_tokens
     gen = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "use_cache": True,
@@ -255,9 +199,11 @@ def run_one(technique: str, args: argparse.Namespace) -> dict:
         gen |= {"cache_implementation": "static", "compile_config": compile_config}
         warmup = max(warmup, 2)  # run 1 compiles, run 2 records the CUDA graphs
     elif technique == "prune_2of4":
-        model = apply_prune_2of4(model)
-    elif technique in ("quant8", "quant4"):
-        model = apply_quant(model, 8 if technique == "quant8" else 4, device, dtype)
+        model = apply_2of4(model)
+    elif bits:
+        model = apply_quant(model, quant_kwargs, dtype)
+    if device == "cuda":  # the timed peaks start from this model, not from cached blocks the transform freed
+        torch.cuda.empty_cache()
     log.info("%s: %.1f MB of weights on %s", technique, weight_bytes(model) / 2**20, device)
 
     if technique == "batched":
@@ -292,6 +238,9 @@ def run_child(technique: str, args: argparse.Namespace) -> dict:
 def child_main(technique: str, args: argparse.Namespace) -> None:
     try:
         result = run_one(technique, args)
+    except Skip as err:  # compress: no 2:4 kernels here, bitsandbytes missing
+        log.warning("%s skipped: %s", technique, err)
+        result = {"skipped": str(err)}
     except Exception as err:  # OOM, unsupported kernel...: record it, let the other techniques run
         log.exception("%s failed", technique)
         first = (str(err).strip().splitlines() or [""])[0][:300]

@@ -1,5 +1,5 @@
 """gpu_bench on CPU: the tiny config end to end through the per-technique subprocesses, the roofline
-formula checked against the JSON's own numbers, and the card bandwidth table."""
+formula checked against the JSON's own numbers, the card bandwidth table, and how it calls compress."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+import compress
 import gpu_bench
+from common import Skip
 
 BANDWIDTH_GBS = 20.0
 NEW_TOKENS = 24
@@ -113,17 +114,23 @@ def test_techniques_are_recognized() -> None:
         gpu_bench.parse_args(["--techniques", "kv_cache,bogus"])
 
 
-def test_mask_2of4_keeps_the_two_largest_of_each_four() -> None:
-    weight = torch.randn(8, 16)
-    mask = gpu_bench.mask_2of4(weight)
-    groups, kept = weight.abs().reshape(-1, 4), mask.reshape(-1, 4)
-    assert (kept.sum(dim=1) == 2).all()
-    assert (groups[kept].reshape(-1, 2).min(dim=1).values >= groups[~kept].reshape(-1, 2).max(dim=1).values).all()
+def test_2of4_prunes_the_decoder_linears_and_skips_with_compress_reason() -> None:
+    model = gpu_bench.build_model(gpu_bench.load_configs()["tiny"], "cpu", torch.bfloat16)
+    decoder = {f"model.layers.{i}.{name}" for i, layer in enumerate(model.model.layers)
+               for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {name for name, _ in compress.prunable(model)} == decoder  # lm_head stays dense
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(Skip, match="2:4 sparse kernels: ") as err:  # no CUDA here: skipped before pruning anything
+        gpu_bench.apply_2of4(model)
+    assert compress.sparse_kernel_support(model) in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_tensor_bytes_counts_quantization_scales() -> None:
-    packed = torch.zeros(10, dtype=torch.uint8)
-    packed.quant_state = SimpleNamespace(absmax=torch.zeros(4), state2=None)  # bnb 4-bit
-    int8 = torch.zeros(10, dtype=torch.int8)
-    int8.SCB = torch.zeros(2)  # bnb 8-bit row scales
-    assert gpu_bench.tensor_bytes(packed) == 10 + 16 and gpu_bench.tensor_bytes(int8) == 10 + 8
+def test_quant_spec_gives_llm_int8_and_nf4_in_the_bench_dtype() -> None:
+    pytest.importorskip("bitsandbytes")
+    int8 = compress.quantization_config(gpu_bench.quant_spec(8, torch.bfloat16), "cuda")
+    nf4 = compress.quantization_config(gpu_bench.quant_spec(4, torch.bfloat16), "cuda")
+    assert int8["device_map"] == nf4["device_map"] == {"": "cuda"}
+    assert int8["quantization_config"].load_in_8bit and int8["quantization_config"].llm_int8_threshold == 6.0
+    q = nf4["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.bfloat16 and not q.bnb_4bit_use_double_quant
