@@ -9,6 +9,16 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts plain text with BOS (gemma does, and generates garbage without it).
+
+    Prompts are tokenized with add_special_tokens=False because chat templates already hold BOS, so base
+    model prompts carry the BOS text themselves.
+    """
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
 def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], chat: bool, tokenizer: Any = None) -> str:
     """The task prompt for one summary.
 
@@ -21,14 +31,15 @@ def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], ch
         template: the instruction with a `{summary}` field.
         few_shot: example {summary, headline} pairs for base models.
         chat: use the tokenizer's chat template.
-        tokenizer: needed when `chat` is true.
+        tokenizer: needed when `chat` is true; for base models it tells whether to start with BOS.
     """
     instruction = template.format(summary=summary.strip())
     if chat:
         messages = [{"role": "user", "content": instruction}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token if tokenizer is not None and adds_bos(tokenizer) else ""
     shots = "".join(f"{template.format(summary=s['summary'].strip())}\nHeadline: {s['headline'].strip()}\n\n" for s in few_shot)
-    return f"{shots}{instruction}\nHeadline:"
+    return f"{bos}{shots}{instruction}\nHeadline:"
 
 
 def clean_headline(text: str) -> str:

@@ -28,3 +28,15 @@ def test_clean_headline_keeps_first_line_without_quotes_or_label() -> None:
     assert clean_headline('\n  "Council Freezes Taxes"\nmore text') == "Council Freezes Taxes"
     assert clean_headline("Headline: City Votes") == "City Votes"
     assert clean_headline("   \n ") == ""
+
+
+class BosTok:
+    bos_token, bos_token_id = "<bos>", 2
+
+    def __call__(self, text):  # noqa: ANN001, ANN204
+        return {"input_ids": [2, 100]}
+
+
+def test_base_prompt_starts_with_bos_when_the_tokenizer_adds_one() -> None:
+    """Prompts are tokenized without special tokens, so a base model's BOS must be in the text (gemma needs it)."""
+    assert build_prompt("S.", TEMPLATE, [], chat=False, tokenizer=BosTok()).startswith("<bos>Generate")
