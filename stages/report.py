@@ -51,7 +51,8 @@ def fidelity(r: Row) -> str:
 def extras(r: Row) -> str:
     parts = [f"acceptance {r['acceptance_rate']:.0%}" if finite(r.get("acceptance_rate")) else "",
              f"compile {r['compile_s']:.1f} s" if finite(r.get("compile_s")) else "",
-             f"sparsity {r['sparsity']:.0%}" if finite(r.get("sparsity")) else ""]
+             f"sparsity {r['sparsity_overall']:.0%}" if finite(r.get("sparsity_overall")) else "",
+             f"draft {r['draft_weight_mb']:.0f} MB" if finite(r.get("draft_weight_mb")) else "", r.get("weight_format") or ""]
     return "; ".join(p for p in parts if p) or "—"
 
 

@@ -17,7 +17,7 @@ Row = dict[str, Any]
 # perf.json / score.json keys copied as-is into a headline row (units are already in the names)
 PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99",
              "ttft_s_p50", "tpot_s_p50", "samples_per_s", "tokens_per_s", "new_tokens_mean", "load_s",
-             "acceptance_rate", "compile_s", "sparsity")
+             "acceptance_rate", "compile_s", "sparsity_overall", "draft_weight_mb", "weight_format")
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_low", "rougeL_high", "rougeL_delta", "rougeL_delta_low",
               "rougeL_delta_high", "fidelity", "identical", "compared", "fidelity_reference", "first_difference", "baseline_identical")
 
