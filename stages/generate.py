@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+import tp
 from backends import Generation, eos_ids, hf_generate, newline_ids
 from common import (
     GENERATIONS,
@@ -167,10 +168,35 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device)
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
     perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers, **after_run())
+    perf = tp.merge_ranks(perf)  # tensor parallel: memory summed over ranks; a no-op in a single process
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         perf["compile_s"] = numbers["warmup_s"][0] - gens[0].latency_s
     return records, perf
+
+
+def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]) -> None:
+    write_jsonl(GENERATIONS / f"{name}.jsonl", records)
+    write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
+    if "skipped" in perf:
+        log.info("%s: skip recorded -> %s", name, TECHNIQUE_METRICS / name / "perf.json")
+    else:
+        log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
+
+
+def launch_parallel(name: str, cfg: dict[str, Any], params: dict[str, Any]) -> None:
+    """Start tensor parallel ranks under torchrun; a technique they cannot run, or a failed launch, becomes
+    a recorded skip so the rest of the pipeline goes on."""
+    device = pick_device(params["base"].get("device", "auto"))
+    skip = {"technique": name, "config": cfg, "env": env_info(), "device": device}
+    try:
+        check_hardware(cfg, device)
+    except Skip as e:
+        write_outputs(name, [], skip | {"skipped": str(e)})
+        return
+    code = tp.launch(name, tp.tp_size(cfg))
+    if code != 0:
+        write_outputs(name, [], skip | {"skipped": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"})
 
 
 def main() -> None:
@@ -180,16 +206,15 @@ def main() -> None:
     name = sys.argv[1]
     params = load_params()
     try:
+        cfg = resolve(params, name)
+        if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
+            return launch_parallel(name, cfg, params)
         rows = read_jsonl(PREPARED / "test.jsonl")
         records, perf = generate(name, params, rows)
     except InputError as e:
         fail(str(e))
-    write_jsonl(GENERATIONS / f"{name}.jsonl", records)
-    write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
-    if "skipped" in perf:
-        log.info("%s: skip recorded -> %s", name, TECHNIQUE_METRICS / name / "perf.json")
-    else:
-        log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
+    if tp.rank() == 0:
+        write_outputs(name, records, perf)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Settings compose: quantize + prune + kv cache + compile in one entry.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,13 @@ def check_hardware(cfg: dict[str, Any], device: str) -> None:
         raise Skip(f"device_map={cfg['device_map']!r} splits layers across GPUs; this machine has {gpus} GPU(s)")
     if cfg["backend"] == "vllm" and not gpus:
         raise Skip("vLLM needs a CUDA GPU; this machine has none")
+    size = int((cfg.get("parallel") or {}).get("tp_size", 1))
+    if size > 1:  # tensor parallel shards attention heads: they must divide evenly
+        config = json.loads((model_path(cfg["model_name"]) / "config.json").read_text())
+        config = config.get("text_config", config)
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            if config.get(key) and config[key] % size:
+                raise Skip(f"tensor parallel: {cfg['model_name']} has {key}={config[key]}, which tp_size={size} does not divide")
 
 
 def apply_prune(model: Any, **spec: Any) -> Any:
@@ -88,6 +96,10 @@ def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
         kwargs.update(quantization_config(cfg["quantize"], device))
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg["device_map"]
+    if cfg.get("parallel"):
+        import tp  # starts the process group inside a torchrun rank
+
+        kwargs.update(tp.load_kwargs(cfg, device))
     return kwargs
 
 
@@ -103,7 +115,7 @@ def build_model(cfg: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, A
     start = time.perf_counter()
     kwargs = load_kwargs(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "device_map" not in kwargs and not cfg.get("quantize"):
+    if not ({"device_map", "distributed_config"} & set(kwargs) or cfg.get("quantize")):
         model.to(device)
     model.eval()
     from compress import detach_from_checkpoint
