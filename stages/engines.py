@@ -1,0 +1,125 @@
+"""Engines outside transformers: llama.cpp (the packaged GGUF weights) and vLLM (CUDA only).
+
+`setup` has hf_setup's shape, so the generate stage times every backend the same way. Prompts are built
+with the HF tokenizer of the converted model in data/models/<name>, so every engine sees identical text.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from backends import Generation, llamacpp_generate
+from common import InputError, Skip
+from techniques import model_path
+
+GenerateFn = Callable[[list[str]], list[Generation]]
+
+
+def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+    """Load the technique's engine and bind its backend to the generate kwargs.
+
+    Args:
+        cfg: the resolved technique (techniques.resolve).
+        params: all of params.yaml (models, generate, base.seed).
+        device: "cpu" or "cuda".
+    """
+    engines = {"llamacpp": llamacpp_setup, "vllm": vllm_setup}
+    if cfg["backend"] not in engines:
+        raise InputError(f"technique '{cfg['name']}': unknown backend '{cfg['backend']}' (known: hf, {', '.join(engines)})")
+    return engines[cfg["backend"]](cfg, params, device)
+
+
+def gguf_format(llm: Any) -> str:
+    """The GGUF file type (e.g. "Q4_1") from the file's metadata, named with llama.cpp's own constants."""
+    import llama_cpp
+
+    names = {v: k.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_") for k, v in vars(llama_cpp).items() if k.startswith("LLAMA_FTYPE_")}
+    ftype = llm.metadata.get("general.file_type")
+    return names.get(int(ftype), f"file_type {ftype}") if ftype is not None else "unknown"
+
+
+def llamacpp_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+    """llama.cpp on the GGUF file that the model's pip package ships (the file data/models was converted from)."""
+    try:
+        from llama_cpp import Llama, __version__
+    except ImportError:
+        raise Skip("llama-cpp-python not installed: pip install llama-cpp-python (compiles ~7 min)") from None
+    import torch
+    from transformers import AutoTokenizer
+
+    from models import locate_gguf
+
+    spec = params["models"][cfg["model_name"]]
+    if "gguf_package" not in spec:
+        raise Skip(f"model '{cfg['model_name']}' has no GGUF file in params.models (llama.cpp needs one)")
+    path = model_path(cfg["model_name"])
+    gguf = locate_gguf(spec)
+    threads = cfg.get("threads") or torch.get_num_threads()  # the thread count the transformers runs get
+    max_new = cfg["generate"]["max_new_tokens"]
+    n_ctx = params["generate"]["max_input_tokens"] + max_new
+    start = time.perf_counter()
+    llm = Llama(
+        model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
+        n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
+    )
+    atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    fmt = gguf_format(llm)
+    info = {
+        "path": str(path), "load_s": time.perf_counter() - start, "engine": f"llama-cpp-python {__version__}",
+        "gguf": str(gguf), "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
+        "n_threads": threads, "n_ctx": n_ctx, "max_input_tokens": llm.n_ctx() - max_new,
+    }
+
+    def generate_fn(prompts: list[str]) -> list[Generation]:
+        return llamacpp_generate(llm, prompts, **cfg["generate"])
+
+    return generate_fn, tokenizer, info
+
+
+def vllm_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+    """vLLM on the converted checkpoint; one llm.generate call per batch, like hf_generate."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise Skip("vLLM needs a CUDA GPU; this machine has none")
+    try:
+        import vllm
+    except ImportError:
+        raise Skip("vllm not installed: pip install vllm (CUDA only)") from None
+    from transformers import AutoTokenizer
+
+    from prompts import clean_headline
+
+    path = model_path(cfg["model_name"])
+    max_new = cfg["generate"]["max_new_tokens"]
+    start = time.perf_counter()
+    tp_size = (cfg.get("parallel") or {}).get("tp_size", 1)
+    llm = vllm.LLM(model=str(path), dtype=cfg["dtype"], seed=params["base"]["seed"], tensor_parallel_size=tp_size)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sampling = vllm.SamplingParams(temperature=0.0, max_tokens=max_new, stop=["\n"], include_stop_str_in_output=True)
+    info = {"path": str(path), "load_s": time.perf_counter() - start, "engine": f"vllm {vllm.__version__}", "dtype": cfg["dtype"],
+            "max_input_tokens": params["generate"]["max_input_tokens"]}
+
+    def generate_fn(prompts: list[str]) -> list[Generation]:
+        # token ids, not strings: vLLM would add a BOS that the HF path does not
+        inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, sampling, use_tqdm=False)
+        latency = time.perf_counter() - t0
+        gens = []
+        for out in outs:
+            comp = out.outputs[0]
+            m = getattr(out, "metrics", None)
+            ttft = m.first_token_time - m.arrival_time if m is not None and getattr(m, "first_token_time", None) else None
+            n = len(comp.token_ids)
+            tpot = (latency - ttft) / (n - 1) if ttft is not None and n > 1 else None
+            gens.append(Generation(clean_headline(comp.text), comp.text, len(out.prompt_token_ids), n, latency, ttft, tpot))
+        return gens
+
+    return generate_fn, tokenizer, info

@@ -1,0 +1,129 @@
+"""Tensor parallelism through transformers (`DistributedConfig(tp_size=N)`), started with torchrun.
+
+A technique with `parallel: {tp_size: N}` makes the generate stage re-execute itself under
+`python -m torch.distributed.run`, so `dvc repro` needs no wrapper. Every rank loads its shard of each
+weight matrix (the model's own `base_model_tp_plan`), runs the same prompts and all-reduces partial
+results, so the greedy tokens equal the single-process ones. Rank 0 times and writes; peak memory is
+summed over ranks. CPU works too (gloo, one process per core share).
+
+Multi-node runs use torchrun's own rendezvous, set through its PET_* environment variables on every node
+(e.g. PET_NNODES=2 PET_NODE_RANK=0|1 PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT=host:29400 PET_RDZV_ID=tp);
+tp_size must equal nnodes x processes per node.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, InputError, Skip, log
+
+GENERATE = ROOT / "stages" / "generate.py"
+MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb")
+
+
+def tp_size(cfg: dict[str, Any]) -> int:
+    return int((cfg.get("parallel") or {}).get("tp_size", 1))
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def needs_launch(cfg: dict[str, Any]) -> bool:
+    """True in the stage's first process when the technique wants transformers TP (vLLM does its own)."""
+    return cfg.get("backend", "hf") == "hf" and tp_size(cfg) > 1 and not under_torchrun()
+
+
+def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[str]:
+    """`python -m torch.distributed.run ... <script> <technique>`; single node unless PET_NNODES says otherwise."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    nodes = int(os.environ.get("PET_NNODES", "1"))
+    if nodes == 1 and "PET_RDZV_ENDPOINT" not in os.environ:
+        cmd.append("--standalone")  # local rendezvous on a free port: no clash with other jobs on 29500
+    if "PET_NPROC_PER_NODE" not in os.environ:
+        if size % nodes:
+            raise InputError(f"tp_size {size} is not a multiple of PET_NNODES={nodes}")
+        cmd += ["--nproc_per_node", str(size // nodes)]
+    return cmd + [str(script), technique]
+
+
+def launch(technique: str, size: int, script: Path = GENERATE) -> int:
+    """Run `script technique` as `size` ranks under torchrun and return torchrun's exit code.
+
+    Args:
+        technique: the argument each rank's script gets (the technique name).
+        size: tensor parallel size (total ranks over all nodes).
+        script: the rank entry point; generate.py itself in the pipeline.
+    """
+    cmd = launch_command(technique, size, script)
+    env = dict(os.environ)
+    per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))  # share the cores, don't oversubscribe
+    log.info("%s: tensor parallel over %d ranks: %s", technique, size, " ".join(cmd))
+    return subprocess.run(cmd, env=env).returncode
+
+
+def init(cfg: dict[str, Any], device: str) -> None:
+    """Inside a rank: check the world matches tp_size, bind the GPU and start the process group."""
+    import torch
+    import torch.distributed as dist
+
+    if not under_torchrun():
+        raise InputError(f"technique '{cfg.get('name')}' needs torchrun; `python stages/generate.py <technique>` starts it")
+    size, world = tp_size(cfg), int(os.environ["WORLD_SIZE"])
+    if world != size:
+        raise InputError(f"tp_size is {size} but torchrun started {world} processes")
+    if device.startswith("cuda"):
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if torch.cuda.device_count() < per_node:
+            raise Skip(f"tensor parallel wants {per_node} GPUs per node; this machine has {torch.cuda.device_count()}")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+    """from_pretrained kwargs that shard the model over the ranks (transformers 5.x API)."""
+    from transformers.distributed import DistributedConfig
+
+    init(cfg, device)
+    return {"distributed_config": DistributedConfig(tp_size=tp_size(cfg))}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def merge_memory(perf: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0's perf with each memory number summed over the ranks (the per-rank values kept alongside).
+
+    Args:
+        perf: rank 0's perf dict (latency and throughput stay rank 0's).
+        ranks: one {memory key: value} dict per rank, in rank order.
+    """
+    out = dict(perf)
+    for key in MEMORY_KEYS:
+        values = [r.get(key) for r in ranks]
+        if values and all(v is not None for v in values):
+            out[key] = sum(values)
+            out[f"{key}_per_rank"] = values
+    return out
+
+
+def merge_ranks(perf: dict[str, Any]) -> dict[str, Any]:
+    """Collective: every rank calls it after generating and gets its perf with memory summed over ranks;
+    rank 0's is the one written. A no-op outside torchrun. Ends the process group, so call it once, last.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return perf
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {k: perf.get(k) for k in MEMORY_KEYS})
+    merged = merge_memory(perf, ranks) | {"tp_size": dist.get_world_size(), "tp_backend": dist.get_backend()}
+    dist.destroy_process_group()
+    return merged

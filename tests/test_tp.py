@@ -1,0 +1,155 @@
+"""Tensor parallel: torchrun relaunch, 2 gloo ranks on CPU giving the single-process greedy tokens, rank-0 merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tp
+from backends import hf_generate
+from common import InputError, Skip
+from generate import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Generate a headline: council freezes taxes\nHeadline:", "Generate a headline: the senator retires\nHeadline:"]
+# One rank: load the tiny model sharded, generate, merge memory over ranks; rank 0 writes what it got.
+RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.environ["TP_TEST_STAGES"])
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import tp
+from backends import hf_generate
+from trackers import MemoryTracker
+
+cfg = {"name": sys.argv[1], "parallel": {"tp_size": int(os.environ["WORLD_SIZE"])}}
+path = os.environ["TP_TEST_MODEL"]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **tp.load_kwargs(cfg, "cpu")).eval()
+tok = AutoTokenizer.from_pretrained(path)
+memory = MemoryTracker("cpu")
+with memory.track():
+    gens = [g for p in json.loads(os.environ["TP_TEST_PROMPTS"]) for g in hf_generate(model, tok, [p], "cpu", max_new_tokens=8, min_new_tokens=8)]
+perf = tp.merge_ranks({"peak_rss_mb": memory.get_memory().peak_rss_mb, "latency_s_mean": sum(g.latency_s for g in gens) / len(gens)})
+if tp.rank() == 0:
+    rows = model.model.layers[0].mlp.up_proj.weight.to_local().shape[0]  # this rank's shard of intermediate_size
+    out = {"raw": [g.raw for g in gens], "new_tokens": [g.new_tokens for g in gens], "up_proj_rows": rows, "perf": perf}
+    Path(os.environ["TP_TEST_OUT"]).write_text(json.dumps(out))
+"""
+TORCHRUN_ENV = ("LOCAL_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in TORCHRUN_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_needs_launch_only_for_hf_tp_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 2}})
+    assert not tp.needs_launch({"backend": "hf"}) and not tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 1}})
+    assert not tp.needs_launch({"backend": "vllm", "parallel": {"tp_size": 2}})  # vLLM shards by itself
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 2}})  # already a rank
+
+
+def test_launch_command_single_and_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    cmd = tp.launch_command("tensor_parallel", 2)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[-2:] == [str(ROOT / "stages" / "generate.py"), "tensor_parallel"]
+    monkeypatch.setenv("PET_NNODES", "2")  # torchrun reads the rendezvous from PET_* itself
+    cmd = tp.launch_command("tensor_parallel", 4)
+    assert "--standalone" not in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    with pytest.raises(InputError, match="not a multiple"):
+        tp.launch_command("tensor_parallel", 3)
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "1")
+    assert "--nproc_per_node" not in tp.launch_command("tensor_parallel", 2)
+
+
+def test_merge_memory_sums_ranks_and_keeps_rank0_latency() -> None:
+    perf = {"latency_s_mean": 0.5, "peak_rss_mb": 100.0, "max_allocated_mb": None}
+    merged = tp.merge_memory(perf, [{"peak_rss_mb": 100.0, "max_allocated_mb": None}, {"peak_rss_mb": 120.0, "max_allocated_mb": None}])
+    assert merged["peak_rss_mb"] == 220.0 and merged["peak_rss_mb_per_rank"] == [100.0, 120.0]
+    assert merged["latency_s_mean"] == 0.5 and merged["max_allocated_mb"] is None and "max_allocated_mb_per_rank" not in merged
+    assert tp.merge_ranks(perf) == perf  # outside torchrun: nothing to gather
+
+
+def test_init_outside_torchrun_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="needs torchrun"):
+        tp.init({"name": "tp", "parallel": {"tp_size": 2}}, "cpu")
+
+
+def test_init_checks_world_and_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InputError, match="tp_size is 4 but torchrun started 2"):
+        tp.init({"parallel": {"tp_size": 4}}, "cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(Skip, match="wants 2 GPUs per node; this machine has 1"):
+        tp.init({"parallel": {"tp_size": 2}}, "cuda")
+
+
+def single_process(path: Path) -> list:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    return [g for p in PROMPTS for g in hf_generate(model, tok, [p], "cpu", max_new_tokens=8, min_new_tokens=8)]
+
+
+def test_two_gloo_ranks_give_single_process_tokens(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real TP on CPU: each rank holds half of every sharded matrix, and greedy tokens are unchanged."""
+    out, script = tmp_path / "rank0.json", tmp_path / "tp_rank.py"
+    script.write_text(RANK_SCRIPT)
+    for key, value in {"TP_TEST_MODEL": str(tiny_llama), "TP_TEST_OUT": str(out), "TP_TEST_STAGES": str(ROOT / "stages"),
+                       "TP_TEST_PROMPTS": json.dumps(PROMPTS)}.items():
+        monkeypatch.setenv(key, value)
+    assert tp.launch("tp_test", 2, script) == 0
+    result = json.loads(out.read_text())
+    assert result["up_proj_rows"] == 128 // 2  # intermediate_size split over 2 ranks
+    single = single_process(tiny_llama)
+    assert result["raw"] == [g.raw for g in single] and result["new_tokens"] == [8, 8]
+    perf = result["perf"]
+    assert perf["tp_size"] == 2 and perf["tp_backend"] == "gloo" and perf["latency_s_mean"] > 0
+    assert len(perf["peak_rss_mb_per_rank"]) == 2 and perf["peak_rss_mb"] == pytest.approx(sum(perf["peak_rss_mb_per_rank"]))
+
+
+def hooks_missing() -> str:
+    gen, tech = (ROOT / "stages/generate.py").read_text(), (ROOT / "stages/techniques.py").read_text()
+    missing = [f for f, ok in (("generate.py: tp.needs_launch/tp.merge_ranks", "tp.needs_launch" in gen and "tp.merge_ranks" in gen),
+                               ("techniques.py: tp.load_kwargs", "tp.load_kwargs" in tech)) if not ok]
+    return ", ".join(missing)
+
+
+@pytest.mark.skipif(bool(hooks_missing()), reason=f"tensor parallel hooks not wired in yet: {hooks_missing()}")
+def test_generate_stage_relaunches_itself_under_torchrun(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python stages/generate.py tp2` in a repo-shaped folder: torchrun, 2 ranks, rank 0 writes, same tokens as kv_cache."""
+    shutil.copytree(tiny_llama, tmp_path / "data/models/tiny")
+    (tmp_path / "data/models/tiny/source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
+    rows = [{"id": f"r{i}", "summary": s, "reference": "council vote"} for i, s in enumerate(["the city council vote", "a new budget for the city"])]
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = {
+        "base": {"seed": 1, "model": "tiny", "target": "tiny", "dtype": "float32", "device": "cpu"},
+        "prompt": {"template": "headline for: {summary}", "few_shot": []},
+        "generate": {"max_new_tokens": 6, "use_cache": True, "batch_size": 1, "warmup_runs": 0, "max_input_tokens": 200},
+        "techniques": {"kv_cache": {}, "tp2": {"parallel": {"tp_size": 2}}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "stages/generate.py"), "tp2"], cwd=tmp_path, env=env, check=True, timeout=120)
+    monkeypatch.chdir(tmp_path)  # the stage's relative data/ paths
+    single, _ = generate("kv_cache", params, rows)
+    assert [json.loads(x)["raw"] for x in (tmp_path / "data/generations/tp2.jsonl").read_text().splitlines()] == [g["raw"] for g in single]
+    perf = json.loads((tmp_path / "metrics/techniques/tp2/perf.json").read_text())
+    assert perf["tp_size"] == 2 and perf["samples"] == 2 and len(perf["peak_rss_mb_per_rank"]) == 2
