@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from common import InputError, Skip, log
 
-QUANTIZE_KEYS = {"method", "bits", "quant_type", "compute_dtype", "double_quant", "threshold"}
+QUANTIZE_KEYS = {"method", "bits", "quant_type", "compute_dtype", "double_quant", "threshold", "group_size", "include_lm_head"}
 
 
 # ---------------------------------------------------------------------------------------------- bytes
@@ -259,6 +259,8 @@ def quantization_config(spec: dict[str, Any], device: str) -> dict[str, Any]:
     if unknown:
         raise InputError(f"quantize: unknown setting(s) {sorted(unknown)}; known: {sorted(QUANTIZE_KEYS)}")
     method = spec.get("method", "bnb")
+    if method == "torchao_int4":
+        return {}  # applied after loading: apply_quantize
     placement = {"device_map": {"": device}}
     if method == "torchao_int8":
         try:
@@ -269,7 +271,7 @@ def quantization_config(spec: dict[str, Any], device: str) -> dict[str, Any]:
 
         return {"quantization_config": TorchAoConfig(quant_type=Int8WeightOnlyConfig()), **placement}
     if method != "bnb":
-        raise InputError(f"quantize.method must be bnb or torchao_int8, got {method!r}")
+        raise InputError(f"quantize.method must be bnb, torchao_int8 or torchao_int4, got {method!r}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -290,3 +292,27 @@ def quantization_config(spec: dict[str, Any], device: str) -> dict[str, Any]:
                                     bnb_4bit_use_double_quant=bool(spec.get("double_quant", False)))
         return {"quantization_config": config, **placement}
     raise InputError(f"quantize.bits must be 8 or 4 for bnb, got {bits!r}")
+
+
+def apply_quantize(model: nn.Module, method: str = "bnb", group_size: int = 64, include_lm_head: bool = True, **_: Any) -> nn.Module:
+    """Quantization that happens after loading; the load-time methods (bnb, torchao_int8) pass through.
+
+    torchao_int4: int4 weight-only with per-group scales on every Linear, lm_head included because at 135M
+    parameters the 49k x 576 head is a third of the bytes read per token. The head is tied to the input
+    embedding, so it gets its own copy first: the embedding lookup stays dense, the head matmul goes int4.
+    TorchAoConfig at load time left the tied head dense, hence quantize_ here. Group size 64 because
+    SmolLM2's hidden size 576 does not divide by 128.
+    """
+    if method != "torchao_int4":
+        return model
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise Skip(f"torchao int4 weight-only is not available ({e})") from None
+    head = model.get_output_embeddings()
+    if include_lm_head and head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (include_lm_head or m is not head))
+    return model

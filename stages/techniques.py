@@ -84,7 +84,13 @@ def apply_prune(model: Any, **spec: Any) -> Any:
     return prune(model, **spec)
 
 
-TRANSFORMS: dict[str, Callable[..., Any]] = {"prune": apply_prune}
+def apply_quantize(model: Any, **spec: Any) -> Any:
+    from compress import apply_quantize as quantize  # post-load methods only; bnb/torchao_int8 quantize at load
+
+    return quantize(model, **spec)
+
+
+TRANSFORMS: dict[str, Callable[..., Any]] = {"quantize": apply_quantize, "prune": apply_prune}
 
 
 def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
@@ -115,7 +121,7 @@ def build_model(cfg: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, A
     start = time.perf_counter()
     kwargs = load_kwargs(cfg, device)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not ({"device_map", "distributed_config"} & set(kwargs) or cfg.get("quantize")):
+    if not {"device_map", "distributed_config", "quantization_config"} & set(kwargs):
         model.to(device)
     model.eval()
     from compress import detach_from_checkpoint
