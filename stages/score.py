@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common import GENERATIONS, TECHNIQUE_METRICS, InputError, fail, load_params, log, read_json, read_jsonl, setup_logging, write_json
 from stats import paired_bootstrap
 from techniques import resolve
@@ -23,10 +21,9 @@ def rouge(predictions: list[str], references: list[str], seed: int, per_row: boo
     import evaluate
 
     metric = evaluate.load(ROUGE_MODULE)
-    np.random.seed(seed)  # rouge-score's BootstrapAggregator draws from numpy's global generator
     if per_row:
         return metric.compute(predictions=predictions, references=references, use_aggregator=False)
-    return metric.compute(predictions=predictions, references=references, return_ci=True)
+    return metric.compute(predictions=predictions, references=references, return_ci=True, seed=seed)
 
 
 def fidelity(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ Row = dict[str, Any]
 # perf.json / score.json keys copied as-is into a headline row (units are already in the names)
 PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99",
              "ttft_s_p50", "tpot_s_p50", "samples_per_s", "tokens_per_s", "new_tokens_mean", "load_s",
-             "acceptance_rate", "compile_s", "sparsity_overall", "draft_weight_mb", "weight_format")
+             "acceptance_rate", "compile_s", "sparsity_overall", "draft_weight_mb", "weight_format", "tp_size")
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_low", "rougeL_high", "rougeL_delta", "rougeL_delta_low",
               "rougeL_delta_high", "fidelity", "identical", "compared", "fidelity_reference", "first_difference", "baseline_identical")
 
@@ -67,6 +67,8 @@ def headline(name: str, perf: dict[str, Any], score: dict[str, Any]) -> Row:
     if perf.get("skipped") or score.get("skipped"):
         return row | {"skipped": perf.get("skipped") or score.get("skipped")}
     row |= {k: perf[k] for k in PERF_KEYS if k in perf} | {k: score[k] for k in SCORE_KEYS if k in score}
+    if perf.get("draft_tokens_proposed") is not None:  # assisted decoding lands several tokens per step:
+        row["ttft_s_p50"] = row["tpot_s_p50"] = None  # per-token stamps are not per token there, so show none
     gpu = perf.get("max_allocated_mb") is not None
     row["peak_memory_mb"] = perf.get("max_allocated_mb") if gpu else perf.get("peak_rss_mb")
     row["memory_measure"] = "GPU max_allocated" if gpu else "CPU peak RSS"

@@ -188,3 +188,20 @@ def test_quantization_config_rejects_and_skips(monkeypatch: pytest.MonkeyPatch) 
         quantization_config({"bits": 4}, "cpu")
     kwargs = quantization_config({"method": "torchao_int8"}, "cpu")
     assert kwargs["device_map"] == {"": "cpu"}
+
+
+def test_torchao_int4_quantizes_every_linear_and_an_untied_head(saved: Path) -> None:
+    """cpu_fast's int4: the head gets its own copy (the embedding lookup stays dense) and is quantized too."""
+    from compress import apply_quantize
+
+    model = load(saved, None).to(torch.bfloat16)
+    before = weight_bytes(model)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    model = apply_quantize(model, method="torchao_int4", group_size=32, include_lm_head=True)
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    breakdown = weight_breakdown(model)
+    assert breakdown["quantized_modules"] == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm_head
+    assert weight_bytes(model) < before
+    assert generate(model).shape == (2, 12)
+    assert apply_quantize(model, method="bnb") is model  # load-time methods pass through

@@ -3,11 +3,13 @@ script from the hub. Built on Google's `rouge-score` with the hub metric's defau
 no stemmer, F-measure, aggregated by rouge-score's BootstrapAggregator (its "mid" value).
 
 Load it with `evaluate.load("stages/headline_rouge")`. `return_ci=True` adds the aggregator's 95%
-interval as `<type>_low` / `<type>_high`; `use_aggregator=False` returns per-row F-measures.
+interval as `<type>_low` / `<type>_high`; `seed` makes the bootstrap reproducible; `use_aggregator=False`
+returns per-row F-measures.
 """
 
 import datasets
 import evaluate
+import numpy as np
 from rouge_score import rouge_scorer, scoring
 
 DEFAULT_TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
@@ -23,12 +25,16 @@ class HeadlineRouge(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, rouge_types=None, use_aggregator=True, use_stemmer=False, return_ci=False):
+    def _compute(self, predictions, references, rouge_types=None, use_aggregator=True, use_stemmer=False, return_ci=False, seed=None):
         rouge_types = rouge_types or DEFAULT_TYPES
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
         scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions)]
         if not use_aggregator:
             return {t: [s[t].fmeasure for s in scores] for t in rouge_types}
+        if seed is not None:
+            # the aggregator resamples with numpy's global generator; seeding here, right before it, makes
+            # identical predictions get identical scores (evaluate's own bookkeeping may draw from it too)
+            np.random.seed(seed)
         aggregator = scoring.BootstrapAggregator()
         for s in scores:
             aggregator.add_scores(s)
