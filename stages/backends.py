@@ -53,7 +53,7 @@ def newline_ids(tokenizer: Any) -> set[int]:
     return {i for i, text in enumerate(texts) if "\n" in text}
 
 
-def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **gen_kwargs: Any) -> list[Generation]:
+def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per_token: bool = True, **gen_kwargs: Any) -> list[Generation]:
     """Greedy generation of one batch with transformers, timed end to end and per token.
 
     Args:
@@ -61,6 +61,8 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **g
         tokenizer: its tokenizer (left padding).
         prompts: the batch's prompt strings.
         device: where the inputs go and what to synchronize.
+        per_token: record TTFT and time per token; False for assisted decoding, which lands several
+            tokens per step, so per-step stamps are not per-token times there.
         gen_kwargs: generate() kwargs from the technique (use_cache, assistant_model, ...).
     """
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -79,7 +81,8 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, **g
     for row, mask in zip(new, inputs["attention_mask"]):
         n = count_new_tokens(row, tokenizer.pad_token_id, eos)
         raw = tokenizer.decode(row[:n], skip_special_tokens=True)
-        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], timer.ttft(), timer.tpot()))
+        ttft, tpot = (timer.ttft(), timer.tpot()) if per_token else (None, None)
+        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot))
     return results
 
 

@@ -65,7 +65,7 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
             gens.extend(generate_fn(group))
     wall = time.perf_counter() - wall
-    per_call = [g.latency_s for g in gens[::batch_size]] if batch_size > 1 else [g.latency_s for g in gens]
+    per_call = [g.latency_s for g in gens[::batch_size]]  # every row of a batch carries the batch's latency
     new_tokens = sum(g.new_tokens for g in gens)
     busy = sum(per_call)
     perf = {
@@ -126,7 +126,8 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
         info["draft_weight_mb"] = weight_bytes(draft) / 2**20
-    if cfg.get("speculative") or gen_kwargs.get("prompt_lookup_num_tokens"):
+    assisted = bool(cfg.get("speculative") or gen_kwargs.get("prompt_lookup_num_tokens"))
+    if assisted:
         acceptance.attach(model)
     info["after_run"] = lambda: {"acceptance_rate": acceptance.rate(), "draft_tokens_proposed": acceptance.proposed,
                                  "draft_tokens_accepted": acceptance.accepted} if acceptance.attached else {}
@@ -135,7 +136,7 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
     info["max_input_tokens"] = min(params["generate"]["max_input_tokens"], context - cfg["generate"]["max_new_tokens"])
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
-        return hf_generate(model, tokenizer, prompts, device, **gen_kwargs)
+        return hf_generate(model, tokenizer, prompts, device, per_token=not assisted, **gen_kwargs)
 
     return generate_fn, tokenizer, info
 

@@ -53,7 +53,7 @@ def extras(r: Row) -> str:
              f"compile {r['compile_s']:.1f} s" if finite(r.get("compile_s")) else "",
              f"sparsity {r['sparsity_overall']:.0%}" if finite(r.get("sparsity_overall")) else "",
              f"draft {r['draft_weight_mb']:.0f} MB" if finite(r.get("draft_weight_mb")) else "", r.get("weight_format") or "",
-             f"{r['tp_size']} ranks: weights per rank, memory summed" if r.get("tp_size") else ""]
+             f"{r['tp_size']} ranks: weights and memory summed" if r.get("tp_size") else ""]
     return "; ".join(p for p in parts if p) or "—"
 
 

@@ -67,8 +67,6 @@ def headline(name: str, perf: dict[str, Any], score: dict[str, Any]) -> Row:
     if perf.get("skipped") or score.get("skipped"):
         return row | {"skipped": perf.get("skipped") or score.get("skipped")}
     row |= {k: perf[k] for k in PERF_KEYS if k in perf} | {k: score[k] for k in SCORE_KEYS if k in score}
-    if perf.get("draft_tokens_proposed") is not None:  # assisted decoding lands several tokens per step:
-        row["ttft_s_p50"] = row["tpot_s_p50"] = None  # per-token stamps are not per token there, so show none
     gpu = perf.get("max_allocated_mb") is not None
     row["peak_memory_mb"] = perf.get("max_allocated_mb") if gpu else perf.get("peak_rss_mb")
     row["memory_measure"] = "GPU max_allocated" if gpu else "CPU peak RSS"

@@ -22,7 +22,7 @@ from typing import Any
 from common import ROOT, InputError, Skip, log
 
 GENERATE = ROOT / "stages" / "generate.py"
-MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb")
+MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "weight_mb")  # each rank holds its shard
 
 
 def tp_size(cfg: dict[str, Any]) -> int:

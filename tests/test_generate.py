@@ -117,6 +117,7 @@ def test_lossless_decoding_equals_plain_greedy(two_models: dict[str, Any], name:
         assert perf["draft_tokens_proposed"] > 0
         assert 0.0 <= perf["acceptance_rate"] <= 1.0
         assert perf["draft_tokens_accepted"] <= perf["draft_tokens_proposed"]
+        assert perf["ttft_count"] == 0 and all(r["ttft_s"] is None for r in got)  # several tokens per step: no per-token times
 
 
 def test_speculative_draft_is_the_small_model(two_models: dict[str, Any]) -> None:

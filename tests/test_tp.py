@@ -153,3 +153,9 @@ def test_generate_stage_relaunches_itself_under_torchrun(tiny_llama: Path, tmp_p
     assert [json.loads(x)["raw"] for x in (tmp_path / "data/generations/tp2.jsonl").read_text().splitlines()] == [g["raw"] for g in single]
     perf = json.loads((tmp_path / "metrics/techniques/tp2/perf.json").read_text())
     assert perf["tp_size"] == 2 and perf["samples"] == 2 and len(perf["peak_rss_mb_per_rank"]) == 2
+
+
+def test_merge_memory_sums_weight_shards() -> None:
+    """Each rank holds a shard of every split matrix: the technique's weight bytes are the sum."""
+    merged = tp.merge_memory({"weight_mb": 171.0}, [{"weight_mb": 171.0}, {"weight_mb": 171.0}, {"weight_mb": 171.0}])
+    assert merged["weight_mb"] == 513.0 and merged["weight_mb_per_rank"] == [171.0] * 3
