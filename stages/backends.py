@@ -6,7 +6,7 @@ The generate stage picks the backend that the technique names; backends know not
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ class Generation:
     latency_s: float
     ttft_s: float | None
     tpot_s: float | None
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included: lossless checks compare these
 
 
 def count_new_tokens(new_ids: torch.Tensor, pad_id: int | None, eos_ids: set[int]) -> int:
@@ -80,9 +81,12 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
     results = []
     for row, mask in zip(new, inputs["attention_mask"]):
         n = count_new_tokens(row, tokenizer.pad_token_id, eos)
-        raw = tokenizer.decode(row[:n], skip_special_tokens=True)
+        ids = row[:n].tolist()
+        # a random-weight model keeps its architecture's vocabulary (e.g. Llama's 128,256) while borrowing a smaller
+        # tokenizer: ids the tokenizer lacks are left out of the text (the token ids keep them)
+        raw = tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
         ttft, tpot = (timer.ttft(), timer.tpot()) if per_token else (None, None)
-        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot))
+        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot, ids))
     return results
 
 
@@ -120,5 +124,5 @@ def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: s
         raw = llm.detokenize([t for t in ids if not llama_vocab_is_eog(vocab, t)]).decode("utf-8", "ignore")
         tpot = (stamps[-1] - stamps[0]) / (len(ids) - 1) if len(ids) > 1 else None
         ttft = stamps[0] - start if stamps else None
-        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot))
+        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot, ids))
     return results

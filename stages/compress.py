@@ -220,11 +220,12 @@ def apply_prune(model: nn.Module, method: str = "l1_unstructured", amount: float
     start = time.perf_counter()
     if method == "l1_unstructured":
         prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=amount)
-    else:
         for _, m in layers:
-            prune.custom_from_mask(m, "weight", mask_2of4(m.weight))
-    for _, m in layers:
-        prune.remove(m, "weight")  # permanent: weight = weight_orig * mask, hooks and masks gone
+            prune.remove(m, "weight")  # permanent: weight = weight_orig * mask, hooks and masks gone
+    else:
+        with torch.no_grad():  # one layer at a time: a mask of one layer alive at once, not weight_orig + mask of all (3x for 8B)
+            for _, m in layers:
+                m.weight.mul_(mask_2of4(m.weight))
     facts: dict[str, Any] = {"prune_method": method, "pruned_layers": len(layers), **sparsity(model, include_lm_head),
                              "lm_head_pruned": include_lm_head, "lm_head_tied": tied}
     if method == "2of4":
@@ -244,13 +245,14 @@ def apply_prune(model: nn.Module, method: str = "l1_unstructured", amount: float
 
 # --------------------------------------------------------------------------------------- quantization
 
-def quantization_config(spec: dict[str, Any], device: str) -> dict[str, Any]:
+def quantization_config(spec: dict[str, Any], device: str, model_dtype: str = "float32") -> dict[str, Any]:
     """from_pretrained kwargs that quantize the converted safetensors model while loading.
 
     Args:
         spec: method "bnb" (bits 8: LLM.int8 with `threshold`; bits 4: `quant_type` nf4|fp4,
-            `compute_dtype`, `double_quant`) or "torchao_int8" (int8 weight-only, per-row scales).
+            `compute_dtype` ("auto": model_dtype), `double_quant`) or "torchao_int8" (int8 weight-only, per-row scales).
         device: "cpu" or "cuda"; the quantized model is placed there through device_map.
+        model_dtype: the technique's dtype, for compute_dtype "auto".
 
     Raises:
         Skip: the library is missing or cannot run on this device.
@@ -287,8 +289,9 @@ def quantization_config(spec: dict[str, Any], device: str) -> dict[str, Any]:
         log.info("bnb int8: activations are cast to float16 inside each int8 matmul")
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.get("threshold", 6.0)), **placement}
     if bits == 4:
+        compute = spec.get("compute_dtype", "auto")  # auto: the model's dtype (fp32 compute on a bf16 GPU model wastes the kernels)
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
-                                    bnb_4bit_compute_dtype=getattr(torch, spec.get("compute_dtype", "float32")),
+                                    bnb_4bit_compute_dtype=getattr(torch, model_dtype if compute == "auto" else compute),
                                     bnb_4bit_use_double_quant=bool(spec.get("double_quant", False)))
         return {"quantization_config": config, **placement}
     raise InputError(f"quantize.bits must be 8 or 4 for bnb, got {bits!r}")

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 import tp
@@ -31,15 +32,23 @@ from common import (
     write_json,
     write_jsonl,
 )
+from hardware import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
 from prompts import build_prompt, has_chat_template
-from techniques import build_model, check_hardware, pick_device, resolve
-from trackers import AcceptanceTracker, Latency, MemoryTracker
+from techniques import build_model, check_hardware, model_path, model_source, pick_device, resolve
+from trackers import AcceptanceTracker, EnergyTracker, Latency, MemoryTracker, device_used_mb
 
 GenerateFn = Callable[[list[str]], list[Generation]]
 
 
 def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str) -> tuple[list[Generation], dict[str, Any]]:
@@ -58,10 +67,11 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         start = time.perf_counter()
         generate_fn(groups[0])
         warmup_s.append(time.perf_counter() - start)
-    memory = MemoryTracker(device)
+    memory, energy = MemoryTracker(device), EnergyTracker(device)
     gens: list[Generation] = []
+    graphs = dynamo_graphs()
     wall = time.perf_counter()
-    with memory.track():
+    with memory.track(), energy.track():
         for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
             gens.extend(generate_fn(group))
     wall = time.perf_counter() - wall
@@ -77,6 +87,13 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         "new_tokens_mean": new_tokens / len(gens),
         "wall_s": wall,
         "warmup_s": warmup_s,
+        "rss_reset": memory.rss_reset,
+        "graphs_compiled_before_timing": graphs,
+        "recompiles_in_timed_run": dynamo_graphs() - graphs,  # > 0: shapes changed and the timed run paid for compiling
+        "energy_j": energy.joules,
+        "energy_source": energy.reason,
+        "energy_j_per_headline": energy.joules / len(gens) if energy.joules is not None else None,
+        "energy_j_per_token": energy.joules / new_tokens if energy.joules is not None and new_tokens else None,
         **{k: v for k, v in asdict(memory.get_memory()).items() if v is not None and k != "unit"},
     }
     return gens, perf
@@ -88,7 +105,7 @@ def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, An
     chat = has_chat_template(tokenizer)
     prompts, kept, too_long = [], [], []
     for row in rows:
-        prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer)
+        prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer, p.get("date"))
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if n > limit:
             too_long.append({**row, "prediction": None, "skipped": f"prompt has {n} tokens > limit {limit}"})
@@ -96,6 +113,29 @@ def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, An
         prompts.append(prompt)
         kept.append(row)
     return prompts, kept, too_long
+
+
+DRAFT_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+
+def configure_draft(draft: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Put the speculative settings where transformers reads them: the draft's own generation config.
+
+    `num_assistant_tokens` passed to the target's generate() is ignored: the candidate generator copies the
+    draft's generation_config (defaults: 20 tokens, a 0.4 confidence cut-off). A constant schedule keeps the
+    draft length from drifting across calls (the heuristic one carries state from warm-up into timed rows).
+
+    Returns:
+        the settings in effect, as the draft's config now holds them (recorded in perf.json).
+    """
+    unknown = set(settings) - set(DRAFT_KEYS)
+    if unknown:
+        raise InputError(f"speculative: unknown setting(s) {sorted(unknown)}; known: {list(DRAFT_KEYS)}")
+    config = draft.generation_config
+    config.num_assistant_tokens_schedule = "constant"
+    for key, value in settings.items():
+        setattr(config, key, value)
+    return {key: getattr(config, key, None) for key in DRAFT_KEYS}
 
 
 def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
@@ -110,19 +150,30 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
     model, tokenizer, info = build_model(cfg, device)
     info["weight_mb"] = weight_bytes(model) / 2**20
     info.update(getattr(model, "compression_facts", {}))
-    # Stop at the end of the first line. Newline tokens join the EOS ids rather than using `stop_strings`,
-    # which assisted generation forwards to the draft without a tokenizer (and then fails).
-    gen_kwargs = {**cfg["generate"], "eos_token_id": sorted(eos_ids(model) | newline_ids(tokenizer))}
+    if info.get("random_weights"):
+        # Random weights never write a meaningful newline or EOS: a fixed output length (vLLM's --ignore-eos,
+        # optimum-benchmark's min_new_tokens == max_new_tokens) makes every technique do the same work.
+        n = cfg["generate"]["max_new_tokens"]
+        gen_kwargs = {**cfg["generate"], "min_new_tokens": n, "eos_token_id": sorted(eos_ids(model))}
+    else:
+        # Stop at the end of the first line. Newline tokens join the EOS ids rather than using `stop_strings`,
+        # which assisted generation forwards to the draft without a tokenizer (and then fails).
+        gen_kwargs = {**cfg["generate"], "eos_token_id": sorted(eos_ids(model) | newline_ids(tokenizer))}
     if cfg.get("compile"):
         from transformers import CompileConfig
 
-        compile_config = CompileConfig(**cfg["compile"])
+        settings = dict(cfg["compile"])
+        if isinstance(settings.get("mode"), dict):  # {cpu: default, cuda: reduce-overhead}: CUDA graphs only on GPUs
+            settings["mode"] = settings["mode"]["cuda" if device.startswith("cuda") else "cpu"]
+        compile_config = CompileConfig(**settings)
         compile_config._compile_all_devices = device == "cpu"  # generate() compiles on GPUs only unless told
         gen_kwargs["compile_config"] = compile_config
+        info["compile_mode"] = settings.get("mode", "default")
     acceptance = AcceptanceTracker()
     if cfg.get("speculative"):
         draft, draft_tok, _ = build_model({"model_name": params["base"]["model"], "dtype": cfg["dtype"]}, device)
-        gen_kwargs.update(assistant_model=draft, **cfg["speculative"])
+        info["speculative_used"] = configure_draft(draft, cfg["speculative"])
+        gen_kwargs["assistant_model"] = draft
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
         info["draft_weight_mb"] = weight_bytes(draft) / 2**20
@@ -141,13 +192,42 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
     return generate_fn, tokenizer, info
 
 
+def settle(params: dict[str, Any], name: str) -> tuple[dict[str, Any], str]:
+    """The technique's config with every choice that depends on this machine made (device, tp_size "auto")."""
+    cfg = resolve(params, name)
+    device = pick_device(params["base"].get("device", "auto"))
+    if cfg.get("parallel"):
+        cfg = tp.settle_size(cfg, device, read_json(model_path(cfg["model_name"]) / "config.json"))
+    return cfg, device
+
+
+def bandwidth(cfg: dict[str, Any], info: dict[str, Any], gens: list[Generation], numbers: dict[str, Any], device: str) -> dict[str, Any]:
+    """Achieved memory bandwidth of the decode steps and its share of the machine's peak (hardware.MBU_FORMULA)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path(cfg["model_name"]))
+    dtype_bytes = info.get("kv_dtype_bytes") or getattr(torch, cfg["dtype"]).itemsize
+    kv = kv_bytes_per_token(config, dtype_bytes) if cfg["generate"].get("use_cache", True) else 0
+    context = sum(g.prompt_tokens for g in gens) / len(gens) + numbers["new_tokens_mean"] / 2
+    if not info.get("weight_mb"):
+        return {"bandwidth_share": None, "bandwidth_note": "n/a: this backend does not report its weight bytes"}
+    peak = peak_bandwidth(device)
+    if device.startswith("cuda") and perf_ranks(info) > 1 and peak["peak_bandwidth_gbs"]:  # TP: every GPU streams its shard at once
+        peak = {"peak_bandwidth_gbs": peak["peak_bandwidth_gbs"] * perf_ranks(info), "peak_bandwidth_source": f"{peak['peak_bandwidth_source']} x {perf_ranks(info)} GPUs"}
+    share = bandwidth_share(info["weight_mb"] * 2**20, kv, context, cfg["batch_size"], numbers.get("tpot_s_p50"), peak["peak_bandwidth_gbs"])
+    return {**peak, "kv_bytes_per_token": kv, "mean_context_tokens": context, **share, "bandwidth_formula": MBU_FORMULA}
+
+
+def perf_ranks(perf: dict[str, Any]) -> int:
+    return int(perf.get("tp_size") or 1)
+
+
 def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run one technique over the rows. Returns generation records and the perf metrics.
 
     A technique that this machine cannot run returns no records and {"skipped": reason}.
     """
-    cfg = resolve(params, name)
-    device = pick_device(params["base"].get("device", "auto"))
+    cfg, device = settle(params, name)
     perf: dict[str, Any] = {"technique": name, "config": cfg, "env": env_info(), "device": device}
     try:
         check_hardware(cfg, device)
@@ -160,44 +240,68 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
         return [], {**perf, "skipped": str(e)}
-    source = read_json(Path(info["path"]) / "source.json") if info.get("path") else {}
+    source = read_json(Path(info["path"]) / "source.json") if info.get("path") and (Path(info["path"]) / "source.json").exists() else model_source(cfg["model_name"])
     prompts, kept, too_long = prompts_for(rows, tokenizer, params, info.pop("max_input_tokens", 10**9))
     if not prompts:
         raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
     after_run = info.pop("after_run", dict)
-    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device)
+    warmup = params["generate"]["warmup_runs"]
+    if cfg.get("compile") and device.startswith("cuda"):
+        warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
+    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], warmup, device)
+    if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
+        for key in ("max_allocated_mb", "max_reserved_mb", "peak_rss_mb"):
+            numbers.pop(key, None)
+        numbers["device_used_mb"] = device_used_mb()
+        numbers["memory_note"] = "engine in its own process: NVML memory in use on the GPU(s) after the run, all processes, preallocated KV pool included"
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
-    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers, **after_run())
-    perf = tp.merge_ranks(perf)  # tensor parallel: memory summed over ranks; a no-op in a single process
+    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), warmup_runs=warmup, **numbers, **after_run())
+    if source.get("random"):
+        perf["quality"] = "n/a (random weights)"
+    perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
+    perf.update(bandwidth(cfg, perf, gens, numbers, device))
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         perf["compile_s"] = numbers["warmup_s"][0] - gens[0].latency_s
     return records, perf
 
 
+def failure(name: str, params: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    """perf.json of a technique that raised: the reason in one line and the traceback's last lines."""
+    import traceback
+
+    lines = "".join(traceback.format_exception(error)).rstrip().splitlines()
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    perf: dict[str, Any] = {"technique": name, "failed": f"{type(error).__name__}: {first}", "traceback": lines[-12:]}
+    try:
+        perf |= {"config": resolve(params, name), "env": env_info()}
+    except Exception:  # the failure may be in resolving itself
+        pass
+    return perf
+
+
 def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]) -> None:
     write_jsonl(GENERATIONS / f"{name}.jsonl", records)
     write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
-    if "skipped" in perf:
-        log.info("%s: skip recorded -> %s", name, TECHNIQUE_METRICS / name / "perf.json")
+    if "skipped" in perf or "failed" in perf:
+        log.info("%s: %s recorded -> %s", name, "skip" if "skipped" in perf else "failure", TECHNIQUE_METRICS / name / "perf.json")
     else:
         log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
 
 
-def launch_parallel(name: str, cfg: dict[str, Any], params: dict[str, Any]) -> None:
-    """Start tensor parallel ranks under torchrun; a technique they cannot run, or a failed launch, becomes
-    a recorded skip so the rest of the pipeline goes on."""
-    device = pick_device(params["base"].get("device", "auto"))
-    skip = {"technique": name, "config": cfg, "env": env_info(), "device": device}
+def launch_parallel(name: str, cfg: dict[str, Any], device: str) -> None:
+    """Start tensor parallel ranks under torchrun; a technique they cannot run becomes a recorded skip, a failed
+    launch a recorded failure, so the rest of the pipeline goes on."""
+    base = {"technique": name, "config": cfg, "env": env_info(), "device": device}
     try:
         check_hardware(cfg, device)
     except Skip as e:
-        write_outputs(name, [], skip | {"skipped": str(e)})
+        write_outputs(name, [], base | {"skipped": str(e)})
         return
     code = tp.launch(name, tp.tp_size(cfg))
     if code != 0:
-        write_outputs(name, [], skip | {"skipped": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"})
+        write_outputs(name, [], base | {"failed": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"})
 
 
 def main() -> None:
@@ -207,13 +311,18 @@ def main() -> None:
     name = sys.argv[1]
     params = load_params()
     try:
-        cfg = resolve(params, name)
+        cfg, device = settle(params, name)
         if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
-            return launch_parallel(name, cfg, params)
+            return launch_parallel(name, cfg, device)
         rows = read_jsonl(PREPARED / "test.jsonl")
         records, perf = generate(name, params, rows)
     except InputError as e:
         fail(str(e))
+    except Skip as e:
+        records, perf = [], {"technique": name, "skipped": str(e)}
+    except Exception as e:  # an unsupported kernel, CUDA out of memory...: recorded, and the other techniques still run
+        log.exception("%s failed", name)
+        records, perf = [], failure(name, params, e)
     if tp.rank() == 0:
         write_outputs(name, records, perf)
 

@@ -1,8 +1,14 @@
-"""Models: turn each model that params.yaml names (base.model, base.target) into a local safetensors
-folder under data/models/<name>/, once, as a cached DVC output.
+"""Models: make each model that params.yaml names (base.model, base.target) loadable from a local folder, once,
+as a cached DVC output under data/models/<name>/.
 
-Hub ids are loaded from the hub as usual. Packaged GGUF weights are checked against their sha256 and
-converted, because loading GGUF through transformers costs 40-100 s on every load.
+- Packaged GGUF weights are checked against their sha256 and converted to safetensors, because loading GGUF
+  through transformers costs 40-100 s on every load.
+- Hub ids are not re-saved (an 8B model would be stored three times: hub cache, copy, DVC cache): the stage
+  downloads the snapshot into the hub cache, pins the resolved commit sha in source.json, and techniques load
+  that snapshot (techniques.model_path).
+- Random-weight models (`config:` a shipped config.json, `tokenizer_from:` a model name or folder, `seed:`) are
+  built with seeded initialisation and saved: speed and memory of a real architecture with no download; their
+  quality is n/a.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import MODELS, Skip, fail, load_params, log, setup_logging, write_json
+from common import MODELS, Skip, fail, load_params, log, read_json, setup_logging, write_json
 
 
 def sha256(path: Path) -> str:
@@ -44,17 +50,85 @@ def locate_gguf(spec: dict[str, Any]) -> Path:
     return path
 
 
-def convert(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Load one model (hub id, local folder or packaged GGUF) and save it as a plain safetensors checkpoint in `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def count_params(config: Any) -> int:
+    """Parameters of an architecture, counted on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pin_hub(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Download a hub model into the hub cache and record the commit it resolved to; nothing is copied."""
+    from huggingface_hub import HfApi, snapshot_download
+    from transformers import AutoConfig
 
     start = time.perf_counter()
-    if "hub_id" in spec or "path" in spec:  # a hub id, or a local checkpoint folder
-        where = spec.get("hub_id") or spec["path"]
-        kwargs = {"revision": spec.get("revision")} if "hub_id" in spec else {}
-        model = AutoModelForCausalLM.from_pretrained(where, dtype="auto", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        source = {"id": spec.get("id", where), "revision": spec.get("revision") or ("main" if "hub_id" in spec else "local")}
+    sha = HfApi().model_info(spec["hub_id"], revision=spec.get("revision")).sha
+    path = snapshot_download(spec["hub_id"], revision=sha, allow_patterns=HUB_FILES)
+    info = {"name": name, "id": spec["hub_id"], "revision": sha, "requested_revision": spec.get("revision") or "main",
+            "params": count_params(AutoConfig.from_pretrained(path)), "dtype": "as stored", "convert_s": round(time.perf_counter() - start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "source.json", info)
+    return info
+
+
+def tokenizer_folder(spec: dict[str, Any], models: dict[str, Any]) -> Path:
+    """Where a random-weight model borrows its tokenizer: a converted model of params.models, or a folder."""
+    source = spec["tokenizer_from"]
+    if source in models:
+        if not (MODELS / source / "config.json").exists():
+            convert(source, models[source], MODELS / source, models)
+        return MODELS / source
+    if not Path(source).is_dir():
+        raise Skip(f"tokenizer_from: {source!r} is neither a model in params.models nor a folder")
+    return Path(source)
+
+
+def build_random(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any]) -> dict[str, Any]:
+    """A shipped architecture with seeded random weights, saved like a converted model (on the GPU when there is one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    config_path = Path(spec["config"])
+    if not config_path.exists():
+        raise Skip(f"{config_path}: config file not found")
+    config = AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json" else config_path)
+    dtype = getattr(torch, spec.get("dtype") or str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(int(spec.get("seed", 0)))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(spec, models))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": int(spec.get("seed", 0)), "init_device": device,
+            "config": str(config_path), "tokenizer_from": spec["tokenizer_from"], "params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype).replace("torch.", ""), "convert_s": round(time.perf_counter() - start, 1)}
+    write_json(out / "source.json", info)
+    return info
+
+
+def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make one model loadable from `out`: pin a hub id, build random weights, or save a local folder or packaged
+    GGUF as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "hub_id" in spec:
+        return pin_hub(name, spec, out)
+    if "config" in spec:
+        return build_random(name, spec, out, models or {})
+    start = time.perf_counter()
+    if "path" in spec:  # a local checkpoint folder
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(spec["path"])
+        source = {"id": spec.get("id", spec["path"]), "revision": "local"}
     else:
         path = locate_gguf(spec)
         digest = sha256(path)
@@ -86,10 +160,15 @@ def main() -> None:
     for name in names:
         if name not in params["models"]:
             fail(f"params.yaml: model '{name}' is not defined under 'models' (known: {sorted(params['models'])})")
+        spec, out = params["models"][name], MODELS / name
+        if (out / "source.json").exists() and read_json(out / "source.json").get("spec") == spec:
+            log.info("models: %s already built from the same spec -> %s", name, out)  # gpu-check passes share models; DVC empties data/models first
+            continue
         try:
-            info = convert(name, params["models"][name], MODELS / name)
+            info = convert(name, spec, out, params["models"])
         except Skip as e:
             fail(f"models: {name}: {e}")
+        write_json(out / "source.json", {**info, "spec": spec})
         log.info("models: %s -> %s (%s params, %s s)", name, MODELS / name, f"{info['params']:,}", info["convert_s"])
 
 

@@ -19,7 +19,7 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
-def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], chat: bool, tokenizer: Any = None) -> str:
+def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], chat: bool, tokenizer: Any = None, date: str | None = None) -> str:
     """The task prompt for one summary.
 
     Chat models get the instruction as a user turn through their chat template. Base models (no template)
@@ -32,11 +32,14 @@ def build_prompt(summary: str, template: str, few_shot: list[dict[str, str]], ch
         few_shot: example {summary, headline} pairs for base models.
         chat: use the tokenizer's chat template.
         tokenizer: needed when `chat` is true; for base models it tells whether to start with BOS.
+        date: the date chat templates print (Llama 3.x writes "Today Date" from the clock unless given
+            `date_string`): fixed, so that a prompt does not depend on the day it is built.
     """
     instruction = template.format(summary=summary.strip())
     if chat:
         messages = [{"role": "user", "content": instruction}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {"date_string": date} if date else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     bos = tokenizer.bos_token if tokenizer is not None and adds_bos(tokenizer) else ""
     shots = "".join(f"{template.format(summary=s['summary'].strip())}\nHeadline: {s['headline'].strip()}\n\n" for s in few_shot)
     return f"{bos}{shots}{instruction}\nHeadline:"

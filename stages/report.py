@@ -52,6 +52,10 @@ def extras(r: Row) -> str:
     parts = [f"acceptance {r['acceptance_rate']:.0%}" if finite(r.get("acceptance_rate")) else "",
              f"compile {r['compile_s']:.1f} s" if finite(r.get("compile_s")) else "",
              f"sparsity {r['sparsity_overall']:.0%}" if finite(r.get("sparsity_overall")) else "",
+             f"2:4 kernels {r['sparse_kernels']}" if str(r.get("sparse_kernels", "")).startswith(("skipped", "applied")) else "",
+             f"{r['recompiles_in_timed_run']} recompiles in the timed run" if r.get("recompiles_in_timed_run") else "",
+             f"compile mode {r['compile_mode']}" if r.get("compile_mode") else "",
+             "draft " + ", ".join(f"{k}={v}" for k, v in r["speculative_used"].items()) if r.get("speculative_used") else "",
              f"draft {r['draft_weight_mb']:.0f} MB" if finite(r.get("draft_weight_mb")) else "", r.get("weight_format") or "",
              f"{r['tp_size']} ranks: weights and memory summed" if r.get("tp_size") else ""]
     return "; ".join(p for p in parts if p) or "—"
@@ -64,8 +68,9 @@ def results_tables(rows: list[Row], confidence: float) -> str:
             seed.append([r["technique"], f"skipped: {r['skipped']}"] + ["—"] * 7)
             more.append([r["technique"], "skipped"] + ["—"] * 10)
             continue
-        seed.append([r["technique"], f(r.get("latency_s_mean")), f(r.get("latency_s_p99")), f(r.get("samples_per_s")), f(r.get("peak_memory_mb"), ".1f"),
-                     *(f(r.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))])
+        rouge = [r["quality"]] * 4 if r.get("quality") else [f(r.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
+        memory = f(r.get("peak_memory_mb"), ".1f") if finite(r.get("peak_memory_mb")) else f"n/a ({r['memory_note']})" if r.get("memory_note") else "—"
+        seed.append([r["technique"], f(r.get("latency_s_mean")), f(r.get("latency_s_p99")), f(r.get("samples_per_s")), memory, *rouge])
         ci = f"[{r['rougeL_low']:.4f}, {r['rougeL_high']:.4f}]" if finite(r.get("rougeL_low")) else "—"
         more.append([r["technique"], f(r.get("latency_s_p50")), f(r.get("latency_s_p90")), f(r.get("ttft_s_p50"), ".4f"), f(r.get("tpot_s_p50"), ".4f"),
                      f(r.get("tokens_per_s"), ".1f"), f(r.get("weight_mb"), ".1f"), f(r.get("peak_memory_ratio"), ".2f") + "×", ci, delta(r), fidelity(r), extras(r)])
@@ -74,6 +79,33 @@ def results_tables(rows: list[Row], confidence: float) -> str:
                         table([c.format(confidence) for c in MORE_COLS], more),
                         f"ΔROUGE-L is the mean per-row difference to baseline on the same rows with a paired bootstrap {confidence:.0%} CI; "
                         "'no significant difference' means the CI spans 0. Fidelity: headlines identical to the reference technique's, k/n."])
+
+
+def hardware(rows: list[Row]) -> str:
+    """Share of the memory-bandwidth ceiling (MBU) and GPU energy per technique, with the formula and the peak's source."""
+    ran = [r for r in rows if not r.get("skipped")]
+    if not ran:
+        return "No technique ran."
+    lines = [[r["technique"], f(r.get("tpot_s_p50"), ".4f"), f(r.get("bytes_per_step_mb"), ".0f"), f(r.get("achieved_bandwidth_gbs"), ".1f"),
+              f"{r['bandwidth_share']:.1%}" if finite(r.get("bandwidth_share")) else "n/a", f(r.get("energy_j_per_headline"), ".2f"),
+              f(r.get("energy_j_per_token"), ".3f")] for r in ran]
+    peaks = sorted({f"{r['peak_bandwidth_gbs']:.0f} GB/s ({r['peak_bandwidth_source']})" if finite(r.get("peak_bandwidth_gbs"))
+                    else str(r.get("peak_bandwidth_source")) for r in ran if r.get("peak_bandwidth_source")})
+    energy = sorted({str(r.get("energy_source")) for r in ran if r.get("energy_source")})
+    from hardware import MBU_FORMULA
+
+    return "\n\n".join([table(["Technique", "TPOT p50 (s)", "Bytes/step (MB)", "Achieved GB/s", "Share of peak", "J/headline", "J/token"], lines),
+                         f"{MBU_FORMULA}; TPOT per decode step at batch size (batched: per step of the whole batch). Assisted decoding "
+                         "(several tokens per step) has no per-token time, so no share. Peak: " + ("; ".join(peaks) or "n/a") + ". Energy: "
+                         + ("; ".join(energy) or "n/a") + "."])
+
+
+def random_note(rows: list[Row]) -> str | None:
+    """Random-weight runs measure speed and memory only: no quality verdict, so no recommendation rests on one."""
+    if not any(r.get("quality") for r in rows):
+        return None
+    return ("None drawn: the weights are random (quality n/a), and every recommendation here needs a quality verdict. "
+            "Read speed, memory and the share of the bandwidth ceiling from the tables; lossless techniques are checked by token ids.")
 
 
 def lossless(rows: list[Row]) -> str:
@@ -126,7 +158,8 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
     lines = [f"- Device: {device}; torch threads {env.get('torch_threads', '?')}",
              f"- Python {env.get('python', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}"]
     for m in models.values():
-        pin = f"GGUF {m['gguf']} sha256 {m['sha256']}" if m.get("gguf") else f"revision {m.get('revision', '?')}"
+        pin = (f"GGUF {m['gguf']} sha256 {m['sha256']}" if m.get("gguf") else f"seed {m.get('seed')}, initialised on {m.get('init_device')}"
+               if m.get("random") else f"revision {m.get('revision', '?')}")
         lines.append(f"- Model {m['name']}: {m.get('id')}, {pin}, {m.get('params', 0) / 1e6:.1f}M params, {m.get('dtype')}")
     samples = sorted({r["samples"] for r in rows if finite(r.get("samples"))})
     lines.append(f"- Data: {prepare.get('source', '?')}, {prepare.get('rows_sampled', '?')} rows sampled of {prepare.get('rows_valid', '?')} valid; "
@@ -164,8 +197,8 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
     sections += ["## Results", results_tables(rows, confidence), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
-                 "## Recommendations", recommendations(recs, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)", "![Peak memory](plots/memory.png)",
+                 "## Share of the hardware ceiling and energy", hardware(rows), "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
+                 "## Recommendations", random_note(rows) or recommendations(recs, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)", "![Peak memory](plots/memory.png)",
                  "![Latency CDF](plots/latency_cdf.png)"]
     REPORT.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})

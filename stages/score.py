@@ -26,12 +26,13 @@ def rouge(predictions: list[str], references: list[str], seed: int, per_row: boo
     return metric.compute(predictions=predictions, references=references, return_ci=True, seed=seed)
 
 
-def fidelity(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many predictions equal the reference technique's on the same rows, and the first that differs."""
-    ref = {r["id"]: r["prediction"] for r in reference if r.get("prediction") is not None}
-    pairs = [(r, ref[r["id"]]) for r in records if r.get("prediction") is not None and r["id"] in ref]
-    same = sum(r["prediction"] == p for r, p in pairs)
-    first = next(({"id": r["id"], "prediction": r["prediction"], "reference_prediction": p} for r, p in pairs if r["prediction"] != p), None)
+def fidelity(records: list[dict[str, Any]], reference: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any]:
+    """How many outputs (`key`: the headline, or the generated token ids) equal the reference technique's on the
+    same rows, and the first that differs."""
+    ref = {r["id"]: r[key] for r in reference if r.get(key) is not None}
+    pairs = [(r, ref[r["id"]]) for r in records if r.get(key) is not None and r["id"] in ref]
+    same = sum(r[key] == p for r, p in pairs)
+    first = next(({"id": r["id"], "prediction": r[key], "reference_prediction": p} for r, p in pairs if r[key] != p), None)
     return {"fidelity": same / len(pairs) if pairs else None, "identical": same, "compared": len(pairs), "first_difference": first}
 
 
@@ -72,14 +73,22 @@ def main() -> None:
     try:
         cfg = resolve(params, name)
         perf = read_json(TECHNIQUE_METRICS / name / "perf.json")
-        if "skipped" in perf:
-            write_json(out, {"technique": name, "skipped": perf["skipped"]})
-            log.info("score: %s was skipped (%s) -> %s", name, perf["skipped"], out)
-            return
+        for outcome in ("skipped", "failed"):
+            if outcome in perf:
+                write_json(out, {"technique": name, outcome: perf[outcome]})
+                log.info("score: %s %s (%s) -> %s", name, outcome, perf[outcome], out)
+                return
         records = read_jsonl(GENERATIONS / f"{name}.jsonl")
-        baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
         ref_name = cfg["reference"] or "baseline"  # lossy techniques: fidelity to the baseline, for information
-        reference = read_jsonl(GENERATIONS / f"{ref_name}.jsonl")
+        ref_path = GENERATIONS / f"{ref_name}.jsonl"
+        reference = read_jsonl(ref_path) if ref_path.exists() else []
+        if perf.get("quality"):  # random weights: ROUGE of noise says nothing; token-level fidelity still does
+            scored = [r for r in records if r.get("token_ids")]
+            write_json(out, {"technique": name, "quality": perf["quality"], "samples": len(scored), "fidelity_reference": ref_name,
+                             "lossless": cfg["reference"] is not None, **fidelity(scored, reference, "token_ids")})
+            log.info("score: %s quality %s; token fidelity vs %s -> %s", name, perf["quality"], ref_name, out)
+            return
+        baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
         s = params["score"]
         result = score(records, baseline, reference, params["base"]["seed"], s["bootstrap_samples"], s["confidence"])
     except (InputError, FileNotFoundError) as e:

@@ -17,7 +17,10 @@ Row = dict[str, Any]
 # perf.json / score.json keys copied as-is into a headline row (units are already in the names)
 PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99",
              "ttft_s_p50", "tpot_s_p50", "samples_per_s", "tokens_per_s", "new_tokens_mean", "load_s",
-             "acceptance_rate", "compile_s", "sparsity_overall", "draft_weight_mb", "weight_format", "tp_size")
+             "acceptance_rate", "compile_s", "sparsity_overall", "draft_weight_mb", "weight_format", "tp_size", "quality",
+             "achieved_bandwidth_gbs", "bandwidth_share", "peak_bandwidth_gbs", "peak_bandwidth_source", "bytes_per_step_mb",
+             "energy_j_per_headline", "energy_j_per_token", "energy_source", "recompiles_in_timed_run", "compile_mode",
+             "sparse_kernels", "device_used_mb", "memory_note", "speculative_used")
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_low", "rougeL_high", "rougeL_delta", "rougeL_delta_low",
               "rougeL_delta_high", "fidelity", "identical", "compared", "fidelity_reference", "first_difference", "baseline_identical")
 
@@ -64,6 +67,9 @@ def headline(name: str, perf: dict[str, Any], score: dict[str, Any]) -> Row:
     cfg = perf.get("config") or {}
     row: Row = {"technique": name, "multi_gpu": bool(cfg.get("parallel") or cfg.get("device_map")),
                 "reference": cfg.get("reference")}
+    if perf.get("failed") or score.get("failed"):  # raised while running: shown like a skip, labelled a failure
+        reason = perf.get("failed") or score.get("failed")
+        return row | {"skipped": f"FAILED: {reason}", "failed": reason}
     if perf.get("skipped") or score.get("skipped"):
         return row | {"skipped": perf.get("skipped") or score.get("skipped")}
     row |= {k: perf[k] for k in PERF_KEYS if k in perf} | {k: score[k] for k in SCORE_KEYS if k in score}

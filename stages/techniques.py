@@ -10,7 +10,9 @@ A resolved technique is a dict with these keys (defaults in DEFAULTS):
   prune      a model transform (TRANSFORMS), applied after loading.
   compile    torch.compile of generate's decode step (transformers' CompileConfig), with a static cache.
   speculative  assisted generation kwargs; the draft is base.model.
-  device_map / parallel: layer split across GPUs / tensor parallel (tp.py).
+  device_map / max_memory / parallel: layer split across GPUs / tensor parallel (tp.py, tp_size "auto" allowed).
+  only_on    "cpu" or "cuda": a recipe for one device kind (a recorded skip on the other).
+  vllm       vLLM engine arguments (gpu_memory_utilization, ...).
 Settings compose: quantize + prune + kv cache + compile in one entry.
 """
 
@@ -37,7 +39,7 @@ def resolve(params: dict[str, Any], name: str) -> dict[str, Any]:
     if name not in techniques:
         raise InputError(f"unknown technique '{name}'; params.yaml defines: {', '.join(sorted(techniques))}")
     entry = copy.deepcopy(techniques[name] or {})
-    unknown = set(entry) - set(DEFAULTS) - {"quantize", "prune", "compile", "speculative", "device_map", "parallel", "threads", "dtype"}
+    unknown = set(entry) - set(DEFAULTS) - {"quantize", "prune", "compile", "speculative", "device_map", "max_memory", "parallel", "threads", "dtype", "only_on", "vllm"}
     if unknown:
         raise InputError(f"technique '{name}': unknown setting(s) {sorted(unknown)}")
     section = params["generate"]
@@ -50,32 +52,70 @@ def resolve(params: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def pick_device(setting: str = "auto") -> str:
+    """`auto`: CUDA when there is a GPU, else the CPU. A named CUDA device that is not there is an error, never a
+    silent CPU run (an 8B model on a CPU takes hours)."""
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        index = int(setting.split(":")[1]) if ":" in setting else 0
+        if not torch.cuda.is_available():
+            raise InputError(f"base.device is '{setting}' but torch sees no CUDA GPU (torch {torch.__version__}; is it the CPU build?)")
+        if index >= torch.cuda.device_count():
+            raise InputError(f"base.device is '{setting}' but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif setting != "cpu":
+        raise InputError(f"base.device must be auto, cpu, cuda or cuda:N, got '{setting}'")
     return setting
 
 
 def model_path(name: str) -> Path:
+    """The folder a model loads from: its converted copy in data/models, or the pinned hub snapshot in the hub cache."""
     path = MODELS / name
-    if not (path / "config.json").exists():
-        raise InputError(f"{path}: model not converted; run `dvc repro models`")
-    return path
+    if (path / "config.json").exists():
+        return path
+    source = path / "source.json"
+    if source.exists():
+        info = json.loads(source.read_text())
+        if info.get("revision") and "id" in info and not info.get("random"):
+            from huggingface_hub import snapshot_download
+
+            from models import HUB_FILES
+
+            try:  # the pinned commit is already in the hub cache: no network
+                return Path(snapshot_download(info["id"], revision=info["revision"], allow_patterns=HUB_FILES, local_files_only=True))
+            except Exception:
+                return Path(snapshot_download(info["id"], revision=info["revision"], allow_patterns=HUB_FILES))
+    raise InputError(f"{path}: model not converted; run `dvc repro models`")
+
+
+def model_source(name: str) -> dict[str, Any]:
+    """data/models/<name>/source.json: where the weights came from (hub commit, GGUF sha256, random seed)."""
+    path = MODELS / name / "source.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def check_hardware(cfg: dict[str, Any], device: str) -> None:
     """Raise Skip with the reason when this machine cannot run the technique as named."""
+    import tp
+
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if cfg.get("only_on") and cfg["only_on"] != kind:
+        raise Skip(f"only_on: {cfg['only_on']} (a recipe for that device, e.g. a kernel layout it alone has); this run is on {kind}")
     if cfg.get("device_map") and gpus < 2:
         raise Skip(f"device_map={cfg['device_map']!r} splits layers across GPUs; this machine has {gpus} GPU(s)")
     if cfg["backend"] == "vllm" and not gpus:
         raise Skip("vLLM needs a CUDA GPU; this machine has none")
-    size = int((cfg.get("parallel") or {}).get("tp_size", 1))
-    if size > 1:  # tensor parallel shards attention heads: they must divide evenly
-        config = json.loads((model_path(cfg["model_name"]) / "config.json").read_text())
-        config = config.get("text_config", config)
-        for key in ("num_attention_heads", "num_key_value_heads"):
-            if config.get(key) and config[key] % size:
-                raise Skip(f"tensor parallel: {cfg['model_name']} has {key}={config[key]}, which tp_size={size} does not divide")
+    if not cfg.get("parallel"):
+        return
+    size = tp.tp_size(cfg)
+    config = json.loads((model_path(cfg["model_name"]) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = {k: config[k] for k in ("num_attention_heads", "num_key_value_heads") if config.get(k)}
+    if size < 2:  # tensor parallel shards attention heads over ranks: it needs two and both head counts divisible
+        raise Skip(f"tensor parallel: no tp_size >= 2 divides {cfg['model_name']}'s heads {heads} within this machine's {gpus} GPU(s)")
+    for key, n in heads.items():
+        if n % size:
+            raise Skip(f"tensor parallel: {cfg['model_name']} has {key}={n}, which tp_size={size} does not divide")
 
 
 def apply_prune(model: Any, **spec: Any) -> Any:
@@ -99,9 +139,11 @@ def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     if cfg.get("quantize"):
         from compress import quantization_config
 
-        kwargs.update(quantization_config(cfg["quantize"], device))
+        kwargs.update(quantization_config(cfg["quantize"], device, cfg["dtype"]))
     if cfg.get("device_map"):
         kwargs["device_map"] = cfg["device_map"]
+        if cfg.get("max_memory"):
+            kwargs["max_memory"] = cfg["max_memory"]
     if cfg.get("parallel"):
         import tp  # starts the process group inside a torchrun rank
 
@@ -135,4 +177,5 @@ def build_model(cfg: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, A
     tokenizer.padding_side = "left"  # decoder-only batches must pad on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, {"path": str(path), "load_s": time.perf_counter() - start}
+    return model, tokenizer, {"path": str(path), "load_s": time.perf_counter() - start,
+                              "random_weights": bool(model_source(cfg["model_name"]).get("random"))}

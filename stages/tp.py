@@ -13,6 +13,7 @@ tp_size must equal nnodes x processes per node.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,34 @@ MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "weight_mb"
 
 
 def tp_size(cfg: dict[str, Any]) -> int:
-    return int((cfg.get("parallel") or {}).get("tp_size", 1))
+    """The technique's tensor parallel size; `auto` must have been settled first (settle_size)."""
+    size = (cfg.get("parallel") or {}).get("tp_size", 1)
+    if size == "auto":
+        raise InputError("parallel.tp_size 'auto' is settled by tp.settle_size before use")
+    return int(size)
+
+
+def choose_size(heads: int, kv_heads: int, gpus: int, device: str) -> int:
+    """A tp_size that divides both head counts: on CUDA the largest that the GPUs allow (1 if none does), on a CPU
+    the smallest above 1 (gloo ranks on a CPU show correctness, not speed, so fewer processes is better)."""
+    common = math.gcd(heads, kv_heads or heads)
+    divisors = [d for d in range(2, common + 1) if common % d == 0]
+    if device.startswith("cuda"):
+        return max((d for d in divisors if d <= gpus), default=1)
+    return min(divisors, default=1)
+
+
+def settle_size(cfg: dict[str, Any], device: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """cfg with `parallel.tp_size: auto` replaced by choose_size() for this model and machine (recorded as chosen)."""
+    parallel = cfg.get("parallel") or {}
+    if parallel.get("tp_size") != "auto":
+        return cfg
+    import torch
+
+    text = model_config.get("text_config", model_config)
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    size = choose_size(text["num_attention_heads"], text.get("num_key_value_heads") or text["num_attention_heads"], gpus, device)
+    return {**cfg, "parallel": {**parallel, "tp_size": size, "tp_size_setting": "auto"}}
 
 
 def under_torchrun() -> bool:

@@ -5,6 +5,7 @@ The generate loop wraps its calls in these; nothing here knows about techniques.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,7 +100,9 @@ class MemoryTracker:
     """Peak memory of the `track()` blocks: CUDA allocator peaks on GPU, peak RSS of the process on CPU.
 
     Peaks are reset when a block starts, so a run never inherits an earlier run's peak (the seed's
-    10,868 MB on every row came from never resetting). Across several blocks the maximum is kept.
+    10,868 MB on every row came from never resetting). Across several blocks the maximum is kept. On a model
+    split over several GPUs (device_map) the peaks are summed over every visible device, not cuda:0 alone.
+    `rss_reset` says whether the kernel accepted the RSS reset (else the RSS peak covers the whole process).
     """
 
     def __init__(self, device: str = "cpu") -> None:
@@ -110,15 +113,17 @@ class MemoryTracker:
     @contextmanager
     def track(self) -> Iterator[None]:
         cuda = self.device.startswith("cuda")
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        devices = range(torch.cuda.device_count()) if cuda else range(0)
+        for d in devices:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
         self.rss_reset = reset_peak_rss() and self.rss_reset
         yield
         if cuda:
-            torch.cuda.synchronize()
-            alloc = torch.cuda.max_memory_allocated() / 2**20
-            reserved = torch.cuda.max_memory_reserved() / 2**20
+            for d in devices:
+                torch.cuda.synchronize(d)
+            alloc = sum(torch.cuda.max_memory_allocated(d) for d in devices) / 2**20
+            reserved = sum(torch.cuda.max_memory_reserved(d) for d in devices) / 2**20
             self.memory.max_allocated_mb = max(self.memory.max_allocated_mb or 0.0, alloc)
             self.memory.max_reserved_mb = max(self.memory.max_reserved_mb or 0.0, reserved)
         rss = _rss_hwm_mb()
@@ -127,6 +132,81 @@ class MemoryTracker:
 
     def get_memory(self) -> Memory:
         return self.memory
+
+
+def nvml_handles() -> list[Any]:
+    """NVML handles of the GPUs this process sees, matched by PCI bus id (CUDA and NVML may number GPUs differently),
+    or by index when the ids do not resolve and the counts agree; [] without NVML."""
+    if not torch.cuda.is_available():
+        return []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no pynvml, or no driver library
+        return []
+    handles = []
+    for d in range(torch.cuda.device_count()):
+        try:
+            handles.append(pynvml.nvmlDeviceGetHandleByPciBusId(_pci_bus_id(d)))
+        except Exception:
+            break
+    else:
+        return handles
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and pynvml.nvmlDeviceGetCount() == torch.cuda.device_count():
+        return [pynvml.nvmlDeviceGetHandleByIndex(d) for d in range(torch.cuda.device_count())]
+    return []
+
+
+def _pci_bus_id(device: int) -> str:
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+
+
+class EnergyTracker:
+    """GPU energy of the `track()` blocks from NVML's total-energy counter (mJ, Volta and later), summed over GPUs.
+
+    Where NVML or the counter is missing (every CPU run) `joules` stays None and `reason` says why: a number
+    this harness cannot measure is n/a, never a guess.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.joules: float | None = None
+        self.reason = "n/a: CPU run (NVML measures GPUs only)"
+        self.handles = nvml_handles() if device.startswith("cuda") else []
+        if device.startswith("cuda") and not self.handles:
+            self.reason = "n/a: NVML not available (pip install nvidia-ml-py)"
+
+    def _read(self) -> float | None:
+        import pynvml
+
+        try:
+            return sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles) / 1000.0
+        except pynvml.NVMLError as e:
+            self.reason = f"n/a: NVML energy counter unsupported ({e})"
+            return None
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        start = self._read() if self.handles else None
+        yield
+        if start is not None:
+            torch.cuda.synchronize()
+            end = self._read()
+            if end is not None:
+                self.joules = (self.joules or 0.0) + end - start
+                self.reason = "NVML total energy counter, all visible GPUs"
+
+
+def device_used_mb() -> float | None:
+    """Memory in use on the visible GPUs as the driver sees it (NVML), every process included: the only honest
+    reading for an engine that runs in another process (vLLM), and a device-wide one."""
+    handles = nvml_handles()
+    if not handles:
+        return None
+    import pynvml
+
+    return sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles) / 2**20
 
 
 class TokenTimer(LogitsProcessor):
