@@ -61,6 +61,8 @@ def pass_params(params: dict[str, Any], common: dict[str, Any], spec: dict[str, 
         if unknown:
             raise SystemExit(f"error: gpu-check: unknown technique(s) {unknown}")
         out["techniques"] = {name: out["techniques"][name] for name in wanted}
+        if out.get("technique") not in out["techniques"]:  # the report focuses on a technique the pass runs
+            out["technique"] = wanted[0]
     source = Path(out["prepare"]["source"])
     if not source.is_absolute() and not str(source).startswith("hub:"):
         out["prepare"]["source"] = str(ROOT / source)
