@@ -119,7 +119,8 @@ def vllm_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tupl
             ttft = m.first_token_time - m.arrival_time if m is not None and getattr(m, "first_token_time", None) else None
             n = len(comp.token_ids)
             tpot = (latency - ttft) / (n - 1) if ttft is not None and n > 1 else None
-            gens.append(Generation(clean_headline(comp.text), comp.text, len(out.prompt_token_ids), n, latency, ttft, tpot))
+            gens.append(Generation(clean_headline(comp.text), comp.text, len(out.prompt_token_ids), n, latency, ttft, tpot,
+                                   token_ids=list(comp.token_ids)))
         return gens
 
     return generate_fn, tokenizer, info
