@@ -9,13 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from common import GENERATIONS, METRICS, TECHNIQUE_METRICS, fail, load_params, log, read_json, read_jsonl, setup_logging, write_json
-from stats import ELIGIBLE_DEF, Row, apply_verdicts, bootstrap_means, clean, excluded, finite, headline, interval, paired_ratio, pareto_front, \
-    recommend, usd_per_million
+from stats import (
+    ELIGIBLE_DEF,
+    Row,
+    apply_verdicts,
+    bootstrap_means,
+    clean,
+    excluded,
+    finite,
+    headline,
+    interval,
+    paired_ratio,
+    pareto_front,
+    recommend,
+    usd_per_million,
+)
 
 REPORT, SUMMARY, FOCUS, PLOTS = METRICS / "report.md", METRICS / "summary.json", METRICS / "focus.json", METRICS / "plots"
 FOCUS_KEYS = ("latency_s_p50", "latency_s_mean", "latency_s_p99", "latency_s_max", "s_per_token", "ttft_s_p50", "tokens_per_s", "samples_per_s", "peak_memory_mb",
               "weight_mb", "rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_delta", "fidelity")
-SEED_COLS = ["Technique", "Avg Latency (s)", "P99 Latency (s) [max below 100 samples]", "Throughput (samples/s)", "Max Memory (MB)", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
+SEED_COLS = ["Technique", "Avg Latency (s)", "P99 Latency (s)", "Throughput (samples/s)", "Max Memory (MB)", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
 MORE_COLS = ["Technique", "P50 (s)", "P90 (s)", "TTFT p50 (s)", "TPOT p50 (s)", "ms/token", "Tokens/s", "USD / M headlines", "Weights (MB)",
              "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [{:.0%} CI], state", "Fidelity", "Extras"]
 SPEED_REFERENCE = "kv_cache"  # latency comparisons are paired per row against it
@@ -94,7 +107,7 @@ def results_tables(rows: list[Row], confidence: float, usd_per_hour: float | Non
                         f"ΔROUGE-L: see Quality verdicts. Fidelity: headlines identical to the reference technique's, k/n."])
 
 
-def verdicts(rows: list[Row], family: list[str], confidence: float) -> str:
+def verdicts(rows: list[Row], family: list[str], confidence: float, n_samples: int, seed: int) -> str:
     """One line per technique: its state and the numbers behind it."""
     body = []
     for r in rows:
@@ -117,7 +130,7 @@ def verdicts(rows: list[Row], family: list[str], confidence: float) -> str:
         f"{confidence:.0%} interval of ΔROUGE-L is above -margin (margin = {margin if margin is not None else '?'} x baseline ROUGE-L "
         f"{f(base.get('rougeL'), '.4f')}, the MLPerf \"99% of the reference\" rule); **worse** when the interval lies below 0; else "
         "**inconclusive at this n**, with the rows that would decide it at the observed per-row sd (normal approximation). Intervals are "
-        f"paired percentile bootstraps ({base.get('bootstrap_samples', '?')} resamples, seed {base.get('seed', '?')}); the states use bootstrap "
+        f"paired percentile bootstraps ({n_samples} resamples, score.seed {seed}); the states use bootstrap "
         f"p-values with Holm's correction over the {len(family)} comparison(s) tested.",
         table(header, body) if body else "No technique besides baseline has a paired difference."])
 
@@ -184,20 +197,22 @@ def tie_test(generations: dict[str, list[Row]], n_samples: int, confidence: floa
     return tied
 
 
+def ratio_text(r: Row, key: str) -> str:
+    if finite(r.get(key)):
+        return f"{r[key]:.2f}× [{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]"
+    return "(reference)" if r["technique"] == SPEED_REFERENCE else "—"
+
+
 def latency_table(rows: list[Row], confidence: float) -> str:
     body = []
     for r in rows:
         if r.get("skipped"):
             continue
-
-        def ratio(key: str) -> str:
-            return (f"{r[key]:.2f}× [{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]" if finite(r.get(key)) else
-                    "(reference)" if r["technique"] == SPEED_REFERENCE else "—")
         mean = f"{f(r.get('latency_s_mean'))} [{f(r.get('latency_s_mean_low'))}, {f(r.get('latency_s_mean_high'))}]"
         passes = r.get("repeats") or 1
         spread = f"{r['tokens_per_s_spread']:.1%}" if finite(r.get("tokens_per_s_spread")) else "n/a (1 pass)"
         body.append([r["technique"], r.get("latency_count", "—"), passes, mean, f(r.get("latency_s_p50")), tail(r), spread,
-                     ratio("latency_ratio_vs_kv_cache"), ratio("s_per_token_ratio_vs_kv_cache")])
+                     ratio_text(r, "latency_ratio_vs_kv_cache"), ratio_text(r, "s_per_token_ratio_vs_kv_cache")])
     header = ["Technique", "n samples", "Passes", f"Mean latency (s) [{confidence:.0%} CI]", "P50 (s)", "P99 / max (s)", "Run-to-run spread of tokens/s",
               f"Latency vs {SPEED_REFERENCE} [{confidence:.0%} CI]", f"ms/token vs {SPEED_REFERENCE} [{confidence:.0%} CI]"]
     return "\n\n".join([table(header, body),
@@ -296,7 +311,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
     sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Quality verdicts", verdicts(rows, family, confidence), "## Latency", latency_table(rows, confidence),
+                 "## Quality verdicts", verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
                  "## Recommendations", recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
                  "![Peak memory](plots/memory.png)", "![Latency CDF](plots/latency_cdf.png)"]

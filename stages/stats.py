@@ -94,7 +94,9 @@ def paired_test(a: list[float], b: list[float], margin: float, n_samples: int, c
         return {"delta": None, "low": None, "high": None, "p_value": None, "p_noninferior": None, "sd": None, "rows": 0}
     dist = bootstrap_means(d, n_samples, seed)[:, 0]
     lo, hi = interval(dist, confidence)
-    tail = (lambda k: (int(k) + 1) / (n_samples + 1))
+
+    def tail(k: Any) -> float:
+        return (int(k) + 1) / (n_samples + 1)
     p = min(1.0, 2 * min(tail((dist <= 0).sum()), tail((dist >= 0).sum())))
     return {"delta": float(d.mean()), "low": lo, "high": hi, "p_value": p, "p_noninferior": tail((dist <= -margin).sum()),
             "sd": float(d.std(ddof=1)) if n > 1 else 0.0, "rows": n}

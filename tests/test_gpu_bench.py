@@ -65,13 +65,24 @@ def test_gpu_only_techniques_are_skipped_with_a_reason(run: tuple[dict, str]) ->
         assert set(report["techniques"][name]) == {"skipped"} and report["techniques"][name]["skipped"]
 
 
-def test_roofline_share_matches_formula(run: tuple[dict, str]) -> None:
+def tiny_param_bytes() -> int:
+    """fp32 bytes of the tiny config's parameters, counted by hand from its shapes (tied embedding counted once)."""
+    c = yaml.safe_load(gpu_bench.CONFIGS.read_text())["tiny"]
+    h, inter, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    attn = h * c["num_attention_heads"] * hd * 2 + h * c["num_key_value_heads"] * hd * 2  # q, o; k, v
+    layer = attn + 3 * h * inter + 2 * h  # gate, up, down; two RMSNorms
+    return 4 * (c["vocab_size"] * h + c["num_hidden_layers"] * layer + h)  # + final norm
+
+
+def test_roofline_share_uses_the_bytes_the_model_holds(run: tuple[dict, str]) -> None:
+    """Bytes from the config's shapes, not from the JSON: a wrong byte count or a wrong bandwidth fails here."""
     report, _ = run
     assert report["bandwidth_bytes_per_s"] == BANDWIDTH_GBS * 1e9
+    expected_bytes = tiny_param_bytes()
     for row in timed_rows(report):
+        assert row["weight_bytes"] == pytest.approx(expected_bytes, rel=1e-3)  # rotary buffers are the only extra bytes
         if row["batch_size"] == 1:
-            expected = row["decode_tokens_per_s_p50"] * row["weight_bytes"] / (BANDWIDTH_GBS * 1e9)
-            assert row["roofline_share"] == pytest.approx(expected)
+            assert row["roofline_share"] == pytest.approx(row["decode_tokens_per_s_p50"] * expected_bytes / 20e9, rel=1e-3)
         else:
             assert "roofline_share" not in row
 
