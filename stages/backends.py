@@ -25,7 +25,11 @@ class Generation:
     latency_s: float
     ttft_s: float | None
     tpot_s: float | None
-    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included: lossless checks compare these
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included, padding not
+    margins: list[float] | None = None  # per generated token: relative top-2 logit margin (trackers.TokenTimer)
+    draft_proposed: int | None = None  # assisted decoding: draft tokens proposed / accepted for this row
+    draft_accepted: int | None = None
+    latency_s_passes: list[float] | None = None  # with generate.repeats > 1: this row's latency in each timed pass
 
 
 def count_new_tokens(new_ids: torch.Tensor, pad_id: int | None, eos_ids: set[int]) -> int:
@@ -68,7 +72,8 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
     """
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     # input_ids: [B, S]
-    timer, latency = TokenTimer(device), LatencyTracker(device)
+    vocab = getattr(model.get_output_embeddings(), "out_features", None)  # logits width (quantized heads keep it)
+    timer, latency = TokenTimer(device, vocab), LatencyTracker(device)
     timer.reset()
     with latency.track(), torch.inference_mode():
         out = model.generate(
@@ -79,14 +84,16 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
     new = out[:, inputs["input_ids"].shape[1] :]
     eos = set(gen_kwargs.get("eos_token_id") or eos_ids(model))
     results = []
-    for row, mask in zip(new, inputs["attention_mask"]):
+    start = inputs["input_ids"].shape[1]
+    for b, (row, mask) in enumerate(zip(new, inputs["attention_mask"])):
         n = count_new_tokens(row, tokenizer.pad_token_id, eos)
         ids = row[:n].tolist()
         # a random-weight model keeps its architecture's vocabulary (e.g. Llama's 128,256) while borrowing a smaller
         # tokenizer: ids the tokenizer lacks are left out of the text (the token ids keep them)
         raw = tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
         ttft, tpot = (timer.ttft(), timer.tpot()) if per_token else (None, None)
-        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot, ids))
+        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot,
+                                  token_ids=row[:n].tolist(), margins=timer.margins(b, start, n)))
     return results
 
 
@@ -124,5 +131,5 @@ def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: s
         raw = llm.detokenize([t for t in ids if not llama_vocab_is_eog(vocab, t)]).decode("utf-8", "ignore")
         tpot = (stamps[-1] - stamps[0]) / (len(ids) - 1) if len(ids) > 1 else None
         ttft = stamps[0] - start if stamps else None
-        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot, ids))
+        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot, token_ids=list(ids)))
     return results

@@ -135,8 +135,12 @@ def sparsity(model: nn.Module, include_lm_head: bool = False) -> dict[str, Any]:
     """Share of exactly-zero weights, per prunable dense Linear layer and over all of them.
 
     Returns:
-        sparsity_overall (zeros / weights over the prunable layers), sparsity_per_layer {name: share}.
+        sparsity_overall (zeros / weights over the prunable layers), sparsity_per_layer {name: share},
+        sparsity_all_params (zeros / every parameter of the model, embeddings and norms included: what a
+        sparse format could save on the whole model), sparsity_layers (which layers the first covers).
     """
+    dense = [p for p in model.parameters() if not _is_quantized(p)]
+    all_zeros, all_total = sum(int((p == 0).sum()) for p in dense), sum(p.numel() for p in dense)
     zeros = total = 0
     per_layer = {}
     for name, module in prunable(model, include_lm_head):
@@ -146,7 +150,9 @@ def sparsity(model: nn.Module, include_lm_head: bool = False) -> dict[str, Any]:
         z = int((w == 0).sum())
         zeros, total = zeros + z, total + w.numel()
         per_layer[name] = round(z / w.numel(), 6)
-    return {"sparsity_overall": zeros / total if total else 0.0, "sparsity_per_layer": per_layer}
+    return {"sparsity_overall": zeros / total if total else 0.0, "sparsity_per_layer": per_layer,
+            "sparsity_all_params": all_zeros / all_total if all_total else 0.0,
+            "sparsity_layers": f"{len(per_layer)} Linear layers" + ("" if include_lm_head else " (lm_head excluded)")}
 
 
 def mask_2of4(weight: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,9 @@ def vllm_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tupl
         for out in outs:
             comp = out.outputs[0]
             n = len(comp.token_ids)
-            tpot = (latency - ttft) / (n - 1) if n > 1 else None
-            gens.append(Generation(clean_headline(comp.text), comp.text, len(out.prompt_token_ids), n, latency, ttft, tpot, list(comp.token_ids)))
+            tpot = (latency - ttft) / (n - 1) if ttft is not None and n > 1 else None
+            gens.append(Generation(clean_headline(comp.text), comp.text, len(out.prompt_token_ids), n, latency, ttft, tpot,
+                                   token_ids=list(comp.token_ids)))
         return gens
 
     return generate_fn, tokenizer, info

@@ -51,7 +51,8 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str) -> tuple[list[Generation], dict[str, Any]]:
+def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str,
+        after_warmup: Callable[[], None] = lambda: None) -> tuple[list[Generation], dict[str, Any]]:
     """Warm up, then generate every prompt once, timing each batch; return generations and perf numbers.
 
     Args:
@@ -60,6 +61,7 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         batch_size: prompts per call.
         warmup_runs: untimed calls on the first batch (compile, allocator and cache warm-up).
         device: "cpu" or "cuda", for the memory tracker.
+        after_warmup: called once the warm-up calls are done (resets counters that must cover timed rows only).
     """
     groups = batches(prompts, batch_size)
     warmup_s = []
@@ -67,6 +69,7 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         start = time.perf_counter()
         generate_fn(groups[0])
         warmup_s.append(time.perf_counter() - start)
+    after_warmup()
     memory, energy = MemoryTracker(device), EnergyTracker(device)
     gens: list[Generation] = []
     graphs = dynamo_graphs()
@@ -87,7 +90,6 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         "new_tokens_mean": new_tokens / len(gens),
         "wall_s": wall,
         "warmup_s": warmup_s,
-        "rss_reset": memory.rss_reset,
         "graphs_compiled_before_timing": graphs,
         "recompiles_in_timed_run": dynamo_graphs() - graphs,  # > 0: shapes changed and the timed run paid for compiling
         "energy_j": energy.joules,
@@ -95,8 +97,62 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         "energy_j_per_headline": energy.joules / len(gens) if energy.joules is not None else None,
         "energy_j_per_token": energy.joules / new_tokens if energy.joules is not None and new_tokens else None,
         **{k: v for k, v in asdict(memory.get_memory()).items() if v is not None and k != "unit"},
+        "rss_reset": memory.rss_reset,  # False: VmHWM could not be reset, so peak_rss_mb may be an earlier peak
     }
     return gens, perf
+
+
+def spread(values: list[float]) -> float | None:
+    """Run-to-run spread of per-pass numbers: (max - min) / mean; None with fewer than two passes."""
+    return (max(values) - min(values)) / (sum(values) / len(values)) if len(values) > 1 and sum(values) else None
+
+
+def run_repeats(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str, repeats: int,
+                after_warmup: Callable[[], None] = lambda: None) -> tuple[list[Generation], dict[str, Any]]:
+    """`repeats` timed passes over all prompts in this process (warm-up before the first only).
+
+    The first pass's generations are kept (greedy passes give the same text); each row's latency becomes
+    its mean over the passes (every pass's value kept in latency_s_passes), and the latency percentiles
+    cover every row of every pass. perf.json gets each pass's numbers and their run-to-run spread.
+    """
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the order techniques ran in, across processes
+    passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup)]
+    passes += [run(generate_fn, prompts, batch_size, 0, device) for _ in range(repeats - 1)]
+    gens, perf = passes[0]
+    if repeats == 1:
+        return gens, perf | {"repeats": 1, "started_at": started, "passes": [pass_numbers(perf)]}
+    every = [g for pass_gens, _ in passes for g in pass_gens]
+    for i, g in enumerate(gens):
+        g.latency_s_passes = [pass_gens[i].latency_s for pass_gens, _ in passes]
+        g.latency_s = sum(g.latency_s_passes) / repeats
+        times = [(p[i].ttft_s, p[i].tpot_s) for p, _ in passes]
+        g.ttft_s = sum(t for t, _ in times) / repeats if all(t is not None for t, _ in times) else None
+        g.tpot_s = sum(t for _, t in times) / repeats if all(t is not None for _, t in times) else None
+    busy = sum(len(p_gens) / p["samples_per_s"] for p_gens, p in passes)
+    merged = {
+        **Latency.from_values([g.latency_s for g in every]).to_dict("latency"),
+        **Latency.from_values([g.ttft_s for g in every if g.ttft_s is not None]).to_dict("ttft"),
+        **Latency.from_values([g.tpot_s for g in every if g.tpot_s is not None]).to_dict("tpot"),
+        "samples_per_s": len(every) / busy,
+        "tokens_per_s": sum(g.new_tokens for g in every) / busy,
+        "wall_s": sum(p["wall_s"] for _, p in passes),
+        "rss_reset": all(p["rss_reset"] for _, p in passes),
+    }
+    for key in ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb"):
+        if key in perf:
+            merged[key] = max(p[key] for _, p in passes)
+    numbers = [pass_numbers(p) for _, p in passes]
+    return gens, perf | merged | {
+        "repeats": repeats, "started_at": started, "passes": numbers,
+        "tokens_per_s_spread": spread([n["tokens_per_s"] for n in numbers]),
+        "latency_s_mean_spread": spread([n["latency_s_mean"] for n in numbers]),
+    }
+
+
+def pass_numbers(perf: dict[str, Any]) -> dict[str, Any]:
+    """One timed pass's headline numbers, for the run-to-run spread."""
+    keys = ("latency_s_mean", "latency_s_p50", "latency_s_max", "tokens_per_s", "samples_per_s", "wall_s")
+    return {k: perf[k] for k in keys if k in perf}
 
 
 def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -176,10 +232,12 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
         gen_kwargs["assistant_model"] = draft
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
+            info["universal_assisted"] = True
         info["draft_weight_mb"] = weight_bytes(draft) / 2**20
     assisted = bool(cfg.get("speculative") or gen_kwargs.get("prompt_lookup_num_tokens"))
     if assisted:
         acceptance.attach(model)
+    info["after_warmup"] = acceptance.reset  # acceptance over the timed rows only
     info["after_run"] = lambda: {"acceptance_rate": acceptance.rate(), "draft_tokens_proposed": acceptance.proposed,
                                  "draft_tokens_accepted": acceptance.accepted} if acceptance.attached else {}
     info["dtype"] = str(getattr(model, "dtype", cfg["dtype"])).replace("torch.", "")
@@ -187,7 +245,11 @@ def hf_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[
     info["max_input_tokens"] = min(params["generate"]["max_input_tokens"], context - cfg["generate"]["max_new_tokens"])
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
-        return hf_generate(model, tokenizer, prompts, device, per_token=not assisted, **gen_kwargs)
+        before = (acceptance.proposed, acceptance.accepted)
+        gens = hf_generate(model, tokenizer, prompts, device, per_token=not assisted, **gen_kwargs)
+        if acceptance.attached and len(gens) == 1:  # assisted decoding runs one row per call
+            gens[0].draft_proposed, gens[0].draft_accepted = acceptance.proposed - before[0], acceptance.accepted - before[1]
+        return gens
 
     return generate_fn, tokenizer, info
 
@@ -245,11 +307,11 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     if not prompts:
         raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
-    after_run = info.pop("after_run", dict)
+    after_run, after_warmup = info.pop("after_run", dict), info.pop("after_warmup", lambda: None)
     warmup = params["generate"]["warmup_runs"]
     if cfg.get("compile") and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
-    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], warmup, device)
+    gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)), after_warmup)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
         for key in ("max_allocated_mb", "max_reserved_mb", "peak_rss_mb"):
             numbers.pop(key, None)

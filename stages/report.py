@@ -9,15 +9,29 @@ from pathlib import Path
 from typing import Any
 
 from common import GENERATIONS, METRICS, TECHNIQUE_METRICS, fail, load_params, log, read_json, read_jsonl, setup_logging, write_json
-from stats import NOT_WORSE_DEF, Row, clean, finite, headline, pareto_front, recommend, verdict
+from stats import (
+    ELIGIBLE_DEF,
+    Row,
+    apply_verdicts,
+    bootstrap_means,
+    clean,
+    excluded,
+    finite,
+    headline,
+    interval,
+    paired_ratio,
+    pareto_front,
+    recommend,
+    usd_per_million,
+)
 
 REPORT, SUMMARY, FOCUS, PLOTS = METRICS / "report.md", METRICS / "summary.json", METRICS / "focus.json", METRICS / "plots"
-FOCUS_KEYS = ("latency_s_p50", "latency_s_mean", "latency_s_p99", "ttft_s_p50", "tokens_per_s", "samples_per_s", "peak_memory_mb",
+FOCUS_KEYS = ("latency_s_p50", "latency_s_mean", "latency_s_p99", "latency_s_max", "s_per_token", "ttft_s_p50", "tokens_per_s", "samples_per_s", "peak_memory_mb",
               "weight_mb", "rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_delta", "fidelity")
 SEED_COLS = ["Technique", "Avg Latency (s)", "P99 Latency (s)", "Throughput (samples/s)", "Max Memory (MB)", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
-MORE_COLS = ["Technique", "P50 (s)", "P90 (s)", "TTFT p50 (s)", "TPOT p50 (s)", "Tokens/s", "Weights (MB)", "Memory vs baseline",
-             "ROUGE-L 95% CI", "ΔROUGE-L vs baseline [{:.0%} CI]", "Fidelity", "Extras"]
-VERDICT = {"same": "no significant difference", "worse": "significantly worse", "better": "significantly better"}
+MORE_COLS = ["Technique", "P50 (s)", "P90 (s)", "TTFT p50 (s)", "TPOT p50 (s)", "ms/token", "Tokens/s", "USD / M headlines", "Weights (MB)",
+             "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [{:.0%} CI], state", "Fidelity", "Extras"]
+SPEED_REFERENCE = "kv_cache"  # latency comparisons are paired per row against it
 
 
 def f(v: Any, spec: str = ".3f") -> str:
@@ -36,11 +50,19 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def delta(r: Row) -> str:
     if r["technique"] == "baseline":
         return "(baseline)"
-    if verdict(r) is None:
+    if not finite(r.get("rougeL_delta")):
         return "—"
     if r.get("baseline_identical") == 1:
-        return "0 (identical headlines)"
-    return f"{r['rougeL_delta']:+.4f} [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}] {VERDICT[verdict(r)]}"
+        return "0 (identical headlines): non-inferior"
+    return f"{r['rougeL_delta']:+.4f} [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}] {r.get('quality_state', '—')}"
+
+
+def tail(r: Row) -> str:
+    """P99 where there are at least 100 samples; below that the maximum, named as such (a P99 of 12 samples is not one)."""
+    n = r.get("latency_count")
+    if finite(n) and n < 100:
+        return f"max {f(r.get('latency_s_max'))} (n={n})"
+    return f"{f(r.get('latency_s_p99'))} (n={n})" if finite(n) else f(r.get("latency_s_p99"))
 
 
 def fidelity(r: Row) -> str:
@@ -51,34 +73,71 @@ def fidelity(r: Row) -> str:
 def extras(r: Row) -> str:
     parts = [f"acceptance {r['acceptance_rate']:.0%}" if finite(r.get("acceptance_rate")) else "",
              f"compile {r['compile_s']:.1f} s" if finite(r.get("compile_s")) else "",
-             f"sparsity {r['sparsity_overall']:.0%}" if finite(r.get("sparsity_overall")) else "",
              f"2:4 kernels {r['sparse_kernels']}" if str(r.get("sparse_kernels", "")).startswith(("skipped", "applied")) else "",
              f"{r['recompiles_in_timed_run']} recompiles in the timed run" if r.get("recompiles_in_timed_run") else "",
              f"compile mode {r['compile_mode']}" if r.get("compile_mode") else "",
              "draft " + ", ".join(f"{k}={v}" for k, v in r["speculative_used"].items()) if r.get("speculative_used") else "",
+             f"sparsity {r['sparsity_overall']:.0%} of {r.get('sparsity_layers') or 'pruned layers'}, {r['sparsity_all_params']:.0%} of all parameters"
+             if finite(r.get("sparsity_overall")) and finite(r.get("sparsity_all_params")) else "",
              f"draft {r['draft_weight_mb']:.0f} MB" if finite(r.get("draft_weight_mb")) else "", r.get("weight_format") or "",
              f"{r['tp_size']} ranks: weights and memory summed" if r.get("tp_size") else ""]
     return "; ".join(p for p in parts if p) or "—"
 
 
-def results_tables(rows: list[Row], confidence: float) -> str:
+def results_tables(rows: list[Row], confidence: float, usd_per_hour: float | None) -> str:
     seed, more = [], []
     for r in rows:
         if r.get("skipped"):
             seed.append([r["technique"], f"skipped: {r['skipped']}"] + ["—"] * 7)
-            more.append([r["technique"], "skipped"] + ["—"] * 10)
+            more.append([r["technique"], "skipped"] + ["—"] * (len(MORE_COLS) - 2))
             continue
         rouge = [r["quality"]] * 4 if r.get("quality") else [f(r.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
         memory = f(r.get("peak_memory_mb"), ".1f") if finite(r.get("peak_memory_mb")) else f"n/a ({r['memory_note']})" if r.get("memory_note") else "—"
-        seed.append([r["technique"], f(r.get("latency_s_mean")), f(r.get("latency_s_p99")), f(r.get("samples_per_s")), memory, *rouge])
+        seed.append([r["technique"], f(r.get("latency_s_mean")), tail(r), f(r.get("samples_per_s")), memory, *rouge])
         ci = f"[{r['rougeL_low']:.4f}, {r['rougeL_high']:.4f}]" if finite(r.get("rougeL_low")) else "—"
+        usd = usd_per_million(r.get("samples_per_s"), usd_per_hour)
         more.append([r["technique"], f(r.get("latency_s_p50")), f(r.get("latency_s_p90")), f(r.get("ttft_s_p50"), ".4f"), f(r.get("tpot_s_p50"), ".4f"),
-                     f(r.get("tokens_per_s"), ".1f"), f(r.get("weight_mb"), ".1f"), f(r.get("peak_memory_ratio"), ".2f") + "×", ci, delta(r), fidelity(r), extras(r)])
+                     f(1000 * r["s_per_token"] if finite(r.get("s_per_token")) else None, ".1f"), f(r.get("tokens_per_s"), ".1f"),
+                     f(usd, ",.2f") if usd is not None else "n/a", f(r.get("weight_mb"), ".1f"), f(r.get("peak_memory_ratio"), ".2f") + "×", ci, delta(r),
+                     fidelity(r), extras(r)])
     measures = sorted({r["memory_measure"] for r in rows if r.get("memory_measure")})
-    return "\n\n".join([table(SEED_COLS, seed), f"Max Memory is {' / '.join(measures) or 'n/a'} during the timed run (each technique runs in its own process).",
+    price = (f"USD / M headlines: report.usd_per_hour = {usd_per_hour} USD/h divided by the measured samples/s" if usd_per_hour is not None
+             else "USD / M headlines: n/a (set report.usd_per_hour, the machine's price per hour)")
+    return "\n\n".join([table(SEED_COLS, seed),
+                        f"Max Memory is {' / '.join(measures) or 'n/a'} during the timed run (each technique runs in its own process). "
+                        "ROUGE values are means of per-row F-measures over every row (a row set aside scores 0). Latency percentiles: "
+                        "numpy linear interpolation over n per-row samples (rows x timed passes); below 100 samples the P99 column shows the maximum.",
                         table([c.format(confidence) for c in MORE_COLS], more),
-                        f"ΔROUGE-L is the mean per-row difference to baseline on the same rows with a paired bootstrap {confidence:.0%} CI; "
-                        "'no significant difference' means the CI spans 0. Fidelity: headlines identical to the reference technique's, k/n."])
+                        f"ms/token: mean per-row latency / mean new tokens (prefill included), the length-fair speed measure. {price}. "
+                        f"ΔROUGE-L: see Quality verdicts. Fidelity: headlines identical to the reference technique's, k/n."])
+
+
+def verdicts(rows: list[Row], family: list[str], confidence: float, n_samples: int, seed: int) -> str:
+    """One line per technique: its state and the numbers behind it."""
+    body = []
+    for r in rows:
+        if r.get("skipped") or r["technique"] == "baseline" or not r.get("quality_state"):
+            continue
+        tested = r["technique"] in family
+        diff = f"{r['rougeL_delta']:+.4f} [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}]" if finite(r.get("rougeL_delta_low")) else "—"
+        body.append([r["technique"], r.get("rougeL_delta_rows", "—"), diff,
+                     f(r.get("noninferiority_margin"), ".4f"), f(r.get("rougeL_delta_p_holm"), ".4f") if tested else "—",
+                     f(r.get("rougeL_delta_p_noninferior_holm"), ".4f") if tested else "—",
+                     f"**{r['quality_state']}**" + (f" ({r['quality_note']})" if r.get("quality_note") else ""),
+                     r.get("rows_to_decide") or "—", r.get("quality_basis", "")])
+    base = next((r for r in rows if r["technique"] == "baseline"), {})
+    margin = base.get("margin_share")
+    header = ["Technique", "Rows", f"ΔROUGE-L [{confidence:.0%} CI]", "Margin", "p (Holm) vs 0", "p (Holm) non-inferiority", "State", "Rows to decide",
+              "Basis"]
+    return "\n\n".join([
+        f"Each comparison runs over the rows of data/prepared both techniques have records for ({base.get('rows', '?')} here); a row a technique "
+        "set aside (prompt too long, no prediction) or lacks scores 0 for it. States: **non-inferior** when the lower end of the paired "
+        f"{confidence:.0%} interval of ΔROUGE-L is above -margin (margin = {margin if margin is not None else '?'} x baseline ROUGE-L "
+        f"{f(base.get('rougeL'), '.4f')}, the MLPerf \"99% of the reference\" rule); **worse** when the interval lies below 0; else "
+        "**inconclusive at this n**, with the rows that would decide it at the observed per-row sd (normal approximation). Intervals are "
+        f"paired percentile bootstraps ({n_samples} resamples, score.seed {seed}); the states use bootstrap "
+        f"p-values with Holm's correction over the {len(family)} comparison(s) tested.",
+        table(header, body) if body else "No technique besides baseline has a paired difference."])
 
 
 def hardware(rows: list[Row]) -> str:
@@ -109,16 +168,90 @@ def random_note(rows: list[Row]) -> str | None:
 
 
 def lossless(rows: list[Row]) -> str:
-    diff = [r for r in rows if r.get("reference") and r["reference"] != r["technique"] and finite(r.get("fidelity")) and r["fidelity"] < 1]
-    checked = [r["technique"] for r in rows if r.get("reference") and r["reference"] != r["technique"] and finite(r.get("fidelity"))]
-    if not diff:
-        return f"Every technique checked against its reference ({', '.join(checked) or 'none'}) produced identical headlines."
-    out = []
-    for r in diff:
-        d = r.get("first_difference") or {}
-        out.append(f"- **{r['technique']}**: {r['compared'] - r['identical']}/{r['compared']} headlines differ from {r['fidelity_reference']}; "
-                   f"first on `{d.get('id')}`: \"{cell(d.get('prediction'))}\" vs \"{cell(d.get('reference_prediction'))}\"")
-    return "\n".join(out)
+    """Lossless techniques against their reference, by token ids: identical / near-tie / real difference."""
+    checked = [r for r in rows if r.get("reference") and r["reference"] != r["technique"] and not r.get("skipped") and r.get("token_check")]
+    if not checked:
+        return "No lossless technique ran here."
+    body, rules, notes = [], set(), []
+    for r in checked:
+        t = r["token_check"]
+        rules.add(t["rule"])
+        body.append([r["technique"], r["fidelity_reference"], t["compared"], t["identical"], t["near_tie"], t["real_difference"],
+                     t.get("unclassified", 0), f"{r['identical']}/{r['compared']}"])
+        real = [d for d in t.get("differing", []) if d["class"] == "real_difference"]
+        if real:
+            d = real[0]
+            margin = f"margin {d['margin']:.3g}" if finite(d.get("margin")) else "no margin recorded"
+            notes.append(f"- **{r['technique']}**: {len(real)} real difference(s); first on `{d['id']}` at token {d['step']} ({margin})")
+    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Identical headlines"]
+    return "\n\n".join([table(header, body), "Rule: " + "; ".join(sorted(rules)) + ". Unclassified: rows without token ids on one side "
+                        "(compared as strings).", *(["\n".join(notes)] if notes else [])])
+
+
+def per_row(generations: dict[str, list[Row]], name: str) -> dict[str, tuple[float, float]]:
+    """{row id: (latency_s, new_tokens)} of the rows a technique generated."""
+    return {g["id"]: (g["latency_s"], g["new_tokens"]) for g in generations.get(name, []) if g.get("prediction") is not None and finite(g.get("latency_s"))}
+
+
+def speed_comparisons(rows: list[Row], generations: dict[str, list[Row]], n_samples: int, confidence: float, seed: int) -> None:
+    """Add to each row its mean-latency interval and its paired ratios to kv_cache over the rows both generated:
+    mean latency (latency_ratio_vs_kv_cache) and time per generated token (s_per_token_ratio_vs_kv_cache)."""
+    ref = per_row(generations, SPEED_REFERENCE)
+    for r in rows:
+        mine = per_row(generations, r["technique"])
+        if r.get("skipped") or not mine:
+            continue
+        lat = [v[0] for v in mine.values()]
+        r["latency_s_mean_low"], r["latency_s_mean_high"] = interval(bootstrap_means(lat, n_samples, seed)[:, 0], confidence)
+        common = [i for i in mine if i in ref]
+        if not common or r["technique"] == SPEED_REFERENCE:
+            continue
+        a, b = [mine[i][0] for i in common], [ref[i][0] for i in common]
+        r["latency_ratio_vs_kv_cache"], r["latency_ratio_vs_kv_cache_low"], r["latency_ratio_vs_kv_cache_high"] = paired_ratio(a, b, n_samples, confidence, seed)
+        r["s_per_token_ratio_vs_kv_cache"], r["s_per_token_ratio_vs_kv_cache_low"], r["s_per_token_ratio_vs_kv_cache_high"] = paired_ratio(
+            a, b, n_samples, confidence, seed, [mine[i][1] for i in common], [ref[i][1] for i in common])
+        r["speed_rows"] = len(common)
+
+
+def tie_test(generations: dict[str, list[Row]], n_samples: int, confidence: float, seed: int) -> Any:
+    """tied(a, b): their time per token differs by less than noise: the paired interval of the ratio contains 1,
+    or the ratio is within either technique's run-to-run spread of tokens/s."""
+    def tied(a: Row, b: Row) -> bool:
+        x, y = per_row(generations, b["technique"]), per_row(generations, a["technique"])
+        common = [i for i in x if i in y]
+        spread = max((v for v in (a.get("tokens_per_s_spread"), b.get("tokens_per_s_spread")) if finite(v)), default=0.0)
+        if common:
+            ratio, lo, hi = paired_ratio([x[i][0] for i in common], [y[i][0] for i in common], n_samples, confidence, seed,
+                                         [x[i][1] for i in common], [y[i][1] for i in common])
+        else:
+            ratio = lo = hi = b["s_per_token"] / a["s_per_token"]
+        return bool(lo <= 1 <= hi or abs(ratio - 1) <= spread)
+    return tied
+
+
+def ratio_text(r: Row, key: str) -> str:
+    if finite(r.get(key)):
+        return f"{r[key]:.2f}× [{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]"
+    return "(reference)" if r["technique"] == SPEED_REFERENCE else "—"
+
+
+def latency_table(rows: list[Row], confidence: float) -> str:
+    body = []
+    for r in rows:
+        if r.get("skipped"):
+            continue
+        mean = f"{f(r.get('latency_s_mean'))} [{f(r.get('latency_s_mean_low'))}, {f(r.get('latency_s_mean_high'))}]"
+        passes = r.get("repeats") or 1
+        spread = f"{r['tokens_per_s_spread']:.1%}" if finite(r.get("tokens_per_s_spread")) else "n/a (1 pass)"
+        body.append([r["technique"], r.get("latency_count", "—"), passes, mean, f(r.get("latency_s_p50")), tail(r), spread,
+                     ratio_text(r, "latency_ratio_vs_kv_cache"), ratio_text(r, "s_per_token_ratio_vs_kv_cache")])
+    header = ["Technique", "n samples", "Passes", f"Mean latency (s) [{confidence:.0%} CI]", "P50 (s)", "P99 / max (s)", "Run-to-run spread of tokens/s",
+              f"Latency vs {SPEED_REFERENCE} [{confidence:.0%} CI]", f"ms/token vs {SPEED_REFERENCE} [{confidence:.0%} CI]"]
+    return "\n\n".join([table(header, body),
+                        f"Ratios are paired per row against {SPEED_REFERENCE} over the rows both generated (ratio of means, bootstrap interval over rows); "
+                        "the ms/token ratio divides each side's latency by its own generated tokens, so shorter headlines gain nothing. Spread: "
+                        "(max - min) / mean of the per-pass tokens/s (generate.repeats timed passes in the technique's own process). Techniques "
+                        "whose ms/token ratio interval contains 1, or whose difference is within that spread, are reported as tied."])
 
 
 def sample_headlines(generations: dict[str, list[Row]], focus: str, n: int) -> str:
@@ -143,10 +276,13 @@ def what_changed(rows: dict[str, Row], focus: str) -> str:
     return table(["Metric", "baseline", focus, "Change"], lines)
 
 
-def recommendations(recs: list[Row], confidence: float) -> str:
+def recommendations(recs: list[Row], rows: list[Row], confidence: float) -> str:
     picks = [f"- **{r['scenario']}: {r['choice'] or 'none'}** ({r['value']}). Rule: {r['rule']}." + (f" Note: {r['note']}." if r.get("note") else "")
              for r in recs]
-    return "\n".join([f"Eligible: ran here, and {NOT_WORSE_DEF.format(confidence)}. Skipped techniques are never chosen.", "", *picks])
+    out = excluded(rows)
+    not_eligible = ("Not eligible: " + "; ".join(out) + ".") if out else "Every technique that ran is eligible."
+    return "\n".join([f"Eligible: ran here, and {ELIGIBLE_DEF.format(confidence)}. Skipped techniques are never chosen.", "", *picks, "",
+                      not_eligible])
 
 
 def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows: list[Row]) -> str:
@@ -169,41 +305,56 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
 
 def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]], prepare: dict[str, Any],
            generations: dict[str, list[Row]], focus: str, sample_headlines_n: int, balanced_rougeL_within: float,
-           confidence: float) -> dict[str, Any]:
+           usd_per_hour: float | None = None) -> dict[str, Any]:
     """Build every report output from metrics already on disk and write them.
 
     Args:
         names: technique names in params.yaml order.
         perfs / scores: perf.json / score.json contents by technique.
         prepare: metrics/prepare.json.
-        generations: generation records by technique (latency CDF, sample headlines).
+        generations: generation records by technique (latency CDF, paired latency ratios, sample headlines).
         focus: params `technique`, the one focus.json and "What changed" describe.
         sample_headlines_n: example rows to show.
         balanced_rougeL_within: ROUGE-L tolerance of the balanced recommendation.
-        confidence: level of score's paired ΔROUGE-L interval (params score.confidence), for the labels.
+        usd_per_hour: the machine's price (report.usd_per_hour); None shows cost as n/a.
+
+    The interval level, bootstrap resamples and seed are score's (read from score.json), so the latency
+    intervals here use the same settings as the quality ones.
     """
     rows = [headline(n, perfs.get(n, {}), scores.get(n, {})) for n in names]
     by = {r["technique"]: r for r in rows}
+    scored = next((s for s in scores.values() if finite(s.get("confidence"))), {})
+    confidence, n_samples, seed = scored.get("confidence", 0.95), scored.get("bootstrap_samples", 10_000), scored.get("seed", 0)
     base_mem = by.get("baseline", {}).get("peak_memory_mb")
     for r in rows:
         if finite(r.get("peak_memory_mb")) and finite(base_mem) and base_mem:
             r["peak_memory_ratio"] = r["peak_memory_mb"] / base_mem
+        usd = usd_per_million(r.get("samples_per_s"), usd_per_hour)
+        if usd is not None:
+            r["usd_per_million_headlines"] = usd
+    family = apply_verdicts(rows, confidence)
+    speed_comparisons(rows, generations, n_samples, confidence, seed)
+    env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
-    recs = recommend(rows, balanced_rougeL_within)
+    recs = recommend(rows, balanced_rougeL_within, int(env.get("gpu_count") or 0), tie_test(generations, n_samples, confidence, seed))
     from charts import write_charts  # lazy: matplotlib is the heaviest import here
 
     write_charts(rows, generations, front, PLOTS)
     sections = [f"# Headline generation: inference techniques benchmark (focus: {focus})", environment(perfs, prepare, rows)]
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
-    sections += ["## Results", results_tables(rows, confidence), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Share of the hardware ceiling and energy", hardware(rows), "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
-                 "## Recommendations", random_note(rows) or recommendations(recs, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)", "![Peak memory](plots/memory.png)",
-                 "![Latency CDF](plots/latency_cdf.png)"]
+    sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
+                 "## Quality verdicts", verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
+                 "## Share of the hardware ceiling and energy", hardware(rows),
+                 "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
+                 "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
+                 "![Peak memory](plots/memory.png)", "![Latency CDF](plots/latency_cdf.png)"]
     REPORT.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
-    summary = {"focus": focus, "env": env, "prepare": prepare, "pareto_front": front, "recommendations": recs,
-               "techniques": {r["technique"]: {k: v for k, v in r.items() if k not in ("technique", "first_difference")} for r in rows}}
+    drop = ("technique", "first_difference", "token_check")
+    techniques = {r["technique"]: {k: v for k, v in r.items() if k not in drop}
+                  | ({"token_check": {k: v for k, v in r["token_check"].items() if k != "differing"}} if r.get("token_check") else {}) for r in rows}
+    summary = {"focus": focus, "env": env, "prepare": prepare, "confidence": confidence, "quality_comparisons": family, "pareto_front": front,
+               "recommendations": recs, "excluded": excluded(rows), "techniques": techniques}
     write_json(SUMMARY, clean(summary))
     t = by[focus]
     write_json(FOCUS, clean({"technique": focus, "skipped": t["skipped"]} if t.get("skipped") else {"technique": focus} | {k: t.get(k) for k in FOCUS_KEYS}))
@@ -226,7 +377,7 @@ def main() -> None:
     scores = {n: load(TECHNIQUE_METRICS / n / "score.json", n) for n in names}
     gens = {n: read_jsonl(GENERATIONS / f"{n}.jsonl") for n in names if (GENERATIONS / f"{n}.jsonl").exists()}
     report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, p["sample_headlines"], p["balanced_rougeL_within"],
-           params["score"]["confidence"])
+           p.get("usd_per_hour"))
 
 
 if __name__ == "__main__":

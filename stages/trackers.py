@@ -32,15 +32,16 @@ class Latency:
     p90: float
     p99: float
     stdev: float
+    max: float
     unit: str = "s"
 
     @staticmethod
     def from_values(values: list[float]) -> Latency:
         a = np.asarray(values, dtype=float)
         if a.size == 0:
-            return Latency(0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
-        p50, p90, p99 = np.percentile(a, [50, 90, 99])
-        return Latency(int(a.size), float(a.mean()), float(p50), float(p90), float(p99), float(a.std()))
+            return Latency(0, *[float("nan")] * 6)
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])  # numpy's default estimator: linear interpolation
+        return Latency(int(a.size), float(a.mean()), float(p50), float(p90), float(p99), float(a.std()), float(a.max()))
 
     def to_dict(self, prefix: str) -> dict[str, float]:
         d = asdict(self)
@@ -210,27 +211,52 @@ def device_used_mb() -> float | None:
 
 
 class TokenTimer(LogitsProcessor):
-    """Records one timestamp per decoding step without editing `generate` (optimum-benchmark's trick).
+    """Records one timestamp and the top-2 logit margin per decoding step without editing `generate`
+    (optimum-benchmark's trick).
 
     The processor runs after each forward pass, so the first stamp minus the start is the time to the
     first token (prefill) and the later gaps are per-token decode times. With assisted decoding several
     tokens land per step, so only end-to-end numbers are meaningful there.
+
+    Margins are kept by the position being predicted (input_ids' length), for every row of the batch, as
+    (top1 - top2) / max(1, |top1|): relative, so they compare with a dtype's machine epsilon. Assisted
+    decoding calls the processor once per candidate position and verifies again from the first rejected
+    one, so a later call for the same position overwrites the rejected branch's value. The draft model of
+    speculative decoding runs the same processors: with the target's vocabulary its positions are verified
+    (and overwritten) by the target afterwards; with another vocabulary `vocab_size` leaves its logits out.
     """
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", vocab_size: int | None = None) -> None:
         self.device = device
+        self.vocab_size = vocab_size  # margins only from logits of this width: a draft with another vocabulary calls us too
         self.start = 0.0
         self.stamps: list[float] = []
+        self.gaps: dict[int, torch.Tensor] = {}
+        self._on_host: dict[int, list[float]] | None = None
 
     def reset(self) -> None:
         synchronize(self.device)
         self.start = time.perf_counter()
         self.stamps = []
+        self.gaps = {}
+        self._on_host = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
+        if self.vocab_size is not None and scores.shape[-1] != self.vocab_size:
+            return scores
+        top = scores.detach().float().topk(2, dim=-1).values  # [B, 2]
+        self.gaps[input_ids.shape[1]] = (top[:, 0] - top[:, 1]) / top[:, 0].abs().clamp(min=1.0)  # [B]
         return scores
+
+    def margins(self, row: int, start: int, n: int) -> list[float] | None:
+        """Relative top-2 margins of one batch row for the n tokens predicted at positions start..start+n-1."""
+        if not all(start + i in self.gaps for i in range(n)):
+            return None
+        if self._on_host is None:  # one device-to-host copy per call, not one per value
+            self._on_host = {k: v.tolist() for k, v in self.gaps.items()}
+        return [float(f"{self._on_host[start + i][row]:.6g}") for i in range(n)]
 
     def ttft(self) -> float | None:
         return self.stamps[0] - self.start if self.stamps else None
@@ -253,6 +279,10 @@ class AcceptanceTracker:
         self.proposed = 0
         self.accepted = 0
         self.attached = False
+
+    def reset(self) -> None:
+        """Forget what was counted so far (the warm-up calls), so the rate covers the timed rows only."""
+        self.proposed = self.accepted = 0
 
     def attach(self, model: Any) -> None:
         build = getattr(model, "_get_candidate_generator", None)

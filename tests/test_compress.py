@@ -102,6 +102,10 @@ def test_prune_l1_reaches_amount_and_is_permanent() -> None:
     n = sum(o * i for o, i in linear_shapes(model))
     assert facts["sparsity_overall"] == pytest.approx(round(0.3 * n) / n, abs=1 / n)
     assert facts["sparsity_overall"] == sparsity(model)["sparsity_overall"]
+    everything = sum(t.numel() for t in model.parameters())  # embedding (tied lm_head once) and norms too
+    assert facts["sparsity_all_params"] == pytest.approx(round(0.3 * n) / everything, abs=2 / everything)
+    assert facts["sparsity_all_params"] < facts["sparsity_overall"]
+    assert facts["sparsity_layers"] == "14 Linear layers (lm_head excluded)"
     assert len(facts["sparsity_per_layer"]) == facts["pruned_layers"] == 14
     assert max(facts["sparsity_per_layer"].values()) > 0.3 > min(facts["sparsity_per_layer"].values())  # global, not per layer
     assert facts["lm_head_tied"] and not facts["lm_head_pruned"]

@@ -68,6 +68,23 @@ def test_llamacpp_is_greedy_and_cold_per_prompt(llm: Any) -> None:
     assert [g.new_tokens for g in forward] == [g.new_tokens for g in backward]
 
 
+def test_llamacpp_evaluates_the_whole_prompt_every_row(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold cache per row, counted where llama.cpp does the work: the prompt-eval batch of each row holds every
+    prompt token, although our prompts share the chat template's prefix. The control shows the count moves:
+    without the reset, llama.cpp evaluates only the part after the shared prefix."""
+    evals: list[int] = []
+    real_eval = llm.eval
+    monkeypatch.setattr(llm, "eval", lambda tokens: (evals.append(len(tokens)), real_eval(tokens))[1])
+    prompts = [CHAT.format(s) for s in SUMMARIES[:2]]
+    gens = llamacpp_generate(llm, prompts, max_new_tokens=3)
+    assert [n for n in evals if n > 1] == [g.prompt_tokens for g in gens]  # one full prompt eval per row, then 1-token decode steps
+    assert all(len(g.token_ids) == g.new_tokens for g in gens)
+    evals.clear()
+    first = llm.tokenize(prompts[0].encode(), add_bos=False, special=True)
+    next(llm.generate(list(first), temp=0.0, top_k=1, reset=True))  # no llm.reset(): the warm path
+    assert evals[0] < len(first)
+
+
 def test_gguf_format_is_read_from_the_file(llm: Any) -> None:
     assert engines.gguf_format(llm) == "Q4_1"
 

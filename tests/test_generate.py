@@ -129,6 +129,74 @@ def test_static_cache_compile_is_lossless_and_reports_compile_time(models_dir: P
     params = copy.deepcopy(BASE_PARAMS)
     params["techniques"]["static_compile"] = {"generate": {"cache_implementation": "static", "max_cache_len": 1024}, "compile": {"mode": "default"}}
     expected, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
+    from torch._dynamo.utils import counters
+
+    captured = counters["stats"]["unique_graphs"]
     got, perf = generate("static_compile", params, ROWS)
     assert [r["raw"] for r in got] == [r["raw"] for r in expected]
+    assert counters["stats"]["unique_graphs"] > captured, "generate() ran eagerly: nothing was compiled"
     assert perf["compile_s"] > 0 and perf["warmup_s"][0] > perf["latency_s_p50"]
+
+
+def test_repeats_give_per_pass_numbers_and_spread(models_dir: Path) -> None:
+    params = copy.deepcopy(BASE_PARAMS)
+    params["generate"]["repeats"] = 2
+    records, perf = generate("kv_cache", params, ROWS)
+    assert perf["repeats"] == 2 and len(perf["passes"]) == 2 and perf["latency_count"] == 6  # every row of every pass
+    assert perf["tokens_per_s_spread"] is not None and perf["tokens_per_s_spread"] >= 0 and perf["rss_reset"] is True
+    for r in records:
+        assert len(r["latency_s_passes"]) == 2 and r["latency_s"] == pytest.approx(sum(r["latency_s_passes"]) / 2)
+    assert perf["tokens_per_s"] == pytest.approx(2 * sum(r["new_tokens"] for r in records) / sum(sum(r["latency_s_passes"]) for r in records))
+
+
+def test_records_carry_token_ids_and_margins(models_dir: Path) -> None:
+    records, perf = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    for r in records:
+        assert len(r["token_ids"]) == r["new_tokens"] and len(r["margins"]) == r["new_tokens"]
+    assert perf["repeats"] == 1 and perf["passes"][0]["tokens_per_s"] == perf["tokens_per_s"]
+
+
+def test_batched_throughput_counts_each_batch_call_once(models_dir: Path) -> None:
+    """Rows of one batch share the call's latency; throughput divides by the calls' time, not the sum over rows."""
+    records, perf = generate("batched", copy.deepcopy(BASE_PARAMS), ROWS)  # batch 2: calls of rows (r0, r1) and (r2)
+    assert records[0]["latency_s"] == records[1]["latency_s"] != records[2]["latency_s"]
+    busy = records[0]["latency_s"] + records[2]["latency_s"]
+    assert perf["samples_per_s"] == pytest.approx(3 / busy)
+    assert perf["tokens_per_s"] == pytest.approx(sum(r["new_tokens"] for r in records) / busy)
+    assert perf["latency_count"] == 3 and perf["latency_s_mean"] == pytest.approx(sum(r["latency_s"] for r in records) / 3)
+
+
+@pytest.mark.parametrize("name", ["speculative", "prompt_lookup"])
+def test_acceptance_counts_timed_rows_only(two_models: dict[str, Any], name: str) -> None:
+    """Warm-up calls draft tokens too; the totals must equal the sum over the timed rows (warm-up reset)."""
+    records, perf = generate(name, copy.deepcopy(two_models), ROWS)
+    assert perf["draft_tokens_proposed"] == sum(r["draft_proposed"] for r in records) > 0
+    assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in records)
+
+
+def test_universal_assisted_decoding_with_another_tokenizer(models_dir: Path) -> None:
+    """Draft and target differ in vocabulary (one added token), so generate() translates the draft's tokens
+    through text (universal assisted decoding): the output equals the target alone, and the acceptance
+    counters cover exactly the timed rows.
+
+    With the same weights and byte-identical tokenization the target accepts only ~10% of the drafted tokens
+    here (100% with a shared tokenizer), so the test does not ask for a high rate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = models_dir / "tiny_uad"
+    tok = AutoTokenizer.from_pretrained(models_dir / "tiny")
+    tok.add_tokens(["<extra>"])
+    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    (target / "source.json").write_text('{"name": "tiny_uad"}')
+    params = copy.deepcopy(BASE_PARAMS)
+    params["base"]["target"] = "tiny_uad"
+    params["techniques"].update(DECODING)
+    expected, _ = generate("target_only", copy.deepcopy(params), ROWS)
+    got, perf = generate("speculative", copy.deepcopy(params), ROWS)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in expected]
+    assert perf["universal_assisted"] is True and perf["draft_tokens_proposed"] == sum(r["draft_proposed"] for r in got) > 0
+    assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in got)
+    assert perf["acceptance_rate"] == pytest.approx(perf["draft_tokens_accepted"] / perf["draft_tokens_proposed"])

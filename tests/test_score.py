@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from score import ROUGE_MODULE, fidelity, rouge, score
+from score import EPS, ROUGE_MODULE, fidelity, rouge, score, token_check
 from stats import paired_bootstrap
 
 PREDS = ["council freezes taxes", "storm closes schools", "new park opens downtown"]
@@ -63,3 +63,61 @@ def test_identical_predictions_get_identical_aggregate_scores() -> None:
 
     evaluate.load(ROUGE_MODULE)  # touching evaluate in between must not shift the bootstrap
     assert rouge(PREDS, REFS, seed=5) == rouge(PREDS, REFS, seed=5)
+
+
+def test_rouge_is_the_mean_over_rows_and_matches_the_delta() -> None:
+    """The ROUGE column and ΔROUGE-L come from the same per-row numbers, so they agree exactly."""
+    other = ["council taxes", "storm closes schools today", "park"]
+    s = score(rows(other), rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    base = score(rows(PREDS), rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    per_row = rouge(other, REFS, seed=0, per_row=True)["rougeL"]
+    assert s["rougeL"] == pytest.approx(sum(per_row) / 3) and s["rougeL_low"] <= s["rougeL"] <= s["rougeL_high"]
+    assert s["rougeL"] - base["rougeL"] == pytest.approx(s["rougeL_delta"])
+    assert s["rougeL_delta_rows"] == 3 and s["rougeL_baseline"] == pytest.approx(base["rougeL"])
+    assert s["noninferiority_margin"] == pytest.approx(0.01 * base["rougeL"]) and s["seed"] == 0 and s["bootstrap_samples"] == 500
+
+
+def test_rows_set_aside_count_against_the_technique() -> None:
+    recs = rows(PREDS)
+    recs[2] = {**recs[2], "prediction": None, "skipped": "prompt too long"}
+    s = score(recs, rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    per_row = rouge(PREDS, REFS, seed=0, per_row=True)["rougeL"]
+    assert s["rows"] == 3 and s["samples"] == 2 and s["rows_set_aside"] == ["2"]
+    assert s["rougeL"] == pytest.approx(sum(per_row[:2]) / 3)  # the set-aside row scores 0, not left out
+    assert s["rougeL_delta"] == pytest.approx(-per_row[2] / 3) and s["rougeL_delta_rows"] == 3
+    missing = score(rows(PREDS)[:2], rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    assert missing["rougeL_delta"] == pytest.approx(-per_row[2] / 3) and missing["rougeL_delta_rows_missing"] == ["2"]
+
+
+def test_a_clear_drop_is_worse_and_a_copy_is_non_inferior() -> None:
+    preds, refs = [f"council votes on budget plan {i}" for i in range(30)], [f"council votes on budget plan {i}" for i in range(30)]
+    base = [{"id": str(i), "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
+    bad = [{**b, "prediction": "weather"} for b in base]
+    assert score(bad, base, base, seed=1, bootstrap_samples=2000, confidence=0.95)["quality_state"] == "worse"
+    same = score(base, base, base, seed=1, bootstrap_samples=2000, confidence=0.95)
+    assert same["quality_state"] == "non-inferior" and same["rows_to_decide"] is None
+
+
+def test_score_seed_changes_intervals_not_point_estimates() -> None:
+    a = score(rows(["council taxes", "storm", "park opens"]), rows(PREDS), rows(PREDS), seed=1, bootstrap_samples=500, confidence=0.95)
+    b = score(rows(["council taxes", "storm", "park opens"]), rows(PREDS), rows(PREDS), seed=2, bootstrap_samples=500, confidence=0.95)
+    assert a["rougeL"] == b["rougeL"] and a["rougeL_delta"] == b["rougeL_delta"]
+
+
+def tok(i: str, ids: list[int], margins: list[float] | None = None, prediction: str = "x") -> dict:
+    return {"id": i, "prediction": prediction, "reference": "r", "token_ids": ids, "margins": margins}
+
+
+def test_token_check_classifies_identical_near_tie_and_real_difference() -> None:
+    eps = EPS["bfloat16"]
+    reference = [tok("a", [5, 6, 7], [0.5, 0.5, 0.5]), tok("b", [5, 6, 7], [0.5, 2 * eps, 0.5]), tok("c", [5, 6, 7], [0.5, 0.3, 0.5]),
+                 tok("d", [5, 6], [0.5, 0.5]), tok("e", [1], None, prediction="same")]
+    mine = [tok("a", [5, 6, 7]), tok("b", [5, 9, 7]), tok("c", [5, 9]), tok("d", [5, 6, 8]), {"id": "e", "prediction": "same", "reference": "r"}]
+    t = token_check(mine, reference, "bfloat16", 4)
+    assert (t["identical"], t["near_tie"], t["real_difference"], t["compared"]) == (2, 1, 2, 5)
+    assert t["differing"] == [{"id": "b", "step": 1, "margin": 2 * eps, "class": "near_tie"},
+                              {"id": "c", "step": 1, "margin": 0.3, "class": "real_difference"},
+                              {"id": "d", "step": 2, "margin": None, "class": "real_difference"}]  # the reference stopped: no margin there
+    assert "4 x machine epsilon of bfloat16" in t["rule"]
+    # the same 2-epsilon gap is a real difference in float32, whose resolution is far finer
+    assert token_check(mine, reference, "float32", 4)["near_tie"] == 0

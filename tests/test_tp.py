@@ -39,7 +39,9 @@ tok = AutoTokenizer.from_pretrained(path)
 memory = MemoryTracker("cpu")
 with memory.track():
     gens = [g for p in json.loads(os.environ["TP_TEST_PROMPTS"]) for g in hf_generate(model, tok, [p], "cpu", max_new_tokens=8, min_new_tokens=8)]
-perf = tp.merge_ranks({"peak_rss_mb": memory.get_memory().peak_rss_mb, "latency_s_mean": sum(g.latency_s for g in gens) / len(gens)})
+from compress import weight_bytes
+perf = tp.merge_ranks({"peak_rss_mb": memory.get_memory().peak_rss_mb, "latency_s_mean": sum(g.latency_s for g in gens) / len(gens),
+                       "weight_mb": weight_bytes(model) / 2**20})
 if tp.rank() == 0:
     rows = model.model.layers[0].mlp.up_proj.weight.to_local().shape[0]  # this rank's shard of intermediate_size
     out = {"raw": [g.raw for g in gens], "new_tokens": [g.new_tokens for g in gens], "up_proj_rows": rows, "perf": perf}
@@ -122,6 +124,17 @@ def test_two_gloo_ranks_give_single_process_tokens(tiny_llama: Path, tmp_path: P
     perf = result["perf"]
     assert perf["tp_size"] == 2 and perf["tp_backend"] == "gloo" and perf["latency_s_mean"] > 0
     assert len(perf["peak_rss_mb_per_rank"]) == 2 and perf["peak_rss_mb"] == pytest.approx(sum(perf["peak_rss_mb_per_rank"]))
+    # weight bytes per rank: each rank holds its shard of every split matrix (the decoder linears, and the
+    # embedding and lm_head split by vocabulary) plus its own copy of the rest (norms, rotary buffers)
+    from compress import weight_bytes
+
+    single = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    split = sum(m.weight.numel() * 4 for m in single.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    replicated = weight_bytes(single) - split
+    per_rank = [mb * 2**20 for mb in perf["weight_mb_per_rank"]]
+    assert sum(per_rank) == pytest.approx(weight_bytes(single) + replicated)  # the shards add up; only the replicas count twice
+    assert abs(per_rank[0] - per_rank[1]) <= 2 * 64 * 4  # vocab 259 splits 130/129: one embedding row and one lm_head row apart
+    assert perf["weight_mb"] == pytest.approx(sum(perf["weight_mb_per_rank"]))
 
 
 def hooks_missing() -> str:
