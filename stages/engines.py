@@ -62,10 +62,13 @@ def llamacpp_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> 
     max_new = cfg["generate"]["max_new_tokens"]
     n_ctx = params["generate"]["max_input_tokens"] + max_new
     start = time.perf_counter()
-    llm = Llama(
-        model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
-        n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
-    )
+    try:
+        llm = Llama(
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
+            n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
+        )
+    except ValueError as e:  # llama.cpp: "Failed to load model from file"
+        raise InputError(f"{gguf}: llama.cpp cannot load this GGUF file ({e})") from None
     atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
     tokenizer = AutoTokenizer.from_pretrained(path)
     fmt = gguf_format(llm)
@@ -107,7 +110,7 @@ def vllm_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tupl
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
         # token ids, not strings: vLLM would add a BOS that the HF path does not
-        inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        inputs = [{"prompt_token_ids": getattr(p, "ids", None) or tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = llm.generate(inputs, sampling, use_tqdm=False)

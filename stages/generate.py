@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import checkpoint
 from tqdm import tqdm
 
 import tp
@@ -31,7 +32,7 @@ from common import (
     write_json,
     write_jsonl,
 )
-from prompts import build_prompt, has_chat_template
+from prompts import Prompt, build_prompt, control_strings, has_chat_template, hf_tokenize, safe_ids
 from techniques import build_model, check_hardware, pick_device, resolve
 from trackers import AcceptanceTracker, Latency, MemoryTracker
 
@@ -42,7 +43,8 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str) -> tuple[list[Generation], dict[str, Any]]:
+def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str,
+        done: list[Generation] | None = None, on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
     """Warm up, then generate every prompt once, timing each batch; return generations and perf numbers.
 
     Args:
@@ -51,19 +53,24 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         batch_size: prompts per call.
         warmup_runs: untimed calls on the first batch (compile, allocator and cache warm-up).
         device: "cpu" or "cuda", for the memory tracker.
+        done: generations of the first rows, finished in an earlier session (checkpoint.py); the rest run now.
+        on_batch: called with each finished batch (the checkpoint's append).
     """
-    groups = batches(prompts, batch_size)
+    done = done or []
+    groups = batches(prompts[len(done) :], batch_size)
     warmup_s = []
-    for _ in range(warmup_runs):
+    for _ in range(warmup_runs if groups else 0):
         start = time.perf_counter()
         generate_fn(groups[0])
         warmup_s.append(time.perf_counter() - start)
     memory = MemoryTracker(device)
-    gens: list[Generation] = []
+    gens: list[Generation] = list(done)
     wall = time.perf_counter()
     with memory.track():
         for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
-            gens.extend(generate_fn(group))
+            gens.extend(out := generate_fn(group))
+            if on_batch:
+                on_batch(out)
     wall = time.perf_counter() - wall
     per_call = [g.latency_s for g in gens[::batch_size]]  # every row of a batch carries the batch's latency
     new_tokens = sum(g.new_tokens for g in gens)
@@ -82,14 +89,17 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
     return gens, perf
 
 
-def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Build prompts; rows whose prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
+def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[Prompt], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build prompts with their token ids (the summary tokenized as plain text: prompts.safe_ids); rows whose
+    prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
     p = params["prompt"]
     chat = has_chat_template(tokenizer)
+    controls = control_strings(tokenizer)
     prompts, kept, too_long = [], [], []
     for row in rows:
         prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer)
-        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt.ids, prompt.controls = safe_ids(prompt.parts, hf_tokenize(tokenizer), controls), controls
+        n = len(prompt.ids)
         if n > limit:
             too_long.append({**row, "prediction": None, "skipped": f"prompt has {n} tokens > limit {limit}"})
             continue
@@ -166,13 +176,16 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
         raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
     after_run = info.pop("after_run", dict)
-    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device)
+    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, writer=tp.rank() == 0)
+    gens, numbers = run(generate_fn, prompts, cfg["batch_size"], params["generate"]["warmup_runs"], device, ckpt.done, ckpt.append)
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
-    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers, **after_run())
+    if ckpt.writer:
+        checkpoint.clear(name)  # every row is in `records` now
+    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), **numbers, **after_run(), resume=ckpt.facts())
     perf = tp.merge_ranks(perf)  # tensor parallel: memory summed over ranks; a no-op in a single process
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
-        perf["compile_s"] = numbers["warmup_s"][0] - gens[0].latency_s
+        perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
     return records, perf
 
 
@@ -205,7 +218,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         fail("usage: python stages/generate.py <technique>")
     name = sys.argv[1]
-    params = load_params()
+    params = load_params(required=["base", "generate", "prompt", "techniques"])
     try:
         cfg = resolve(params, name)
         if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
