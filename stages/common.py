@@ -40,6 +40,7 @@ class InputError(Exception):
 # setup_logging (torch resets its loggers when it is imported).
 QUIET_LOGS = {
     "torchao": r"Failed to load .*_C_|Skipping import of cpp extensions due to incompatible torch version",
+    "torchao.kernel.intmm": r"Detected no triton",  # triton kernels are for GPUs; torch.compile says so itself if one lacks it
     "torch.utils._pytree": r"is an Enum subclass and is now natively supported",
 }
 QUIET_WARNINGS = [r".*`torch_dtype` is deprecated.*", r".*TRANSFORMERS_CACHE.*"]

@@ -74,7 +74,7 @@ def llamacpp_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> 
     fmt = gguf_format(llm)
     info = {
         "path": str(path), "load_s": time.perf_counter() - start, "engine": f"llama-cpp-python {__version__}",
-        "gguf": str(gguf), "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
+        "gguf": f"{spec['gguf_package']}/{gguf.name}", "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
         "n_threads": threads, "n_ctx": n_ctx, "max_input_tokens": llm.n_ctx() - max_new,
     }
 

@@ -195,7 +195,8 @@ def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]
     if "skipped" in perf:
         log.info("%s: skip recorded -> %s", name, TECHNIQUE_METRICS / name / "perf.json")
     else:
-        log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
+        log.info("%s: %d samples of %s on %s, p50 %.3f s, %.1f tok/s -> %s, %s", name, perf["samples"], perf["config"]["model_name"], perf["device"],
+                 perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json")
 
 
 def launch_parallel(name: str, cfg: dict[str, Any], params: dict[str, Any]) -> None:
@@ -227,6 +228,8 @@ def main() -> None:
         records, perf = generate(name, params, rows)
     except InputError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"{name}: interrupted; finished rows are kept under {checkpoint.CHECKPOINTS}/ and the next run resumes after them")
     if tp.rank() == 0:
         write_outputs(name, records, perf)
 
