@@ -11,9 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import checkpoint
 from tqdm import tqdm
 
+import checkpoint
 import tp
 from backends import Generation, eos_ids, hf_generate, newline_ids
 from common import (

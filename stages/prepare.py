@@ -106,6 +106,9 @@ def prepare(
         raise InputError(f"prepare.n is {n}: at least one row is needed")
     if not rows:
         raise InputError(f"{source}: no rows")
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise InputError(f"{source}: row {bad + 1} is {type(rows[bad]).__name__}, not an object with named columns")
     missing = [c for c in (summary_column, headline_column) if c not in rows[0]]
     if missing:
         raise InputError(f"{source}: missing column(s) {missing}; columns are {list(rows[0])}{header_hint(source)}")

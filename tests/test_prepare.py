@@ -116,6 +116,11 @@ def test_non_text_summary_or_headline_names_the_row(value: object, shown: str) -
         prepare(rows, "summary", "headline", n=10, seed=0, shuffle=False, source="f", id_column="id")
 
 
+def test_a_row_that_is_not_an_object_is_named() -> None:
+    with pytest.raises(InputError, match=r"f: row 2 is list, not an object with named columns"):
+        prepare([ROWS[0], ["a", "b"]], "summary", "headline", n=2, seed=0, shuffle=False, source="f")
+
+
 def test_numeric_looking_csv_cells_stay_text(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("id,summary,headline\n1,12345,67\n")
     assert read_source(str(tmp_path / "d.csv"))[0] == {"id": "1", "summary": "12345", "headline": "67"}

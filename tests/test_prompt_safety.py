@@ -108,9 +108,9 @@ def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_generate_stage_feeds_the_safe_ids(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ids that reach model.generate are the safe ones, batched (left padding) or not."""
-    import test_generate
     from transformers import LlamaForCausalLM
 
+    import test_generate
     from generate import generate
 
     model_vocab = LlamaForCausalLM.from_pretrained(models_dir / "tiny").config.vocab_size

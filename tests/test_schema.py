@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
-from schema import check
 
 from conftest import ROOT
+from schema import check
 
 PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
 
