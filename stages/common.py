@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import sys
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,13 @@ class InputError(Exception):
 
 # Third-party notices that ask nothing of the user, dropped in this one place (everything else still shows):
 # logger name -> message pattern. torchao tries its CUDA / other-Python kernels on every import; torch warns
-# that torchao registers an Enum with pytree. Applied at import, before torch/torchao load, and again by
-# setup_logging (torch resets its loggers when it is imported).
+# that torchao registers an Enum with pytree. They are logging records (not `warnings`), so each gets a filter
+# on its own logger, added when common is imported, before torch/torchao load.
 QUIET_LOGS = {
     "torchao": r"Failed to load .*_C_|Skipping import of cpp extensions due to incompatible torch version",
     "torchao.kernel.intmm": r"Detected no triton",  # triton kernels are for GPUs; torch.compile says so itself if one lacks it
     "torch.utils._pytree": r"is an Enum subclass and is now natively supported",
 }
-QUIET_WARNINGS = [r".*`torch_dtype` is deprecated.*", r".*TRANSFORMERS_CACHE.*"]
 
 
 class _Drop(logging.Filter):
@@ -60,8 +58,6 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):
             logger.addFilter(_Drop(pattern))
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
 
 
 quiet_third_party()
@@ -69,7 +65,6 @@ quiet_third_party()
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    quiet_third_party()
 
 
 def load_params(path: Path = PARAMS, required: Iterable[str] = ()) -> dict[str, Any]:

@@ -266,7 +266,7 @@ def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return next((sorted(s.model_fields) for s in shapes if isinstance(s, type)), [])
 
 
-UNION_TAGS = re.compile(r"^(function-.*|constrained-.*|int|str|bool|float|literal\[.*\]|dict\[.*\]|list\[.*\]|[A-Z]\w*)$")
+UNION_TAGS = re.compile(r"^(function-.*|constrained-.*|int|str|bool|float|literal\[.*\]|dict\[.*\]|list\[.*\])$")
 
 
 def describe(error: dict[str, Any]) -> tuple[str, str]:
