@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from prompts import clean_headline
+from prompts import clean_headline, safe_ids
 from trackers import LatencyTracker, TokenTimer
 
 
@@ -70,7 +70,10 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
             tokens per step, so per-step stamps are not per-token times there.
         gen_kwargs: generate() kwargs from the technique (use_cache, assistant_model, ...).
     """
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    if all(getattr(p, "ids", None) for p in prompts):  # prompts.Prompt: ids with the summary as plain text
+        inputs = tokenizer.pad({"input_ids": [p.ids for p in prompts]}, padding=True, return_tensors="pt").to(device)
+    else:
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     # input_ids: [B, S]
     vocab = getattr(model.get_output_embeddings(), "out_features", None)  # logits width (quantized heads keep it)
     timer, latency = TokenTimer(device, vocab), LatencyTracker(device)
@@ -115,10 +118,14 @@ def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: s
     from llama_cpp import llama_vocab_is_eog
 
     vocab = llm._model.vocab  # the end-of-generation test create_completion uses; EOS alone misses <|im_end|>-style ids
+
+    def tokenize(text: str, special: bool) -> list[int]:  # the summary (special=False) is plain text to llama.cpp too
+        return llm.tokenize(text.encode(), add_bos=False, special=special)
+
     results = []
     for prompt in prompts:
         llm.reset()
-        tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        tokens = safe_ids(getattr(prompt, "parts", [(prompt, True)]), tokenize, getattr(prompt, "controls", ()))
         ids: list[int] = []
         stamps: list[float] = []
         start = time.perf_counter()

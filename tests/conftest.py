@@ -33,6 +33,14 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def isolated_checkpoints(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate() resumes from .cache/checkpoints: tests never read or leave one in the worktree."""
+    import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHECKPOINTS", tmp_path_factory.mktemp("checkpoints"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

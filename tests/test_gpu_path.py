@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_generate import BASE_PARAMS, ROWS
 
 import common
 import compress
@@ -28,6 +27,7 @@ from backends import hf_generate
 from common import InputError
 from conftest import ROOT, make_tiny_llama
 from hardware import bandwidth_share, card_bandwidth, kv_bytes_per_token
+from test_generate import BASE_PARAMS, ROWS
 
 
 @pytest.fixture()

@@ -26,6 +26,13 @@ def sh(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return out
 
 
+def committed_params() -> dict:
+    """params.yaml as committed (HEAD), not as `dvc exp run -S ...` left it in the workspace; the file itself
+    where git has no HEAD (an exported tree)."""
+    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    return yaml.safe_load(out.stdout if out.returncode == 0 else (ROOT / "params.yaml").read_text())
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git+DVC copy of the project with tiny models, 2 rows and three techniques, reproduced once."""
@@ -35,13 +42,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for item in ["dvc.yaml", "params.yaml", "stages", "data/sample", ".dvcignore"]:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = committed_params()
     params["models"] = {"tiny": {"path": str(make_tiny_llama(tmp / "tiny"))}, "tiny_target": {"path": str(make_tiny_llama(tmp / "tiny_target", seed=3))}}
     params["base"].update(model="tiny", target="tiny_target")
     params["prepare"]["n"] = 2
     params["generate"].update(max_new_tokens=4, warmup_runs=1, max_input_tokens=1000)  # byte-level tiny tokenizer: long prompts
     params["score"]["bootstrap_samples"] = 100
     params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
+    params["technique"] = "baseline"  # whatever an experiment applied to the workspace
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(DVC + ["init", "-q"], repo)
@@ -77,3 +85,22 @@ def test_experiment_focus_and_metrics_diff(repo: Path) -> None:
     assert "rougeL" not in changed and "fidelity" not in changed  # kv_cache's headlines equal baseline's, so its quality does too
     shown = sh(DVC + ["exp", "show", "--json"], repo).stdout
     assert "kv_cache" in shown
+
+
+def test_a_failing_rerun_keeps_the_finished_outputs(repo: Path) -> None:
+    """A bad setting makes generate@kv_cache fail; DVC would delete its outputs before running it, but they are
+    `persist: true`, so the finished technique's generations and metrics stay as they were."""
+    outs = ["data/generations/kv_cache.jsonl", "metrics/techniques/kv_cache/perf.json", "metrics/techniques/kv_cache/score.json"]
+    before = {p: (repo / p).read_bytes() for p in outs}
+    params_text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["techniques"]["kv_cache"] = {"reference": "baseline", "generate": {"num_beamz": 2}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        out = subprocess.run(DVC + ["repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode != 0
+        assert "unknown generate() argument 'num_beamz' (did you mean 'num_beams'?)" in out.stdout + out.stderr
+        assert {p: (repo / p).read_bytes() for p in outs} == before
+    finally:
+        (repo / "params.yaml").write_text(params_text)
