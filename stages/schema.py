@@ -82,6 +82,7 @@ class ModelEntry(Section):
     config: str | None = None
     tokenizer_from: str | None = None
     seed: int | None = None
+    dtype: DType | None = None  # random weights: the dtype they are saved in (default: the config's)
 
     @model_validator(mode="after")
     def one_source(self) -> ModelEntry:
@@ -101,6 +102,7 @@ class FewShot(Section):
 class Prompt(Section):
     template: str
     few_shot: list[FewShot] = []
+    date: str | None = None  # the date chat templates print (date_string)
 
     @field_validator("template")
     @classmethod
@@ -128,6 +130,7 @@ class Score(Section):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     margin: Annotated[float, Field(ge=0, lt=1)] = 0.01
     seed: int | None = None
+    near_tie_units: Annotated[float, Field(ge=0)] = 4
 
 
 class Report(Section):
@@ -140,7 +143,7 @@ class Quantize(Section):
     method: Literal["bnb", "torchao_int8", "torchao_int4"] = "bnb"
     bits: Literal[4, 8] = 8
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    compute_dtype: DType = "float32"
+    compute_dtype: DType | Literal["auto"] = "auto"
     double_quant: bool = False
     threshold: Annotated[float, Field(gt=0)] = 6.0
     group_size: Literal[32, 64, 128, 256] = 64
@@ -154,16 +157,20 @@ class Prune(Section):
     kernels: bool = True
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class Compile(Section):  # transformers' CompileConfig
     fullgraph: bool = False
     dynamic: bool | None = None
     backend: str = "inductor"
-    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead"
+    mode: CompileMode | dict[Literal["cpu", "cuda"], CompileMode] = "reduce-overhead"  # a dict picks by device kind
     options: dict[str, Any] | None = None
 
 
 class Speculative(Section):
     num_assistant_tokens: PosInt = 4
+    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] | None = None
     assistant_confidence_threshold: Share | None = None
 
 
@@ -186,6 +193,8 @@ class Technique(Section):
     parallel: Parallel | None = None
     device_map: str | None = None
     max_memory: dict[str | int, str | int] | None = None
+    only_on: Literal["cpu", "cuda"] | None = None
+    vllm: dict[str, Any] | None = None  # vLLM engine arguments
 
     @field_validator("generate")
     @classmethod
