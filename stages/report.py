@@ -163,7 +163,7 @@ def random_note(rows: list[Row]) -> str | None:
     """Random-weight runs measure speed and memory only: no quality verdict, so no recommendation rests on one."""
     if not any(r.get("quality") for r in rows):
         return None
-    return ("None drawn: the weights are random (quality n/a), and every recommendation here needs a quality verdict. "
+    return ("n/a: the weights are random, so ROUGE would score noise; no quality verdict and no recommendation is drawn. "
             "Read speed, memory and the share of the bandwidth ceiling from the tables; lossless techniques are checked by token ids.")
 
 
@@ -185,7 +185,7 @@ def lossless(rows: list[Row]) -> str:
             notes.append(f"- **{r['technique']}**: {len(real)} real difference(s); first on `{d['id']}` at token {d['step']} ({margin})")
     header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Identical headlines"]
     return "\n\n".join([table(header, body), "Rule: " + "; ".join(sorted(rules)) + ". Unclassified: rows without token ids on one side "
-                        "(compared as strings).", *(["\n".join(notes)] if notes else [])])
+                        "(compared as strings), or a differing row whose reference recorded no logit margin (an engine without logits).", *(["\n".join(notes)] if notes else [])])
 
 
 def per_row(generations: dict[str, list[Row]], name: str) -> dict[str, tuple[float, float]]:
@@ -344,7 +344,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
     sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Quality verdicts", verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
+                 "## Quality verdicts", random_note(rows) or verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
                  "## Share of the hardware ceiling and energy", hardware(rows),
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
                  "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
