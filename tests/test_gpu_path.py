@@ -258,6 +258,14 @@ def test_gpu_check_runs_the_pipeline_on_random_weights(gpu_check: Path) -> None:
     assert kv["fidelity"] == 1.0 and kv["fidelity_reference"] == "baseline"  # token ids equal the no-cache run's
     assert kv["new_tokens_mean"] == 5  # fixed output length
     assert kv["bandwidth_share"] > 0 and kv["peak_bandwidth_source"].startswith("measured") and kv["achieved_bandwidth_gbs"] > 0
+    # bytes counted by hand from the tiny shapes (hidden 64, MLP 128, 2 layers, 4 heads / 2 KV heads of 16, vocab 600, tied, fp32)
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert kv["weight_mb"] * 2**20 == pytest.approx(4 * (600 * 64 + 2 * layer + 64), rel=1e-3)
+    perf = json.loads((gpu_check / "work" / "small" / "metrics" / "techniques" / "kv_cache" / "perf.json").read_text())
+    assert perf["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    step = kv["weight_mb"] * 2**20 + perf["kv_bytes_per_token"] * perf["mean_context_tokens"]
+    assert kv["bytes_per_step_mb"] * 2**20 == pytest.approx(step)
+    assert kv["achieved_bandwidth_gbs"] == pytest.approx(step / kv["tpot_s_p50"] / 1e9)
     assert small["speculative"]["speculative_used"]["num_assistant_tokens"] == 4
     assert "vLLM needs a CUDA GPU" in small["vllm"]["skipped"]
     report = (out / "small" / "report.md").read_text()
