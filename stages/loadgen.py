@@ -70,7 +70,7 @@ def chunk_text(event: dict[str, Any]) -> str:
 
 
 async def stream_request(session: Any, url: str, payload: dict[str, Any], timeout_s: float, index: int, t0: float,
-                         stop: str = "\n") -> RequestResult:
+                         stop: str | None = "\n") -> RequestResult:
     """Send one streamed completion and time it from the client's side.
 
     Args:
@@ -80,7 +80,7 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
         timeout_s: the whole request's limit; past it the request is a time-out.
         index: the request's position in its level.
         t0: the level's start (perf_counter), for `sent_s`.
-        stop: stop reading once the text holds this.
+        stop: stop reading once the text holds this; None reads to the end of the stream.
     """
     start = time.perf_counter()
     res = RequestResult(index=index, sent_s=start - t0)
@@ -153,9 +153,10 @@ async def run_rate(url: str, payloads: list[dict[str, Any]], rate: float, n: int
 
 
 async def run_concurrency(url: str, payloads: list[dict[str, Any]], concurrency: int, n: int, max_duration_s: float,
-                          timeout_s: float) -> tuple[list[RequestResult], float]:
+                          timeout_s: float, stop: str | None = "\n") -> tuple[list[RequestResult], float]:
     """Closed loop: `concurrency` workers each send the next request as soon as their previous one ends,
-    until `n` requests were sent or `max_duration_s` has passed."""
+    until `n` requests were sent or `max_duration_s` has passed. `stop=None` reads every stream to its end
+    (warm-up: the server's usage report then arrives)."""
     async with new_session(timeout_s) as session:
         t0 = time.perf_counter()
         results: list[RequestResult] = []
@@ -165,7 +166,7 @@ async def run_concurrency(url: str, payloads: list[dict[str, Any]], concurrency:
             for i in counter:
                 if time.perf_counter() - t0 > max_duration_s:
                     return
-                results.append(await stream_request(session, url, payloads[i % len(payloads)], timeout_s, i, t0))
+                results.append(await stream_request(session, url, payloads[i % len(payloads)], timeout_s, i, t0, stop))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return sorted(results, key=lambda r: r.index), time.perf_counter() - t0

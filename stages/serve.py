@@ -103,8 +103,8 @@ def payloads_for(rows: list[dict[str, Any]], params: dict[str, Any], model: str,
 
 
 def measure(server: Server, payloads: list[dict[str, Any]], s: dict[str, Any], seed: int, levels: list[dict[str, Any]],
-            requests: list[tuple[str, RequestResult]]) -> None:
-    """Warm up, then measure every rate of s["rates"], up to s["search_steps"] bisecting rates, and every
+            requests: list[tuple[str, RequestResult]], warm: list[RequestResult]) -> None:
+    """Warm up (streams read to their end, so the server's token usage arrives), then measure every rate of s["rates"], up to s["search_steps"] bisecting rates, and every
     concurrency level, appending to `levels` and `requests` as it goes (so a failure keeps what was measured).
 
     Args:
@@ -112,12 +112,12 @@ def measure(server: Server, payloads: list[dict[str, Any]], s: dict[str, Any], s
         payloads: request bodies, cycled in order.
         s: params `serve`.
         seed: base.seed, for the arrival schedules.
-        levels / requests: filled in place.
+        levels / requests / warm: filled in place.
     """
     url = server.url + "/v1/completions"
     n, span, timeout = s["requests"], s["max_duration_s"], s["timeout_s"]
-    warm, _ = asyncio.run(run_concurrency(url, payloads, 1, s["warmup_requests"], span, timeout))
-    if s["warmup_requests"] and all(r.error for r in warm):
+    warm += asyncio.run(run_concurrency(url, payloads, 1, s["warmup_requests"], span, timeout, stop=None))[0]
+    if warm and all(r.error for r in warm):
         raise ServerError(f"every warm-up request failed: {warm[0].error}")
 
     def level(kind: str, value: float) -> None:
@@ -181,6 +181,7 @@ def serve(name: str, entry: dict[str, Any], params: dict[str, Any], rows: list[d
                            "prompt_mode": "/v1/completions with the offline prompt text (chat template applied by the client)"}
     levels: list[dict[str, Any]] = []
     timed: list[tuple[str, RequestResult]] = []
+    warm: list[RequestResult] = []
     kept: list[dict[str, Any]] = []
     counts: list[int] = []
     try:
@@ -191,7 +192,7 @@ def serve(name: str, entry: dict[str, Any], params: dict[str, Any], rows: list[d
             server.start(s["startup_timeout_s"])
             out["server"]["startup_s"] = server.startup_s
             log.info("%s: %s ready on port %d after %.1f s", name, entry["engine"], server.port, server.startup_s)
-            measure(server, payloads, s, seed, levels, timed)
+            measure(server, payloads, s, seed, levels, timed, warm)
             out["server"]["exit_code"] = server.stop()
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
@@ -204,11 +205,12 @@ def serve(name: str, entry: dict[str, Any], params: dict[str, Any], rows: list[d
         row = kept[r.index % len(kept)]
         records.append({"id": row["id"], "reference": row["reference"], "level": label, "prediction": None if r.error else clean_headline(r.text),
                         "raw": r.text, "offline_prompt_tokens": counts[r.index % len(kept)], **{k: v for k, v in r.to_dict().items() if k != "text"}})
-    reported = [r for r in records if r["prompt_tokens"] is not None]
+    reported = [(r, counts[r.index % len(counts)]) for r in warm if r.prompt_tokens is not None]
     reference = GENERATIONS / f"{entry.get('reference')}.jsonl"
     offline = read_jsonl(reference) if entry.get("reference") and reference.exists() else None
     out |= {"samples": len(kept), "levels": levels, "sustainable_rate": sustainable_rate(levels, s["slo"]["share"]),
-            "prompt_tokens_match": [sum(r["prompt_tokens"] == r["offline_prompt_tokens"] for r in reported), len(reported)],
+            "prompt_tokens_match": [sum(r.prompt_tokens == n for r, n in reported), len(reported)],
+            "warmup": [{k: getattr(r, k) for k in ("prompt_tokens", "usage_tokens", "tokens", "finish_reason", "error")} for r in warm],
             "offline_reference": str(reference) if offline is not None else None, "quality": quality(records, offline, seed)}
     return out, records
 

@@ -196,3 +196,27 @@ def test_unknown_entry_or_engine_is_an_input_error():
         serve.resolve_entry(params, "y")
     with pytest.raises(InputError, match="engine must be one of"):
         serve.resolve_entry(params, "x")
+
+
+# --- a real server: `transformers serve` on a tiny random model ----------------------------------------------------
+
+@pytest.mark.parametrize("cb", [False, True], ids=["plain", "continuous_batching"])
+def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_llama, cb):
+    """The installed CLI's flags, the health check, streamed completions, the served records and the stop."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "tiny").symlink_to(tiny_llama)
+    rows = [{"id": f"r{i}", "summary": f"Summary number {i} about a town.", "reference": "A headline"} for i in range(2)]
+    entry = {"engine": "transformers", "continuous_batching": cb, "cb": {"num_blocks": 4, "max_batch_tokens": 256}, "reference": "none"}
+    params = {"base": {"seed": 1, "model": "tiny", "device": "cpu", "dtype": "float32"}, "models": {"tiny": {}},
+              "prompt": {"template": "Headline for: {summary}", "few_shot": []}, "generate": {"max_new_tokens": 6, "max_input_tokens": 256},
+              "serving": {"e": entry}, "serve": {"rates": [4], "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
+                                                 "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}}
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
+    assert "failed" not in result, result.get("failed")
+    assert [lv["ok"] for lv in result["levels"]] == [2, 2] and len(records) == 4
+    assert ("--continuous-batching" in result["server"]["argv"]) == cb and result["server"]["exit_code"] is not None
+    assert result["prompt_tokens_match"] == [2, 2]                 # the server tokenized the offline prompt to as many tokens
+    assert all(r["prediction"] is not None and r["ttft_s"] > 0 for r in records)
+    assert len({r["prediction"] for r in records if r["id"] == "r0"}) == 1   # greedy: one headline per row
+    assert (tmp_path / "metrics" / "serving" / "e" / "server.log").stat().st_size > 0
