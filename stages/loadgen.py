@@ -5,7 +5,8 @@ Each request is POSTed to `/v1/completions` with `stream: true`, and every serve
 text is stamped on arrival. The client stops reading at the first newline (the task's stop), so engines that
 ignore `stop` (transformers' continuous batching) are timed to the same point; the headline is the text up to
 there. Output tokens are the text chunks received, one per decode step on these servers. Errors and time-outs
-are recorded with the request, never dropped. Only localhost is ever addressed.
+are recorded with the request, never dropped; so is a stream that ends without a finish_reason (cut short).
+Only localhost is ever addressed.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
         res.error = f"{type(e).__name__}: {str(e)[:200]}"
     if res.error is None and not stamps:
         res.error = "no text received"
+    elif res.error is None and res.finish_reason is None:  # e.g. llama-cpp-python cutting a stream when the next request arrives
+        res.error = "stream ended without a finish_reason (cut short)"
     if stamps:
         res.ttft_s, res.e2e_s = stamps[0] - start, stamps[-1] - start
         res.itl_s = [b - a for a, b in zip(stamps, stamps[1:])]

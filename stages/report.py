@@ -167,6 +167,12 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
                  "## Recommendations", recommendations(recs, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)", "![Peak memory](plots/memory.png)",
                  "![Latency CDF](plots/latency_cdf.png)"]
+    # --- serving under load (issue 13): the serve_report stage's section, when it has run ---
+    from serve_report import serving_section
+
+    serving = serving_section()
+    sections += [serving] if serving else []
+    # --- end serving ---
     REPORT.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     summary = {"focus": focus, "env": env, "prepare": prepare, "pareto_front": front, "recommendations": recs,

@@ -104,8 +104,10 @@ def payloads_for(rows: list[dict[str, Any]], params: dict[str, Any], model: str,
 
 def measure(server: Server, payloads: list[dict[str, Any]], s: dict[str, Any], seed: int, levels: list[dict[str, Any]],
             requests: list[tuple[str, RequestResult]], warm: list[RequestResult]) -> None:
-    """Warm up (streams read to their end, so the server's token usage arrives), then measure every rate of s["rates"], up to s["search_steps"] bisecting rates, and every
-    concurrency level, appending to `levels` and `requests` as it goes (so a failure keeps what was measured).
+    """Warm up (streams read to their end, so the server's token usage arrives), then measure the rates of
+    s["rates"] from low to high until one is overloaded (goodput share below s["overload_share"]), up to
+    s["search_steps"] bisecting rates, and every concurrency level, appending to `levels` and `requests` as it
+    goes (so a failure keeps what was measured).
 
     Args:
         server: a started server.
@@ -134,6 +136,8 @@ def measure(server: Server, payloads: list[dict[str, Any]], s: dict[str, Any], s
 
     for rate in sorted(s["rates"]):
         level("rate", rate)
+        if levels[-1]["goodput_share"] is not None and levels[-1]["goodput_share"] < s["overload_share"]:
+            break  # overloaded: higher rates only queue longer, and the pass/fail bracket is found
     for _ in range(s["search_steps"]):
         rate = next_rate(levels, s["slo"]["share"], s["search_min_gap"])
         if rate is None or any(lv.get("rate") == rate for lv in levels):

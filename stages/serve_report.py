@@ -41,13 +41,13 @@ def rate_text(sr: dict[str, Any] | None) -> str:
 def entry_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """One entry's headline numbers for the table and summary.json."""
     cfg = result.get("config") or {}
-    knobs = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("engine", "model", "reference") and v not in (False, None))
+    knobs = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("engine", "model", "reference") and v is not None)
     row: dict[str, Any] = {"entry": name, "engine": cfg.get("engine"), "knobs": knobs or "defaults", "model": cfg.get("model")}
     if result.get("skipped") or result.get("failed"):
         row |= {"status": "skipped" if result.get("skipped") else "failed", "reason": result.get("skipped") or result.get("failed")}
         if not result.get("levels"):
             return row
-    levels = result.get("levels") or []
+    levels = sorted(result.get("levels") or [], key=lambda lv: (lv["kind"] != "rate", lv.get(lv["kind"], 0)))  # rates, then concurrency
     rated = sorted((lv for lv in levels if lv.get("rate") is not None), key=lambda lv: lv["rate"])
     q = result.get("quality") or {}
     first = rated[0] if rated else {}

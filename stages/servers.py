@@ -56,12 +56,16 @@ def transformers_command(entry: dict[str, Any], model: Path, port: int, device: 
 
 
 def llama_cpp_python_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int) -> list[str]:
-    """llama-cpp-python's server: one Llama behind a lock, so one request at a time."""
+    """llama-cpp-python's server: one Llama behind a lock, so one request at a time.
+
+    Its default `interrupt_requests` cuts the stream being served whenever a new request arrives; the entry's
+    `interrupt_requests` (false in params) decides, so that under load requests queue instead of being cut.
+    """
     if need := missing("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
         raise Skip(f"llama-cpp-python's server needs {', '.join(need)}: pip install 'llama-cpp-python[server]'")
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", HOST, "--port", str(port), "--n_ctx", str(n_ctx),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--seed", str(seed),
-            "--n_gpu_layers", "-1" if device.startswith("cuda") else "0"]
+            "--n_gpu_layers", "-1" if device.startswith("cuda") else "0", "--interrupt_requests", str(bool(entry.get("interrupt_requests", True)))]
 
 
 def llama_server_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int) -> list[str]:

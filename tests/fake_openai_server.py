@@ -50,6 +50,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         time.sleep(FIRST)
+        if body.get("prompt") == "cut":  # a stream cut short: text, then the connection closes with no finish_reason
+            self.wfile.write(b'data: {"choices": [{"index": 0, "text": "Hel", "finish_reason": null}]}\n\n')
+            return
         for i, text in enumerate(["Hello", " world", "\n", " tail"]):
             if i:
                 time.sleep(GAP)

@@ -121,8 +121,10 @@ def test_errors_and_timeouts_are_recorded_not_dropped(tmp_path):
     with fake_server(tmp_path) as server:
         server.start(30)
         bad = asyncio.run(one(server.url + "/v1/completions", {"prompt": "bad"}))
+        cut = asyncio.run(one(server.url + "/v1/completions", {"prompt": "cut"}))
         results, wall = asyncio.run(run_rate(server.url + "/v1/completions", [{"prompt": "x"}, {"prompt": "bad"}], 20.0, 6, 1, 10.0, 5.0))
     assert bad.error.startswith("HTTP 500") and not bad.timed_out
+    assert cut.error.startswith("stream ended without a finish_reason") and cut.text == "Hel"
     assert len(results) == 6 and [r.error is None for r in results] == [True, False] * 3
     with fake_server(tmp_path, "--stall") as server:
         server.start(30)
@@ -178,7 +180,7 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
     monkeypatch.setattr(serve, "env_info", lambda: {})
     monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
     params = {"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
-              "serve": {"rates": [20, 40], "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5, "warmup_requests": 1,
+              "serve": {"rates": [20, 40], "overload_share": 0.5, "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5, "warmup_requests": 1,
                         "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "slo": SLO | {"tpot_s": 0.5}}}
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
     assert result["failed"].startswith("ServerError: server exited with code 7 during rate 40")
@@ -210,7 +212,7 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
     entry = {"engine": "transformers", "continuous_batching": cb, "cb": {"num_blocks": 4, "max_batch_tokens": 256}, "reference": "none"}
     params = {"base": {"seed": 1, "model": "tiny", "device": "cpu", "dtype": "float32"}, "models": {"tiny": {}},
               "prompt": {"template": "Headline for: {summary}", "few_shot": []}, "generate": {"max_new_tokens": 6, "max_input_tokens": 256},
-              "serving": {"e": entry}, "serve": {"rates": [4], "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
+              "serving": {"e": entry}, "serve": {"rates": [4], "overload_share": 0.5, "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
                                                  "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}}
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
     assert "failed" not in result, result.get("failed")
@@ -220,3 +222,33 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
     assert all(r["prediction"] is not None and r["ttft_s"] > 0 for r in records)
     assert len({r["prediction"] for r in records if r["id"] == "r0"}) == 1   # greedy: one headline per row
     assert (tmp_path / "metrics" / "serving" / "e" / "server.log").stat().st_size > 0
+
+
+# --- serving report --------------------------------------------------------------------------------------------
+
+def test_serving_report_table_recommendation_and_charts(tmp_path):
+    import serve_report
+
+    def lv(kind, value, share, ttft=0.2):
+        return {"level": f"{kind} {value:g}", "kind": kind, kind: value, "sent": 10, "ok": 10, "errors": 0, "timeouts": 0, "good": round(10 * share),
+                "wall_s": 5.0, "request_throughput": 2.0, "output_token_throughput": 40.0, "goodput": 2.0 * share, "goodput_share": share,
+                "ttft_s": summarize([ttft] * 10), "tpot_s": summarize([0.05] * 10), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * 10)}
+
+    def result(engine, shares):
+        levels = [lv("rate", r, s) for r, s in shares.items()] + [lv("concurrency", 1, 1.0)]
+        return {"config": {"engine": engine, "reference": "kv_cache"}, "levels": levels, "sustainable_rate": sustainable_rate(levels, 0.99),
+                "quality": {"rougeL": 0.2, "identical_to_offline": 9, "compared_to_offline": 10,
+                            "first_difference": {"id": "r1", "level": "rate 1", "served": "A", "offline": "B"}}}
+
+    results = {"fast": result("transformers", {1: 1.0, 2: 1.0, 4: 0.2}), "slow": result("llama_cpp_python", {1: 1.0, 2: 0.5}),
+               "gpu": {"config": {"engine": "vllm"}, "skipped": "vLLM needs a CUDA GPU"},
+               "dead": {"config": {"engine": "transformers"}, "failed": "ServerError: exited", "levels": []}}
+    summary = serve_report.summarize(list(results), results, SLO)
+    assert summary["recommendation"]["choice"] == "fast" and summary["recommendation"]["runner_up"] == "slow"
+    text = serve_report.render(summary, "serving_report/")
+    assert "**Online serving: fast** (2 req/s (fails at 4" in text and "skipped: vLLM needs a CUDA GPU" in text and "failed: ServerError" in text
+    assert "max 0.200 (n=10)" in text and "9/10 vs kv_cache" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
+    serve_report.write_charts(summary["entries"], SLO, tmp_path)
+    assert all((tmp_path / name).stat().st_size > 0 for name in (*serve_report.CHARTS, "latency_vs_load.json", "goodput_vs_rate.json"))
+    assert serve_report.recommend_online([summary["entries"][2]])["choice"] is None
+    assert serve_report.serving_section(tmp_path / "missing.json") == ""
