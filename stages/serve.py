@@ -83,8 +83,10 @@ def server_for(entry: dict[str, Any], params: dict[str, Any], log_path: Path) ->
     return Server(argv, port, HEALTH[engine], log_path, env={"OMP_NUM_THREADS": str(threads)}), model_name, info
 
 
-def payloads_for(rows: list[dict[str, Any]], params: dict[str, Any], model: str, model_name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-    """Request bodies for the rows: the generate stage's prompts, greedy, newline stop, generate.max_new_tokens.
+def payloads_for(rows: list[dict[str, Any]], params: dict[str, Any], entry: dict[str, Any], model_name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """Request bodies for the rows: the generate stage's prompts, greedy, newline stop, generate.max_new_tokens,
+    plus the entry's `request` fields (engine-specific: llama-cpp-python's server applies repeat_penalty 1.1
+    unless the request says otherwise).
 
     Returns:
         the bodies, the rows kept (prompts over generate.max_input_tokens are left out, as offline) and each
@@ -95,10 +97,10 @@ def payloads_for(rows: list[dict[str, Any]], params: dict[str, Any], model: str,
     from generate import prompts_for
     from techniques import model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path(model))
+    tokenizer = AutoTokenizer.from_pretrained(model_path(entry["model"]))
     prompts, kept, _ = prompts_for(rows, tokenizer, params, params["generate"]["max_input_tokens"])
     counts = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    body = {"model": model_name, "max_tokens": params["generate"]["max_new_tokens"], "temperature": 0.0, "stop": ["\n"]}
+    body = {"model": model_name, "max_tokens": params["generate"]["max_new_tokens"], "temperature": 0.0, "stop": ["\n"], **(entry.get("request") or {})}
     return [body | {"prompt": p} for p in prompts], kept, counts
 
 
@@ -191,7 +193,7 @@ def serve(name: str, entry: dict[str, Any], params: dict[str, Any], rows: list[d
     try:
         server, model_name, info = server_for(entry, params, SERVING_METRICS / name / "server.log")
         out["server"] = info
-        payloads, kept, counts = payloads_for(rows, params, entry["model"], model_name)
+        payloads, kept, counts = payloads_for(rows, params, entry, model_name)
         with server:
             server.start(s["startup_timeout_s"])
             out["server"]["startup_s"] = server.startup_s
@@ -232,8 +234,9 @@ def main() -> None:
         fail(f"serve {name}: {e}")
     write_json(SERVING_METRICS / name / "serve.json", result)
     write_jsonl(SERVED / f"{name}.jsonl", records)
-    rate = result.get("sustainable_rate") or {}
-    log.info("serve %s: %s -> %s", name, result.get("skipped") or result.get("failed") or f"sustainable rate {rate.get('bound')} {rate.get('rate')} req/s",
+    sr = result.get("sustainable_rate") or {}
+    lo, hi = sr.get("bracket") or [None, None]
+    log.info("serve %s: %s -> %s", name, result.get("skipped") or result.get("failed") or f"sustainable rate {sr.get('bound')} {lo if lo is not None else hi} req/s",
              SERVING_METRICS / name / "serve.json")
 
 

@@ -176,7 +176,7 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
 
     rows = [{"id": f"r{i}", "summary": "s", "reference": "Hello world"} for i in range(2)]
     monkeypatch.setattr(serve, "server_for", fake_server_for)
-    monkeypatch.setattr(serve, "payloads_for", lambda rows, params, model, name: ([{"prompt": "x"}] * 2, rows, [5, 5]))
+    monkeypatch.setattr(serve, "payloads_for", lambda rows, params, entry, name: ([{"prompt": "x"}] * 2, rows, [5, 5]))
     monkeypatch.setattr(serve, "env_info", lambda: {})
     monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
     params = {"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
