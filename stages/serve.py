@@ -203,6 +203,8 @@ def serve(name: str, entry: dict[str, Any], params: dict[str, Any], rows: list[d
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
         return out | {"skipped": str(e)}, []
+    except InputError:
+        raise  # bad params or inputs (unconverted model): a one-line error, not a recorded failure
     except Exception as e:  # a server that would not start or died, or anything unexpected: recorded, the pipeline goes on
         log.error("%s: failed: %s", name, e)
         out |= {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "traceback": traceback.format_exc().splitlines()[-6:]}
