@@ -349,6 +349,12 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
                  "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
                  "![Peak memory](plots/memory.png)", "![Latency CDF](plots/latency_cdf.png)"]
+    # --- serving under load (issue 13): the serve_report stage's section, when it has run ---
+    from serve_report import serving_section
+
+    serving = serving_section()
+    sections += [serving] if serving else []
+    # --- end serving ---
     REPORT.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     drop = ("technique", "first_difference", "token_check")
     techniques = {r["technique"]: {k: v for k, v in r.items() if k not in drop}

@@ -50,6 +50,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["score"]["bootstrap_samples"] = 100
     params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
     params["technique"] = "baseline"  # whatever an experiment applied to the workspace
+    params["serving"] = {"hf_serve_cb": params["serving"]["hf_serve_cb"]}  # its reference, kv_cache, is generated here
+    params["serve"].update(rates=[4], concurrency=[2], requests=2, warmup_requests=1, search_steps=0, max_duration_s=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(DVC + ["init", "-q"], repo)
@@ -68,6 +70,8 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
         assert perf["samples"] == 2 and perf["latency_s_p50"] > 0 and score["samples"] == 2
     assert json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())["fidelity"] == 1.0
     assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
+    served = json.loads((repo / "metrics/serving/hf_serve_cb/serve.json").read_text())
+    assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2] and "## Online serving" in report
 
 
 def test_second_repro_does_nothing(repo: Path) -> None:
@@ -104,3 +108,17 @@ def test_a_failing_rerun_keeps_the_finished_outputs(repo: Path) -> None:
         assert {p: (repo / p).read_bytes() for p in outs} == before
     finally:
         (repo / "params.yaml").write_text(params_text)
+
+
+def test_changing_load_settings_reruns_only_serving(repo: Path) -> None:
+    """`dvc exp run -S serve.rates=[...]` must not rerun generation or scoring."""
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["serve"]["rates"] = [2, 8]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        stale = set(json.loads(sh(DVC + ["status", "--json"], repo).stdout))
+    finally:
+        params_file.write_text(original)
+    assert stale == {"serve@hf_serve_cb"}  # serve_report and report follow from its outputs when it reruns
