@@ -83,8 +83,10 @@ def token_check(records: list[dict[str, Any]], reference: list[dict[str, Any]], 
         step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         margins = q.get("margins") or r.get("margins") or []
         margin = margins[step] if step < len(margins) else None
-        # no margin recorded (an engine without logits, records from before margins existed): undecidable, not "real"
-        kind = "unclassified" if margin is None or eps is None else "near_tie" if margin <= units * eps else "real_difference"
+        if not margins or eps is None:  # no margins recorded at all (an engine without logits): undecidable, not "real"
+            kind = "unclassified"
+        else:  # past the reference's last margin the lengths differ: a real difference
+            kind = "near_tie" if margin is not None and margin <= units * eps else "real_difference"
         counts[kind] += 1
         differing.append({"id": r["id"], "step": step, "margin": margin, "class": kind})
     rule = (f"near-tie: at the first differing token the reference's relative top-2 logit margin (top1 - top2) / max(1, |top1|) "
