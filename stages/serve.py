@@ -236,6 +236,9 @@ def main() -> None:
         fail(f"serve {name}: {e}")
     write_json(SERVING_METRICS / name / "serve.json", result)
     write_jsonl(SERVED / f"{name}.jsonl", records)
+    server_log = SERVING_METRICS / name / "server.log"
+    if not server_log.exists():  # a recorded skip started no server; the log (a DVC output) says so
+        server_log.write_text(f"no server started: {result.get('skipped') or result.get('failed')}\n")
     sr = result.get("sustainable_rate") or {}
     lo, hi = sr.get("bracket") or [None, None]
     log.info("serve %s: %s -> %s", name, result.get("skipped") or result.get("failed") or f"sustainable rate {sr.get('bound')} {lo if lo is not None else hi} req/s",

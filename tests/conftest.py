@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def isolated_checkpoints(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture()
+def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """data/models with the tiny model as `tiny`, for stages that look models up by name."""
+    import common
+    import techniques
+
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
+    monkeypatch.setattr(techniques, "MODELS", tmp_path)
+    monkeypatch.setattr(common, "MODELS", tmp_path)
+    return tmp_path

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import ROOT
 from generate import generate
-from test_generate import BASE_PARAMS, models_dir  # noqa: F401  (fixture)
+from test_generate import BASE_PARAMS
 
 
 def test_a_10000_token_summary_is_set_aside_and_counted(models_dir: Path) -> None:  # noqa: F811

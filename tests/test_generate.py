@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import common
 from common import InputError
 from generate import generate
 
@@ -23,17 +21,6 @@ BASE_PARAMS: dict[str, Any] = {
 }
 ROWS = [{"id": f"r{i}", "summary": s, "reference": "city council vote"} for i, s in
         enumerate(["the city council vote on new news", "a new summary of the news in the city", "council vote for a new city"])]
-
-
-@pytest.fixture()
-def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(tiny_llama, tmp_path / "tiny")
-    (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
-    import techniques
-
-    monkeypatch.setattr(techniques, "MODELS", tmp_path)
-    monkeypatch.setattr(common, "MODELS", tmp_path)
-    return tmp_path
 
 
 def test_generate_records_and_timings(models_dir: Path) -> None:

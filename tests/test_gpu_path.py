@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,6 @@ from common import InputError
 from conftest import ROOT, make_tiny_llama
 from hardware import bandwidth_share, card_bandwidth, kv_bytes_per_token
 from test_generate import BASE_PARAMS, ROWS
-
-
-@pytest.fixture()
-def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    shutil.copytree(tiny_llama, tmp_path / "tiny")
-    (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
-    monkeypatch.setattr(techniques, "MODELS", tmp_path)
-    monkeypatch.setattr(common, "MODELS", tmp_path)
-    return tmp_path
 
 
 def stage_dir(tmp_path: Path, models_dir: Path, params: dict[str, Any]) -> Path:
