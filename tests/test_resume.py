@@ -18,7 +18,7 @@ import yaml
 import checkpoint
 from conftest import ROOT
 from generate import generate
-from test_generate import BASE_PARAMS, models_dir  # noqa: F401  (fixture)
+from test_generate import BASE_PARAMS
 
 ROWS = [{"id": f"r{i}", "summary": f"the city council vote number {i} on the new budget", "reference": "council vote"} for i in range(5)]
 
