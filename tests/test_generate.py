@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from common import InputError
-from generate import generate
+from headline_bench.benchmark import generate
+from headline_bench.errors import InputError
 
 BASE_PARAMS: dict[str, Any] = {
     "base": {"seed": 1, "model": "tiny", "target": "tiny", "dtype": "float32", "device": "cpu"},

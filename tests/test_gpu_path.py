@@ -15,25 +15,26 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
-import common
-import compress
-import generate
-import models
-import techniques
-import tp
-from backends import hf_generate
-from common import InputError
-from conftest import ROOT, make_tiny_llama
-from hardware import bandwidth_share, card_bandwidth, kv_bytes_per_token
 from test_generate import BASE_PARAMS, ROWS
+
+from conftest import ROOT, make_tiny_llama, stage, use_models_dir
+from headline_bench import errors, files
+from headline_bench.backends import transformers as hf_engine
+from headline_bench.backends.transformers import hf_generate
+from headline_bench.errors import InputError
+from headline_bench.measure.roofline import bandwidth_share, card_bandwidth, kv_bytes_per_token
+from headline_bench.models import convert as models
+from headline_bench.models import ref
+from headline_bench.techniques import config as techniques
+from headline_bench.techniques import prune as compress
+from headline_bench.techniques import tensor_parallel as tp
 
 
 def stage_dir(tmp_path: Path, models_dir: Path, params: dict[str, Any]) -> Path:
     """A folder laid out like the repo for running generate.main() in-process."""
     work = tmp_path / "work"
     (work / "data" / "prepared").mkdir(parents=True)
-    common.write_jsonl(work / "data" / "prepared" / "test.jsonl", ROWS)
+    files.write_jsonl(work / "data" / "prepared" / "test.jsonl", ROWS)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     return work
 
@@ -45,14 +46,14 @@ def test_a_technique_that_raises_is_a_recorded_failure(models_dir: Path, tmp_pat
     def out_of_memory(*_: Any, **__: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(generate, "hf_setup", out_of_memory)
+    monkeypatch.setattr(hf_engine, "setup", out_of_memory)
     monkeypatch.setattr(sys, "argv", ["generate.py", "kv_cache"])
-    generate.main()  # no SystemExit: the stage succeeds so that DVC runs the other techniques
+    stage("generate").main()  # no SystemExit: the stage succeeds so that DVC runs the other techniques
     perf = json.loads(Path("metrics/techniques/kv_cache/perf.json").read_text())
     assert perf["failed"].startswith("OutOfMemoryError: CUDA out of memory")
     assert any("out_of_memory" in line for line in perf["traceback"]) and perf["config"]["name"] == "kv_cache"
     assert Path("data/generations/kv_cache.jsonl").read_text() == ""
-    from stats import headline
+    from headline_bench.analysis.rows import headline
 
     row = headline("kv_cache", perf, {"technique": "kv_cache", "failed": perf["failed"]})
     assert row["failed"] == perf["failed"] and row["skipped"].startswith("FAILED: OutOfMemoryError")
@@ -71,7 +72,7 @@ def test_tp_auto_is_settled_and_a_single_gpu_is_a_skip(models_dir: Path) -> None
     settled = tp.settle_size(cfg, "cpu", json.loads((models_dir / "tiny" / "config.json").read_text()))
     assert settled["parallel"] == {"tp_size": 2, "tp_size_setting": "auto"}  # tiny: 4 heads, 2 KV heads
     one = {**cfg, "parallel": {"tp_size": 1}}
-    with pytest.raises(common.Skip, match="no tp_size >= 2"):
+    with pytest.raises(errors.Skip, match="no tp_size >= 2"):
         techniques.check_hardware(one, "cpu")
     with pytest.raises(InputError, match="settled"):
         tp.tp_size(cfg)
@@ -83,7 +84,7 @@ def test_draft_length_is_set_where_transformers_reads_it(tiny_llama: Path) -> No
     target = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     draft = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    used = generate.configure_draft(draft, {"num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0})
+    used = hf_engine.configure_draft(draft, {"num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0})
     assert used == {"num_assistant_tokens": 3, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
     seen: list[tuple[int, Any]] = []
     build = target._get_candidate_generator
@@ -132,7 +133,7 @@ def test_2of4_prunes_layer_by_layer_without_masks(monkeypatch: pytest.MonkeyPatc
 
 
 def test_chat_template_date_is_fixed() -> None:
-    from prompts import build_prompt
+    from headline_bench.data.prompts import build_prompt
 
     class DatedTok:
         chat_template = "x"
@@ -153,7 +154,7 @@ def test_chat_template_date_is_fixed() -> None:
 
 def test_a_recipe_for_one_device_kind_is_a_skip_on_the_other(models_dir: Path) -> None:
     cfg = techniques.resolve({**BASE_PARAMS, "techniques": {"fast": {"only_on": "cuda"}}}, "fast")
-    with pytest.raises(common.Skip, match="only_on: cuda .* this run is on cpu"):
+    with pytest.raises(errors.Skip, match="only_on: cuda .* this run is on cpu"):
         techniques.check_hardware(cfg, "cpu")
     techniques.check_hardware({**cfg, "only_on": "cpu"}, "cpu")
 
@@ -182,11 +183,11 @@ def test_hub_models_are_pinned_not_copied(tiny_llama: Path, tmp_path: Path, monk
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    monkeypatch.setattr(techniques, "MODELS", tmp_path)
+    use_models_dir(monkeypatch, tmp_path)
     info = models.convert("hubby", {"hub_id": "org/model"}, tmp_path / "hubby")
     assert sorted(p.name for p in (tmp_path / "hubby").iterdir()) == ["source.json"]  # no weights re-saved
     assert info["revision"] == "0123abcd" * 5 and info["params"] > 0
-    assert techniques.model_path("hubby") == tiny_llama
+    assert ref.model_path("hubby") == tiny_llama
     assert calls[-1]["revision"] == "0123abcd" * 5 and calls[-1]["local_files_only"] is True
 
 

@@ -39,9 +39,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"
     repo.mkdir()
-    for item in ["dvc.yaml", "params.yaml", "stages", "data/sample", ".dvcignore"]:
+    for item in ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvcignore"]:
         src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")} if src.is_dir() else {}))
     params = committed_params()
     params["models"] = {"tiny": {"path": str(make_tiny_llama(tmp / "tiny"))}, "tiny_target": {"path": str(make_tiny_llama(tmp / "tiny_target", seed=3))}}
     params["base"].update(model="tiny", target="tiny_target")

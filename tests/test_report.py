@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import report
+from headline_bench.render import report
 
 ENV = {"python": "3.11.9", "torch": "2.13.0", "transformers": "5.24.0", "cpu": "Fake CPU", "cpu_count": 2, "torch_threads": 2,
        "device": "cpu (Fake CPU, 2 cores)", "gpu_count": 0}

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
-
-import checkpoint
-from conftest import ROOT
-from generate import generate
 from test_generate import BASE_PARAMS
+
+from conftest import ROOT
+from headline_bench.benchmark import generate
+from headline_bench.measure import checkpoints as checkpoint
 
 ROWS = [{"id": f"r{i}", "summary": f"the city council vote number {i} on the new budget", "reference": "council vote"} for i in range(5)]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from schema import check
+from headline_bench.settings import check
 
 PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -46,7 +46,7 @@ def test_team_keys_are_accepted() -> None:
     params["techniques"]["tp_auto"] = {"parallel": {"tp_size": "auto"}, "device_map": "auto", "max_memory": {0: "10GiB", "cpu": "30GiB"}}
     params["techniques"]["empty"] = None
     params["serve"] = {"anything": 1}
-    params["serving"] = {"engine": {"backend": "vllm"}}
+    params["serving"] = {"engine": {"engine": "vllm"}}
     assert check(params) == []
 
 
@@ -83,7 +83,7 @@ def test_unknown_keys_are_rejected_with_the_allowed_ones() -> None:
     problems = check(params)
     assert "prepare.sumary_column: unknown key; allowed: dedupe, encoding, header, headline_column, id_column, n, shuffle, source, split, summary_column" in problems
     assert any(p.startswith("techniques.quant4.quantize.bitz: unknown key; allowed: bits,") for p in problems)
-    assert any(p.startswith("techniques.kv_cache.refrence: unknown key; allowed: backend, batch_size,") for p in problems)
+    assert any(p.startswith("techniques.kv_cache.refrence: unknown key; allowed: batch_size, compile,") for p in problems)
     assert any(p.startswith("scores: unknown key; allowed: base,") for p in problems)
     assert len(problems) == 4
 

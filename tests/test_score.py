@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from score import EPS, ROUGE_MODULE, fidelity, rouge, score, token_check
-from stats import paired_bootstrap
+from headline_bench.analysis.stats import paired_bootstrap
+from headline_bench.quality.fidelity import EPS, fidelity, token_check
+from headline_bench.quality.rouge import ROUGE_MODULE, rouge
+from headline_bench.quality.score import score
 
 PREDS = ["council freezes taxes", "storm closes schools", "new park opens downtown"]
 REFS = ["council freezes property taxes", "storm closes all schools", "city opens new park"]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import serve
-from goodput import level_summary, next_rate, summarize, sustainable_rate
-from loadgen import poisson_arrivals, run_concurrency, run_rate, stream_request
-from servers import Server, ServerError, free_port, group_alive
+
+from headline_bench.serving import run as serve
+from headline_bench.serving.goodput import level_summary, next_rate, summarize, sustainable_rate
+from headline_bench.serving.loadgen import poisson_arrivals, run_concurrency, run_rate, stream_request
+from headline_bench.serving.server import Server, ServerError, free_port, group_alive
 
 FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
 SLO = {"ttft_s": 2.0, "tpot_s": 0.1, "share": 0.99}
@@ -99,7 +100,7 @@ def test_rate_search_edges():
 # --- client-side timing from a scripted stream -------------------------------------------------------------------
 
 async def one(url: str, payload: dict, timeout_s: float = 5.0):
-    from loadgen import new_session
+    from headline_bench.serving.loadgen import new_session
 
     async with new_session(timeout_s) as session:
         return await stream_request(session, url, payload, timeout_s, 0, time.perf_counter())
@@ -191,7 +192,7 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
 
 
 def test_unknown_entry_or_engine_is_an_input_error():
-    from common import InputError
+    from headline_bench.errors import InputError
 
     params = {"base": {"model": "m"}, "serving": {"x": {"engine": "nope"}}}
     with pytest.raises(InputError, match="unknown serving entry 'y'"):
@@ -227,7 +228,8 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
 # --- serving report --------------------------------------------------------------------------------------------
 
 def test_serving_report_table_recommendation_and_charts(tmp_path):
-    import serve_report
+    from headline_bench.render import serving as serve_report
+    from headline_bench.serving import summary as serving_summary
 
     def lv(kind, value, share, ttft=0.2):
         return {"level": f"{kind} {value:g}", "kind": kind, kind: value, "sent": 10, "ok": 10, "errors": 0, "timeouts": 0, "good": round(10 * share),
@@ -243,12 +245,11 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
     results = {"fast": result("transformers", {1: 1.0, 2: 1.0, 4: 0.2}), "slow": result("llama_cpp_python", {1: 1.0, 2: 0.5}),
                "gpu": {"config": {"engine": "vllm"}, "skipped": "vLLM needs a CUDA GPU"},
                "dead": {"config": {"engine": "transformers"}, "failed": "ServerError: exited", "levels": []}}
-    summary = serve_report.summarize(list(results), results, SLO)
+    summary = serving_summary.summarize(list(results), results, SLO)
     assert summary["recommendation"]["choice"] == "fast" and summary["recommendation"]["runner_up"] == "slow"
     text = serve_report.render(summary, "serving_report/")
     assert "**Online serving: fast** (2 req/s (fails at 4" in text and "skipped: vLLM needs a CUDA GPU" in text and "failed: ServerError" in text
     assert "max 0.200 (n=10)" in text and "9/10 vs kv_cache" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
     serve_report.write_charts(summary["entries"], SLO, tmp_path)
     assert all((tmp_path / name).stat().st_size > 0 for name in (*serve_report.CHARTS, "latency_vs_load.json", "goodput_vs_rate.json"))
-    assert serve_report.recommend_online([summary["entries"][2]])["choice"] is None
-    assert serve_report.serving_section(tmp_path / "missing.json") == ""
+    assert serving_summary.recommend_online([summary["entries"][2]])["choice"] is None

@@ -8,23 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from stats import (
-    apply_verdicts,
-    bootstrap_means,
-    cdf_points,
-    clean,
-    excluded,
-    headline,
-    holm,
-    paired_bootstrap,
-    paired_ratio,
-    paired_test,
-    pareto_front,
-    quality_state,
-    recommend,
-    rows_to_decide,
-    usd_per_million,
-)
+from headline_bench.analysis.recommend import excluded, pareto_front, recommend
+from headline_bench.analysis.rows import headline, usd_per_million
+from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, paired_bootstrap, paired_ratio, paired_test
+from headline_bench.analysis.verdicts import apply_verdicts, holm, quality_state, rows_to_decide
 
 
 def row(name: str, p50: float, rl: float, lo: float, hi: float, mem: float = 1000.0, tps: float = 10.0, **extra: object) -> dict:

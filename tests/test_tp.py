@@ -14,10 +14,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tp
-from backends import hf_generate
-from common import InputError, Skip
-from generate import generate
+from headline_bench.backends.transformers import hf_generate
+from headline_bench.benchmark import generate
+from headline_bench.errors import InputError, Skip
+from headline_bench.techniques import tensor_parallel as tp
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Generate a headline: council freezes taxes\nHeadline:", "Generate a headline: the senator retires\nHeadline:"]
@@ -25,12 +25,11 @@ PROMPTS = ["Generate a headline: council freezes taxes\nHeadline:", "Generate a 
 RANK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-sys.path.insert(0, os.environ["TP_TEST_STAGES"])
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import tp
-from backends import hf_generate
-from trackers import MemoryTracker
+from headline_bench.techniques import tensor_parallel as tp
+from headline_bench.backends.transformers import hf_generate
+from headline_bench.measure.trackers import MemoryTracker
 
 cfg = {"name": sys.argv[1], "parallel": {"tp_size": int(os.environ["WORLD_SIZE"])}}
 path = os.environ["TP_TEST_MODEL"]
@@ -39,7 +38,7 @@ tok = AutoTokenizer.from_pretrained(path)
 memory = MemoryTracker("cpu")
 with memory.track():
     gens = [g for p in json.loads(os.environ["TP_TEST_PROMPTS"]) for g in hf_generate(model, tok, [p], "cpu", max_new_tokens=8, min_new_tokens=8)]
-from compress import weight_bytes
+from headline_bench.measure.weights import weight_bytes
 perf = tp.merge_ranks({"peak_rss_mb": memory.get_memory().peak_rss_mb, "latency_s_mean": sum(g.latency_s for g in gens) / len(gens),
                        "weight_mb": weight_bytes(model) / 2**20})
 if tp.rank() == 0:
@@ -57,12 +56,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_needs_launch_only_for_hf_tp_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 2}})
-    assert not tp.needs_launch({"backend": "hf"}) and not tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 1}})
-    assert not tp.needs_launch({"backend": "vllm", "parallel": {"tp_size": 2}})  # vLLM shards by itself
+    assert tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 2}})
+    assert not tp.needs_launch({"engine": "transformers"}) and not tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 1}})
+    assert not tp.needs_launch({"engine": "vllm", "parallel": {"tp_size": 2}})  # vLLM shards by itself
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not tp.needs_launch({"backend": "hf", "parallel": {"tp_size": 2}})  # already a rank
+    assert not tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 2}})  # already a rank
 
 
 def test_launch_command_single_and_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +112,7 @@ def test_two_gloo_ranks_give_single_process_tokens(tiny_llama: Path, tmp_path: P
     """Real TP on CPU: each rank holds half of every sharded matrix, and greedy tokens are unchanged."""
     out, script = tmp_path / "rank0.json", tmp_path / "tp_rank.py"
     script.write_text(RANK_SCRIPT)
-    for key, value in {"TP_TEST_MODEL": str(tiny_llama), "TP_TEST_OUT": str(out), "TP_TEST_STAGES": str(ROOT / "stages"),
+    for key, value in {"TP_TEST_MODEL": str(tiny_llama), "TP_TEST_OUT": str(out),
                        "TP_TEST_PROMPTS": json.dumps(PROMPTS)}.items():
         monkeypatch.setenv(key, value)
     assert tp.launch("tp_test", 2, script) == 0
@@ -126,7 +125,7 @@ def test_two_gloo_ranks_give_single_process_tokens(tiny_llama: Path, tmp_path: P
     assert len(perf["peak_rss_mb_per_rank"]) == 2 and perf["peak_rss_mb"] == pytest.approx(sum(perf["peak_rss_mb_per_rank"]))
     # weight bytes per rank: each rank holds its shard of every split matrix (the decoder linears, and the
     # embedding and lm_head split by vocabulary) plus its own copy of the rest (norms, rotary buffers)
-    from compress import weight_bytes
+    from headline_bench.measure.weights import weight_bytes
 
     single = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     split = sum(m.weight.numel() * 4 for m in single.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
@@ -137,14 +136,6 @@ def test_two_gloo_ranks_give_single_process_tokens(tiny_llama: Path, tmp_path: P
     assert perf["weight_mb"] == pytest.approx(sum(perf["weight_mb_per_rank"]))
 
 
-def hooks_missing() -> str:
-    gen, tech = (ROOT / "stages/generate.py").read_text(), (ROOT / "stages/techniques.py").read_text()
-    missing = [f for f, ok in (("generate.py: tp.needs_launch/tp.merge_ranks", "tp.needs_launch" in gen and "tp.merge_ranks" in gen),
-                               ("techniques.py: tp.load_kwargs", "tp.load_kwargs" in tech)) if not ok]
-    return ", ".join(missing)
-
-
-@pytest.mark.skipif(bool(hooks_missing()), reason=f"tensor parallel hooks not wired in yet: {hooks_missing()}")
 def test_generate_stage_relaunches_itself_under_torchrun(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`python stages/generate.py tp2` in a repo-shaped folder: torchrun, 2 ranks, rank 0 writes, same tokens as kv_cache."""
     shutil.copytree(tiny_llama, tmp_path / "data/models/tiny")

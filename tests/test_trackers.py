@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trackers import Latency, LatencyTracker, MemoryTracker, TokenTimer
+from headline_bench.measure.trackers import Latency, LatencyTracker, MemoryTracker, TokenTimer
 
 
 def test_latency_tracker_measures_sleep() -> None:
@@ -77,7 +77,7 @@ def test_hf_generate_ttft_includes_the_prefill(tiny_llama) -> None:
     """A forward pass over the whole prompt (the prefill) that takes 0.3 s must show in TTFT, not in TPOT."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends import hf_generate
+    from headline_bench.backends.transformers import hf_generate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)

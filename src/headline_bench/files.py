@@ -1,0 +1,86 @@
+"""Where the pipeline's files live and how they are read and written (JSON, JSON Lines)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from headline_bench.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the package is installed editable from src/)
+PACKAGE = Path(__file__).resolve().parent
+
+
+PARAMS = Path("params.yaml")
+
+
+PREPARED = Path("data/prepared")
+
+
+MODELS = Path("data/models")
+
+
+GENERATIONS = Path("data/generations")
+
+
+METRICS = Path("metrics")
+
+
+TECHNIQUE_METRICS = METRICS / "techniques"
+SERVING_METRICS = METRICS / "serving"
+SERVING_REPORT = METRICS / "serving_report"
+SERVED = Path("data/served")
+
+
+def read_jsonl(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
+    """Read JSON Lines; a broken line or undecodable bytes are an InputError naming file and line, not a traceback."""
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise InputError(undecodable(path, i, raw, e, encoding)) from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{i}: broken JSON line ({e.msg})") from None
+    return rows
+
+
+def undecodable(path: Path, line: int, raw: bytes, error: UnicodeDecodeError, encoding: str) -> str:
+    """The one-line message for bytes that are not `encoding`, with the encoding that reads them."""
+    bad = raw[error.start : error.end]
+    guess = next((enc for enc in ("utf-8", "cp1252", "latin-1") if enc != encoding and _decodes(raw, enc)), "latin-1")
+    return f"{path}:{line}: byte(s) {bad.hex(' ')} are not {encoding}; set prepare.encoding (this line reads as {guess})"
+
+
+def _decodes(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=False)
+        f.write("\n")

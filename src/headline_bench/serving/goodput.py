@@ -1,0 +1,125 @@
+"""Serving maths: latency summaries, goodput under latency targets and the search for the highest sustainable
+request rate. Pure functions over plain dicts, so the serve stage and the tests share one definition.
+
+Definitions (stated in the report):
+- TTFT: request sent -> first streamed chunk with text. E2E: request sent -> last chunk.
+- ITL: every gap between consecutive text chunks; a chunk that carries several tokens is one gap.
+- TPOT per request: (E2E - TTFT) / (output tokens - 1), MLPerf's definition; none for one-token outputs.
+- Goodput: requests that finished without error and met every SLO (TTFT <= ttft_s, TPOT <= tpot_s), per second
+  of the level's wall time; goodput share: those requests over all requests sent (errors and time-outs count)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Level = dict[str, Any]
+
+
+PCTS = (50, 90, 99)
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """n, mean, P50, P90 and P99 (numpy linear interpolation), plus the maximum.
+
+    Below 100 samples a P99 is the top sample or an interpolation of the top two, so `p99` is left out
+    there and the report shows `max` instead.
+    """
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"n": 0}
+    out: dict[str, Any] = {"n": int(v.size), "mean": float(v.mean()), "max": float(v.max())}
+    for p, q in zip(PCTS, np.percentile(v, PCTS)):
+        if p < 99 or v.size >= 100:
+            out[f"p{p}"] = float(q)
+    return out
+
+
+def tpot(e2e_s: float | None, ttft_s: float | None, tokens: int) -> float | None:
+    """MLPerf's time per output token: the decode time spread over the tokens after the first."""
+    if e2e_s is None or ttft_s is None or tokens < 2:
+        return None
+    return (e2e_s - ttft_s) / (tokens - 1)
+
+
+def meets_slo(request: dict[str, Any], slo: dict[str, float]) -> bool:
+    """A request counts toward goodput when it finished without error and met both latency targets."""
+    if request.get("error") or request.get("ttft_s") is None:
+        return False
+    t = request.get("tpot_s")
+    return request["ttft_s"] <= slo["ttft_s"] and (t is None or t <= slo["tpot_s"])
+
+
+def level_summary(requests: list[dict[str, Any]], wall_s: float, slo: dict[str, float]) -> Level:
+    """The numbers of one load level.
+
+    Args:
+        requests: one dict per request sent (ttft_s, e2e_s, tpot_s, itl_s list, tokens, error, timed_out).
+        wall_s: from the level's start to the last request's end.
+        slo: {ttft_s, tpot_s, share}.
+    """
+    ok = [r for r in requests if not r.get("error")]
+    good = [r for r in requests if meets_slo(r, slo)]
+    wall = max(wall_s, 1e-9)
+    tokens = sum(r.get("tokens") or 0 for r in ok)
+    return {
+        "sent": len(requests), "ok": len(ok), "errors": sum(bool(r.get("error")) and not r.get("timed_out") for r in requests),
+        "timeouts": sum(bool(r.get("timed_out")) for r in requests), "good": len(good), "wall_s": wall_s,
+        "request_throughput": len(ok) / wall, "output_token_throughput": tokens / wall,
+        "goodput": len(good) / wall, "goodput_share": len(good) / len(requests) if requests else None,
+        "ttft_s": summarize([r.get("ttft_s") for r in ok]), "tpot_s": summarize([r.get("tpot_s") for r in ok]),
+        "itl_s": summarize([g for r in ok for g in r.get("itl_s") or []]), "e2e_s": summarize([r.get("e2e_s") for r in ok]),
+        "output_tokens": summarize([r.get("tokens") for r in ok]),
+    }
+
+
+def passes(level: Level, share: float) -> bool:
+    return level.get("goodput_share") is not None and level["goodput_share"] >= share
+
+
+def bracket(levels: list[Level], share: float) -> tuple[float | None, float | None]:
+    """(highest passing rate below the lowest failing one, lowest failing rate) over the measured rate levels.
+
+    Goodput share is taken to fall as the rate rises, so a pass above the lowest failure is noise and is
+    not trusted.
+    """
+    rated = sorted((lv for lv in levels if lv.get("rate") is not None), key=lambda lv: lv["rate"])
+    fail = next((lv["rate"] for lv in rated if not passes(lv, share)), None)
+    ok = [lv["rate"] for lv in rated if passes(lv, share) and (fail is None or lv["rate"] < fail)]
+    return (ok[-1] if ok else None), fail
+
+
+def next_rate(levels: list[Level], share: float, min_gap: float) -> float | None:
+    """The next rate to measure: the midpoint of the pass/fail bracket while it is wider than `min_gap` (relative).
+
+    With no passing rate it halves the lowest failing one; with no failing rate there is nothing to search
+    (the answer is "at least the highest rate measured").
+    """
+    lo, hi = bracket(levels, share)
+    if hi is None:
+        return None
+    if lo is None:
+        return hi / 2
+    return (lo + hi) / 2 if (hi - lo) / hi > min_gap else None
+
+
+def sustainable_rate(levels: list[Level], share: float) -> dict[str, Any]:
+    """The highest measured rate whose goodput share met `share`, with its bracket and an interpolated estimate.
+
+    Returns:
+        {"rate": measured rate or None, "bound": "measured" | "at least" (nothing failed) | "below" (nothing
+        passed: below the lowest rate tried) | "not measured", "bracket": [lo, hi], "interpolated": rate where the share line
+        between lo and hi crosses `share`, or None}.
+    """
+    lo, hi = bracket(levels, share)
+    by_rate = {lv["rate"]: lv for lv in levels if lv.get("rate") is not None}
+    interp = None
+    if lo is not None and hi is not None:
+        s_lo, s_hi = by_rate[lo]["goodput_share"], by_rate[hi]["goodput_share"]
+        interp = lo + (hi - lo) * (s_lo - share) / (s_lo - s_hi) if s_lo > s_hi else lo
+    if not by_rate:
+        bound = "not measured"
+    else:
+        bound = "at least" if hi is None else "below" if lo is None else "measured"
+    return {"rate": lo, "bound": bound, "bracket": [lo, hi], "interpolated": interp, "share": share}
