@@ -29,6 +29,16 @@ def files() -> list[Path]:
     return sorted(checkpoint.CHECKPOINTS.glob("*.jsonl"))
 
 
+def interrupted(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch, stop_after: int) -> Path:
+    """Run kv_cache until STOP_AFTER interrupts it; the checkpoint it leaves."""
+    monkeypatch.setenv(checkpoint.STOP_AFTER, str(stop_after))
+    with pytest.raises(KeyboardInterrupt):
+        generate("kv_cache", copy.deepcopy(params), ROWS)
+    monkeypatch.delenv(checkpoint.STOP_AFTER)
+    (path,) = files()
+    return path
+
+
 @pytest.mark.parametrize(("name", "stop_after", "resumed"), [("kv_cache", 2, 2), ("batched", 3, 4)])
 def test_interrupted_run_resumes_with_identical_predictions(models_dir: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                                              name: str, stop_after: int, resumed: int) -> None:
@@ -67,11 +77,7 @@ def test_a_changed_config_never_resumes_a_stale_checkpoint(models_dir: Path, mon
 
 def test_a_line_cut_by_the_interruption_is_rerun(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     params = copy.deepcopy(BASE_PARAMS)
-    monkeypatch.setenv(checkpoint.STOP_AFTER, "3")
-    with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
-    monkeypatch.delenv(checkpoint.STOP_AFTER)
-    (path,) = files()
+    path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text()[:-20])  # the third row's line half written
     _, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 2
@@ -142,17 +148,11 @@ def test_a_cut_line_is_trimmed_before_the_next_session_appends(models_dir: Path,
     finishes: every line of the file stays whole, and the predictions equal an uninterrupted run's."""
     params = copy.deepcopy(BASE_PARAMS)
     full, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
-    monkeypatch.setenv(checkpoint.STOP_AFTER, "3")
-    with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
-    (path,) = files()
+    path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text()[:-20])  # the third row's line half written, no newline
-    monkeypatch.setenv(checkpoint.STOP_AFTER, "1")
-    with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
+    assert interrupted(params, monkeypatch, 1) == path
     assert batch_ids(path) == [["r0"], ["r1"], ["r2"]]  # the cut line is gone, not glued to the new one
     assert all(json.loads(line) for line in path.read_text().splitlines())
-    monkeypatch.delenv(checkpoint.STOP_AFTER)
     records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
     assert [r["raw"] for r in records] == [r["raw"] for r in full]
     resume = perf["resume"]
@@ -163,11 +163,7 @@ def test_a_cut_line_is_trimmed_before_the_next_session_appends(models_dir: Path,
 
 def test_rows_whose_ids_do_not_match_are_rerun(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     params = copy.deepcopy(BASE_PARAMS)
-    monkeypatch.setenv(checkpoint.STOP_AFTER, "3")
-    with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
-    monkeypatch.delenv(checkpoint.STOP_AFTER)
-    (path,) = files()
+    path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text().replace('"ids": ["r1"]', '"ids": ["r4"]'))  # row 2's batch claims another row
     records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 1 and [r["id"] for r in records] == [r["id"] for r in ROWS]

@@ -60,7 +60,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     A technique that this machine cannot run returns no records and {"skipped": reason}.
     """
     cfg, device = settle(params, name)
-    env = env_info(cfg.get("engine", "transformers"))
+    env = env_info(cfg["engine"])
     head: dict[str, Any] = {"technique": name, "config": cfg, "env": env, "device": device}
     try:
         check_hardware(cfg, device)
@@ -108,7 +108,7 @@ def failure(name: str, params: dict[str, Any], error: BaseException) -> dict[str
     perf: dict[str, Any] = {"technique": name, "failed": f"{type(error).__name__}: {first}", "traceback": lines[-12:]}
     try:
         cfg = resolve(params, name)
-        perf |= {"config": cfg, "env": env_info(cfg.get("engine", "transformers"))}
+        perf |= {"config": cfg, "env": env_info(cfg["engine"])}
     except Exception:  # the failure may be in resolving itself
         pass
     return assemble(Perf, perf)
@@ -146,7 +146,7 @@ def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]
 def launch_parallel(name: str, cfg: dict[str, Any], device: str) -> None:
     """Start tensor parallel ranks under torchrun; a technique they cannot run becomes a recorded skip, a failed
     launch a recorded failure, so the rest of the pipeline goes on."""
-    base = {"technique": name, "config": cfg, "env": env_info(cfg.get("engine", "transformers")), "device": device}
+    base = {"technique": name, "config": cfg, "env": env_info(cfg["engine"]), "device": device}
     try:
         check_hardware(cfg, device)
     except Skip as e:

@@ -42,11 +42,12 @@ def engine_version(engine: str) -> str:
         return f"{package} not installed"
 
 
-def env_info(engine: str = "transformers") -> dict[str, Any]:
+def env_info(engine: str | None = None) -> dict[str, Any]:
     """Hardware, library versions and thread settings of this process (the fingerprint's keys and a few more).
 
     Args:
-        engine: the technique's engine (backends.ENGINES); its package version is recorded as `engine`.
+        engine: the technique's engine (backends.ENGINES); its package version is recorded as `engine` (left out
+            when None, e.g. for a serving entry, whose serve.json names its engine itself).
     """
     import torch
     import transformers
@@ -56,13 +57,14 @@ def env_info(engine: str = "transformers") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "engine": engine_version(engine),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # None: unset (torch then uses every core)
         "platform": platform.platform(),
     }
+    if engine is not None:
+        info["engine"] = engine_version(engine)
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
