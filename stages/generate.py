@@ -4,6 +4,8 @@ data/generations/<technique>.jsonl (per-row predictions and timings) and metrics
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
+from typing import Any
 
 from headline_bench.benchmark import failure, generate, launch_parallel, settle, write_outputs
 from headline_bench.errors import InputError, Skip, fail
@@ -21,13 +23,23 @@ def main() -> None:
     name = sys.argv[1]
     params = load_params(required=["base", "generate", "prompt", "techniques"])
     try:
+        # one run of a technique at a time (its checkpoint and outputs); tensor parallel ranks other than 0 share rank 0's
+        with checkpoints.exclusive(name) if tp.rank() == 0 else nullcontext():
+            run(name, params)
+    except InputError as e:
+        fail(str(e))
+
+
+def run(name: str, params: dict[str, Any]) -> None:
+    """Generate one technique and write its outputs (rank 0 only under tensor parallel)."""
+    try:
         cfg, device = settle(params, name)
         if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
             return launch_parallel(name, cfg, device)
         rows = read_jsonl(PREPARED / "test.jsonl")
         records, perf = generate(name, params, rows)
-    except InputError as e:
-        fail(str(e))
+    except InputError:
+        raise
     except KeyboardInterrupt:
         fail(f"{name}: interrupted; finished rows are kept under {checkpoints.CHECKPOINTS}/ and the next run resumes after them")
     except Skip as e:

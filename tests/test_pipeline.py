@@ -92,20 +92,24 @@ def test_experiment_focus_and_metrics_diff(repo: Path) -> None:
 
 
 def test_a_failing_rerun_keeps_the_finished_outputs(repo: Path) -> None:
-    """A bad setting makes generate@kv_cache fail; DVC would delete its outputs before running it, but they are
-    `persist: true`, so the finished technique's generations and metrics stay as they were."""
+    """A setting the schema lets through but generate() rejects (max_new_tokens -5) makes generate@kv_cache raise. Its
+    outputs are `persist: true` and good, so the stage fails instead of recording the failure over them: `dvc repro`
+    exits non-zero, the generations and metrics stay byte for byte, and dvc.lock is not updated (`dvc status` lists
+    the stage as changed)."""
     outs = ["data/generations/kv_cache.jsonl", "metrics/techniques/kv_cache/perf.json", "metrics/techniques/kv_cache/score.json"]
     before = {p: (repo / p).read_bytes() for p in outs}
     params_text = (repo / "params.yaml").read_text()
     params = yaml.safe_load(params_text)
-    params["techniques"]["kv_cache"] = {"reference": "baseline", "generate": {"num_beamz": 2}}
+    params["techniques"]["kv_cache"] = {"reference": "baseline", "generate": {"max_new_tokens": -5}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     try:
         out = subprocess.run(DVC + ["repro"], cwd=repo, capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode != 0
-        assert "unknown generate() argument 'num_beamz' (did you mean 'num_beams'?)" in out.stdout + out.stderr
+        text = out.stdout + out.stderr
+        assert "error: kv_cache failed: ValueError" in text and "last finished outputs" in text or "max_new_tokens" in text
         assert {p: (repo / p).read_bytes() for p in outs} == before
+        assert "generate@kv_cache" in json.loads(sh(DVC + ["status", "--json"], repo).stdout)
     finally:
         (repo / "params.yaml").write_text(params_text)
 

@@ -127,3 +127,31 @@ def test_baseline_focus_has_no_what_changed(tmp_path: Path, monkeypatch: pytest.
     names, perfs, scores, prepare, gens = fake_metrics()
     report.report(names, perfs, scores, prepare, gens, "baseline", 3, 0.01)
     assert "What changed" not in (tmp_path / "metrics/report.md").read_text()
+
+
+def test_environments_are_listed_and_a_mix_is_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quant8 timed with 1 torch thread, the rest with 2, and kv_cache resumed: the header names both environments with
+    their techniques, warns, and flags the resumed technique; summary.json carries the same."""
+    monkeypatch.chdir(tmp_path)
+    names, perfs, scores, prepare, gens = fake_metrics()
+    env = ENV | {"host": "box", "engine": "transformers 5.24.0", "omp_num_threads": None}
+    for name in FAKE:
+        perfs[name]["env"] = env
+    perfs["quant8"]["env"] = env | {"torch_threads": 1, "omp_num_threads": "1"}
+    perfs["kv_cache"]["resume"] = {"sessions": 2, "resumed_rows": 5, "resumed_ids": [], "session_envs": []}
+    summary = report.report(names, perfs, scores, prepare, gens, "kv_cache", 3, 0.01, 2.0)
+    md = (tmp_path / "metrics/report.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("- Environment ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("- Environment A: host box") and "torch threads 2" in lines[0] and lines[0].endswith("baseline, kv_cache, prune_l1, target_only")
+    assert "torch threads 1, OMP_NUM_THREADS 1" in lines[1] and lines[1].endswith(": quant8")
+    assert "**Warning: techniques were measured in 2 different environments (they differ in: torch_threads, omp_num_threads)" in md
+    assert "**Resumed: kv_cache** (2 sessions): 5 row(s)" in md
+    assert [g["techniques"] for g in summary["environments"]] == [["baseline", "kv_cache", "prune_l1", "target_only"], ["quant8"]]
+    assert summary["environment_warning"] and summary["techniques"]["quant8"]["environment"] == "B"
+    assert summary["techniques"]["kv_cache"]["resumed_rows"] == 5
+
+
+def test_one_environment_has_no_warning(built: Path) -> None:
+    md = (built / "metrics/report.md").read_text()
+    assert len([line for line in md.splitlines() if line.startswith("- Environment ")]) == 1 and "Warning" not in md

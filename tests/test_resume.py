@@ -18,13 +18,25 @@ from test_generate import BASE_PARAMS
 
 from conftest import ROOT
 from headline_bench.benchmark import generate
+from headline_bench.errors import InputError
 from headline_bench.measure import checkpoints as checkpoint
+from headline_bench.measure.environment import env_info
 
 ROWS = [{"id": f"r{i}", "summary": f"the city council vote number {i} on the new budget", "reference": "council vote"} for i in range(5)]
 
 
 def files() -> list[Path]:
     return sorted(checkpoint.CHECKPOINTS.glob("*.jsonl"))
+
+
+def interrupted(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch, stop_after: int) -> Path:
+    """Run kv_cache until STOP_AFTER interrupts it; the checkpoint it leaves."""
+    monkeypatch.setenv(checkpoint.STOP_AFTER, str(stop_after))
+    with pytest.raises(KeyboardInterrupt):
+        generate("kv_cache", copy.deepcopy(params), ROWS)
+    monkeypatch.delenv(checkpoint.STOP_AFTER)
+    (path,) = files()
+    return path
 
 
 @pytest.mark.parametrize(("name", "stop_after", "resumed"), [("kv_cache", 2, 2), ("batched", 3, 4)])
@@ -65,11 +77,7 @@ def test_a_changed_config_never_resumes_a_stale_checkpoint(models_dir: Path, mon
 
 def test_a_line_cut_by_the_interruption_is_rerun(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     params = copy.deepcopy(BASE_PARAMS)
-    monkeypatch.setenv(checkpoint.STOP_AFTER, "3")
-    with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
-    monkeypatch.delenv(checkpoint.STOP_AFTER)
-    (path,) = files()
+    path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text()[:-20])  # the third row's line half written
     _, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 2
@@ -97,7 +105,8 @@ def test_stage_killed_after_k_rows_then_rerun(tiny_llama: Path, tmp_path: Path) 
     stage_repo(tmp_path, tiny_llama, {"kv_cache": {}, "kv_copy": {}})
     out = run_generate(tmp_path, "kv_cache", **{checkpoint.STOP_AFTER: "2"})
     assert out.returncode != 0 and not (tmp_path / "data/generations/kv_cache.jsonl").exists()
-    assert len((tmp_path / ".cache/checkpoints").glob("kv_cache-*.jsonl").__next__().read_text().splitlines()) == 2
+    lines = [json.loads(x) for x in next((tmp_path / ".cache/checkpoints").glob("kv_cache-*.jsonl")).read_text().splitlines()]
+    assert [line["ids"] for line in lines if "gens" in line] == [["r0"], ["r1"]] and lines[0]["env"]["host"]  # the session's environment first
     rerun = run_generate(tmp_path, "kv_cache")
     assert rerun.returncode == 0
     assert not [line for line in rerun.stderr.splitlines() if "triton" in line or "pytree" in line or "Failed to load" in line]  # notices filtered
@@ -128,3 +137,101 @@ def test_a_technique_that_raises_is_a_recorded_failure(tiny_llama: Path, tmp_pat
     assert perf["failed"].split(":")[0].endswith("Error") and isinstance(perf["traceback"], list) and perf["traceback"]
     after = (tmp_path / "data/generations/kv_cache.jsonl").read_bytes(), (tmp_path / "metrics/techniques/kv_cache/perf.json").read_bytes()
     assert before == after
+
+
+def batch_ids(path: Path) -> list[list[str]]:
+    return [entry["ids"] for entry in map(json.loads, path.read_text().splitlines()) if "gens" in entry]
+
+
+def test_a_cut_line_is_trimmed_before_the_next_session_appends(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Session 1 stops after 3 rows with its last line cut; session 2 trims it, appends one row and stops; session 3
+    finishes: every line of the file stays whole, and the predictions equal an uninterrupted run's."""
+    params = copy.deepcopy(BASE_PARAMS)
+    full, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
+    path = interrupted(params, monkeypatch, 3)
+    path.write_text(path.read_text()[:-20])  # the third row's line half written, no newline
+    assert interrupted(params, monkeypatch, 1) == path
+    assert batch_ids(path) == [["r0"], ["r1"], ["r2"]]  # the cut line is gone, not glued to the new one
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+    records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    assert [r["raw"] for r in records] == [r["raw"] for r in full]
+    resume = perf["resume"]
+    assert resume["sessions"] == 3 and resume["resumed_rows"] == 3
+    assert [(s["session"], s["rows"]) for s in resume["session_envs"]] == [(1, 2), (2, 1), (3, 2)]
+    assert all(s["env"]["torch_threads"] for s in resume["session_envs"])
+
+
+def test_rows_whose_ids_do_not_match_are_rerun(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    params = copy.deepcopy(BASE_PARAMS)
+    path = interrupted(params, monkeypatch, 3)
+    path.write_text(path.read_text().replace('"ids": ["r1"]', '"ids": ["r4"]'))  # row 2's batch claims another row
+    records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    assert perf["resume"]["resumed_rows"] == 1 and [r["id"] for r in records] == [r["id"] for r in ROWS]
+
+
+def test_a_second_run_of_the_same_technique_stops_with_one_line(tiny_llama: Path, tmp_path: Path) -> None:
+    """While one run holds kv_cache's lock, a second one exits non-zero with one line and writes nothing; another
+    technique runs meanwhile."""
+    stage_repo(tmp_path, tiny_llama, {"kv_cache": {}, "kv_copy": {}})
+    lock_dir = tmp_path / ".cache/checkpoints"
+    lock_dir.mkdir(parents=True)
+    original = checkpoint.CHECKPOINTS
+    checkpoint.CHECKPOINTS = lock_dir
+    try:
+        with checkpoint.exclusive("kv_cache"):
+            with pytest.raises(InputError, match="another run of this technique is in progress"):
+                with checkpoint.exclusive("kv_cache"):
+                    pass
+            out = run_generate(tmp_path, "kv_cache")
+            other = run_generate(tmp_path, "kv_copy")
+    finally:
+        checkpoint.CHECKPOINTS = original
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1 and "kv_cache: another run of this technique is in progress (pid" in errors[0]
+    assert not (tmp_path / "data/generations/kv_cache.jsonl").exists()
+    assert other.returncode == 0 and (tmp_path / "data/generations/kv_copy.jsonl").exists()
+    assert run_generate(tmp_path, "kv_cache").returncode == 0  # released with the holder
+
+
+def test_clear_matches_the_technique_name_exactly() -> None:
+    checkpoint.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    for name in ("kv-0123456789abcdef.jsonl", "kv-big-0123456789abcdef.jsonl", "kv-fedcba9876543210.jsonl", "kv-notes.jsonl"):
+        (checkpoint.CHECKPOINTS / name).write_text("")
+    checkpoint.clear("kv")
+    assert sorted(p.name for p in checkpoint.CHECKPOINTS.iterdir()) == ["kv-big-0123456789abcdef.jsonl", "kv-notes.jsonl"]
+
+
+def test_the_key_covers_environment_and_gguf_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread count, device or library version, or another GGUF file under the same name: another key."""
+    from headline_bench.models import convert
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF one")
+    monkeypatch.setattr(convert, "locate_gguf", lambda spec: gguf)
+    params = copy.deepcopy(BASE_PARAMS) | {"models": {"tiny": {"gguf_package": "pkg", "gguf_file": "model.gguf"}}}
+    cfg = {"name": "llamacpp", "engine": "llama_cpp", "model_name": "tiny"}
+    env = env_info("llama_cpp")
+    first = checkpoint.key(cfg, params, ROWS, env)
+    assert checkpoint.key(cfg, params, ROWS, dict(env)) == first
+    for changed in ({"torch_threads": env["torch_threads"] + 1}, {"omp_num_threads": "7"}, {"device": "NVIDIA H200"}, {"torch": "9.9"},
+                    {"engine": "llama-cpp-python 0.0.1"}, {"host": "elsewhere"}):
+        assert checkpoint.key(cfg, params, ROWS, env | changed) != first, changed
+    gguf.write_bytes(b"GGUF two")
+    assert checkpoint.key(cfg, params, ROWS, env) != first
+    assert checkpoint.key({**cfg, "engine": "transformers"}, params, ROWS, env) != first  # other engines do not read the file
+
+
+def test_a_failing_rerun_keeps_the_good_outputs_and_fails_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
+    """kv_cache finished once; a rerun that raises (a setting generate() rejects) leaves its generations and perf.json
+    byte for byte and exits non-zero with one line naming the failure, so DVC keeps them and does not relock."""
+    params = stage_repo(tmp_path, tiny_llama, {"kv_cache": {}})
+    assert run_generate(tmp_path, "kv_cache").returncode == 0
+    outs = [tmp_path / "data/generations/kv_cache.jsonl", tmp_path / "metrics/techniques/kv_cache/perf.json"]
+    before = [p.read_bytes() for p in outs]
+    params["techniques"]["kv_cache"] = {"generate": {"max_new_tokens": -5}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_generate(tmp_path, "kv_cache")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and len(errors) == 1
+    assert errors[0].startswith("error: kv_cache failed: ValueError") and "last finished outputs" in errors[0]
+    assert [p.read_bytes() for p in outs] == before

@@ -10,11 +10,12 @@ import torch
 from headline_bench import backends
 from headline_bench.backends.base import Generation
 from headline_bench.data.prompts import prompts_for
-from headline_bench.errors import InputError, Skip
+from headline_bench.errors import InputError, Skip, fail
 from headline_bench.files import GENERATIONS, TECHNIQUE_METRICS, read_json, write_json, write_jsonl
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
+from headline_bench.measure.records import Perf, assemble, join
 from headline_bench.measure.roofline import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
 from headline_bench.measure.runner import run_repeats
 from headline_bench.measure.trackers import device_used_mb
@@ -59,13 +60,14 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     A technique that this machine cannot run returns no records and {"skipped": reason}.
     """
     cfg, device = settle(params, name)
-    perf: dict[str, Any] = {"technique": name, "config": cfg, "env": env_info(), "device": device}
+    env = env_info(cfg["engine"])
+    head: dict[str, Any] = {"technique": name, "config": cfg, "env": env, "device": device}
     try:
         check_hardware(cfg, device)
         generate_fn, tokenizer, info = backends.setup(cfg, params, device)
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
-        return [], {**perf, "skipped": str(e)}
+        return [], assemble(Perf, head, {"skipped": str(e)})
     source = model_source(cfg["model_name"])
     prompts, kept, too_long = prompts_for(rows, tokenizer, params, info.pop("max_input_tokens", 10**9))
     if not prompts:
@@ -75,7 +77,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     warmup = params["generate"]["warmup_runs"]
     if cfg.get("compile") and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
-    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, writer=tp.rank() == 0)
+    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0)
     gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)),
                                 after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
@@ -86,14 +88,14 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
     if ckpt.writer:
         checkpoint.clear(name)  # every row is in `records` now
-    perf.update(model=source, **info, samples=len(gens), rows_too_long=len(too_long), warmup_runs=warmup, **numbers, **after_run(), resume=ckpt.facts())
-    if source.get("random"):
-        perf["quality"] = "n/a (random weights)"
-    perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
-    perf.update(bandwidth(cfg, perf, gens, numbers, device))
+    # tensor parallel: memory and weight bytes summed over ranks (a deliberate replacement); a no-op in a single process
+    measured = tp.merge_ranks(join(info, numbers))
+    extra: dict[str, Any] = {"quality": "n/a (random weights)"} if source.get("random") else {}
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
-        perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
+        extra["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
+    perf = assemble(Perf, head, {"model": source, "samples": len(gens), "rows_too_long": len(too_long), "warmup_runs": warmup}, measured,
+                    after_run(), {"resume": ckpt.facts()}, extra, bandwidth(cfg, measured, gens, numbers, device))
     return records, perf
 
 
@@ -105,13 +107,33 @@ def failure(name: str, params: dict[str, Any], error: BaseException) -> dict[str
     first = (str(error).strip().splitlines() or [""])[0][:300]
     perf: dict[str, Any] = {"technique": name, "failed": f"{type(error).__name__}: {first}", "traceback": lines[-12:]}
     try:
-        perf |= {"config": resolve(params, name), "env": env_info()}
+        cfg = resolve(params, name)
+        perf |= {"config": cfg, "env": env_info(cfg["engine"])}
     except Exception:  # the failure may be in resolving itself
         pass
-    return perf
+    return assemble(Perf, perf)
+
+
+def good_outputs(name: str) -> bool:
+    """The technique's outputs on disk are a finished measurement (not a skip, a failure or nothing)."""
+    gens, perf_path = GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json"
+    try:
+        old = read_json(perf_path)
+    except (OSError, ValueError):
+        return False
+    return not (old.get("failed") or old.get("skipped")) and gens.exists() and gens.stat().st_size > 0
 
 
 def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]) -> None:
+    """Write the technique's generations and perf.json. A failure never replaces a finished measurement: where good
+    outputs exist, they stay untouched and the stage exits non-zero, so DVC keeps them (`persist: true`) and does not
+    record them in dvc.lock for the settings that failed; a failure with nothing good to keep is recorded (exit 0), so
+    the report shows it and the other techniques run."""
+    if "failed" in perf and good_outputs(name):
+        fail(f"{name} failed: {perf['failed']}; its last finished outputs ({GENERATIONS / name}.jsonl, {TECHNIQUE_METRICS / name}/perf.json, "
+             f"measured {read_json(TECHNIQUE_METRICS / name / 'perf.json').get('started_at', 'earlier')}) are kept and the stage fails, "
+             "so dvc.lock does not pair them with these settings")
+    perf = assemble(Perf, perf)  # every perf.json written is checked against its one definition
     write_jsonl(GENERATIONS / f"{name}.jsonl", records)
     write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
     if "skipped" in perf or "failed" in perf:
@@ -124,12 +146,12 @@ def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]
 def launch_parallel(name: str, cfg: dict[str, Any], device: str) -> None:
     """Start tensor parallel ranks under torchrun; a technique they cannot run becomes a recorded skip, a failed
     launch a recorded failure, so the rest of the pipeline goes on."""
-    base = {"technique": name, "config": cfg, "env": env_info(), "device": device}
+    base = {"technique": name, "config": cfg, "env": env_info(cfg["engine"]), "device": device}
     try:
         check_hardware(cfg, device)
     except Skip as e:
-        write_outputs(name, [], base | {"skipped": str(e)})
+        write_outputs(name, [], assemble(Perf, base, {"skipped": str(e)}))
         return
-    code = tp.launch(name, tp.tp_size(cfg))
+    code = tp.launch(name, tp.tp_size(cfg), env={checkpoint.LOCK_HELD: name})
     if code != 0:
-        write_outputs(name, [], base | {"failed": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"})
+        write_outputs(name, [], assemble(Perf, base, {"failed": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"}))

@@ -5,24 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from headline_bench.analysis.stats import finite
+from headline_bench.measure.records import Perf, row_keys
+from headline_bench.quality.records import Score
 
 Row = dict[str, Any]
 
 
-# perf.json / score.json keys copied as-is into a headline row (units are already in the names)
-PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99", "latency_s_max",
-             "latency_count", "ttft_s_p50", "tpot_s_p50", "samples_per_s", "tokens_per_s", "new_tokens_mean", "load_s", "acceptance_rate",
-             "compile_s", "sparsity_overall", "sparsity_all_params", "sparsity_layers", "draft_weight_mb", "weight_format", "tp_size",
-             "repeats", "tokens_per_s_spread", "latency_s_mean_spread", "rss_reset", "dtype", "quality",
-             "achieved_bandwidth_gbs", "bandwidth_share", "peak_bandwidth_gbs", "peak_bandwidth_source", "bytes_per_step_mb",
-             "energy_j_per_headline", "energy_j_per_token", "energy_source", "recompiles_in_timed_run", "compile_mode",
-             "sparse_kernels", "device_used_mb", "memory_note", "speculative_used")
+# perf.json / score.json keys copied as-is into a headline row (units are already in the names): the fields their
+# definitions mark row=True
+PERF_KEYS = row_keys(Perf)
 
 
-SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_low", "rougeL_high", "rows", "rows_set_aside", "rougeL_delta", "rougeL_delta_low",
-              "rougeL_delta_high", "rougeL_delta_p", "rougeL_delta_p_noninferior", "rougeL_delta_sd", "rougeL_delta_rows", "rougeL_baseline",
-              "noninferiority_margin", "margin_share", "lossless", "fidelity", "identical", "compared", "fidelity_reference",
-              "first_difference", "baseline_identical", "token_check", "confidence")
+SCORE_KEYS = row_keys(Score)
 
 
 def headline(name: str, perf: dict[str, Any], score: dict[str, Any]) -> Row:

@@ -71,14 +71,21 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         "warmup_s": warmup_s,
         "graphs_compiled_before_timing": graphs,
         "recompiles_in_timed_run": dynamo_graphs() - graphs,  # > 0: shapes changed and the timed run paid for compiling
-        "energy_j": energy.joules,
-        "energy_source": energy.reason,
-        "energy_j_per_headline": energy.joules / len(gens) if energy.joules is not None else None,
-        "energy_j_per_token": energy.joules / new_tokens if energy.joules is not None and new_tokens else None,
+        **energy_numbers(energy.joules, energy.reason, gens[len(done) :]),
         **{k: v for k, v in asdict(memory.get_memory()).items() if v is not None and k != "unit"},
         "rss_reset": memory.rss_reset,  # False: VmHWM could not be reset, so peak_rss_mb may be an earlier peak
     }
     return gens, perf
+
+
+def energy_numbers(joules: float | None, source: str, ran: list[Generation]) -> dict[str, Any]:
+    """Energy per headline and per token over the rows this session generated: the energy counter ran only while they
+    did, so rows resumed from an earlier session (whose energy is not known here) are not in the denominators."""
+    tokens = sum(g.new_tokens for g in ran)
+    return {"energy_j": joules, "energy_source": source,
+            "energy_j_per_headline": joules / len(ran) if joules is not None and ran else None,
+            "energy_j_per_token": joules / tokens if joules is not None and tokens else None,
+            "energy_scope": f"this session's {len(ran)} rows and {tokens} new tokens"}
 
 
 def spread(values: list[float]) -> float | None:

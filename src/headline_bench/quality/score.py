@@ -10,7 +10,9 @@ from headline_bench.analysis.stats import bootstrap_means, interval, paired_test
 from headline_bench.analysis.verdicts import quality_state, rows_to_decide
 from headline_bench.errors import InputError
 from headline_bench.files import GENERATIONS, TECHNIQUE_METRICS, read_json, read_jsonl
+from headline_bench.measure.records import assemble, join
 from headline_bench.quality.fidelity import fidelity, token_check
+from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
 from headline_bench.techniques.config import resolve
 
@@ -58,7 +60,7 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
     result["quality_state"] = quality_state(t["p_value"], t["p_noninferior"], t["delta"], confidence)
     result["rows_to_decide"] = rows_to_decide(t["delta"], t["sd"], margin * base_mean, confidence) if result["quality_state"] == "inconclusive" else None
     result["baseline_identical"] = fidelity(records, baseline)["fidelity"]
-    return result | fidelity(records, reference) | {"token_check": token_check(records, reference, dtype, near_tie_units)}
+    return join(result, fidelity(records, reference), {"token_check": token_check(records, reference, dtype, near_tie_units)})
 
 
 def score_technique(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def score_technique(name: str, params: dict[str, Any]) -> dict[str, Any]:
     perf = read_json(TECHNIQUE_METRICS / name / "perf.json")
     for outcome in ("skipped", "failed"):
         if outcome in perf:
-            return {"technique": name, outcome: perf[outcome]}
+            return assemble(Score, {"technique": name, outcome: perf[outcome]})
     records = read_jsonl(GENERATIONS / f"{name}.jsonl")
     ref_name = cfg["reference"] or "baseline"  # lossy techniques: fidelity to the baseline, for information
     ref_path = GENERATIONS / f"{ref_name}.jsonl"
@@ -77,9 +79,10 @@ def score_technique(name: str, params: dict[str, Any]) -> dict[str, Any]:
     if perf.get("quality"):
         scored = [r for r in records if r.get("token_ids")]
         check = token_check(scored, reference, perf.get("dtype"), s["near_tie_units"])
-        return {"technique": name, "quality": perf["quality"], "samples": len(scored), "fidelity_reference": ref_name,
-                "lossless": cfg["reference"] is not None, **fidelity(scored, reference, "token_ids"), "token_check": check}
+        return assemble(Score, {"technique": name, "quality": perf["quality"], "samples": len(scored), "fidelity_reference": ref_name,
+                                "lossless": cfg["reference"] is not None}, fidelity(scored, reference, "token_ids"), {"token_check": check})
     baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
     result = score(records, baseline, reference, s["seed"], s["bootstrap_samples"], s["confidence"], s["margin"], s["near_tie_units"],
                    perf.get("dtype"))
-    return {"technique": name, "fidelity_reference": ref_name, "lossless": cfg["reference"] is not None, "confidence": s["confidence"], **result}
+    return assemble(Score, {"technique": name, "fidelity_reference": ref_name, "lossless": cfg["reference"] is not None, "confidence": s["confidence"]},
+                    result)

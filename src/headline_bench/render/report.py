@@ -11,6 +11,7 @@ from headline_bench.analysis.stats import bootstrap_means, clean, finite, interv
 from headline_bench.analysis.verdicts import apply_verdicts
 from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_json, read_jsonl, write_json
 from headline_bench.logs import log
+from headline_bench.measure.environment import comparable, describe, fingerprint
 from headline_bench.render.markdown import f, table
 
 REPORT, SUMMARY, FOCUS, PLOTS = METRICS / "report.md", METRICS / "summary.json", METRICS / "focus.json", METRICS / "plots"
@@ -268,14 +269,54 @@ def recommendations(recs: list[Row], rows: list[Row], confidence: float) -> str:
                       not_eligible])
 
 
+def environments(perfs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct environments the measured techniques ran in (environment.comparable fingerprints), each with its
+    techniques and their engines, in params order. Skips and failures measured nothing, so they are left out."""
+    groups: list[dict[str, Any]] = []
+    for name, p in perfs.items():
+        if p.get("skipped") or p.get("failed") or not p.get("env"):
+            continue
+        fp = fingerprint(p["env"])
+        group = next((g for g in groups if g["fingerprint"] == comparable(fp)), None)
+        if group is None:
+            groups.append(group := {"label": chr(ord("A") + len(groups)), "fingerprint": comparable(fp), "techniques": [], "engines": {}})
+        group["techniques"].append(name)
+        group["engines"][name] = fp.get("engine")
+    return groups
+
+
+def environment_warning(groups: list[dict[str, Any]]) -> str | None:
+    """A warning naming what differs when the techniques were measured in more than one environment."""
+    if len(groups) < 2:
+        return None
+    differ = [k for k in groups[0]["fingerprint"] if len({str(g["fingerprint"].get(k)) for g in groups}) > 1]
+    return (f"techniques were measured in {len(groups)} different environments (they differ in: {', '.join(differ)}): speed, memory "
+            "and energy compare only within one environment, so ratios, ties and recommendations across them are not like for like")
+
+
+def resumed(perfs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{technique: resume facts} of the techniques whose rows came from more than one session."""
+    return {n: p["resume"] for n, p in perfs.items() if (p.get("resume") or {}).get("resumed_rows") and not p.get("skipped")}
+
+
 def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows: list[Row]) -> str:
+    """Where the numbers come from: one line per distinct environment naming its techniques (and a warning when
+    there are several), resumed techniques, the models and the data."""
+    groups = environments(perfs)
+    lines = []
+    for g in groups:
+        engines = sorted({f"{e} ({n})" for n, e in g["engines"].items() if e and not str(e).startswith("transformers ")})
+        lines.append(f"- Environment {g['label']}: {describe(g['fingerprint'])}: " + ", ".join(g["techniques"])
+                     + (f"; other engines: {', '.join(engines)}" if engines else ""))
+    warning = environment_warning(groups)
+    if warning:
+        lines.append(f"- **Warning: {warning}.**")
+    for name, r in resumed(perfs).items():
+        lines.append(f"- **Resumed: {name}** ({r.get('sessions')} sessions): {r['resumed_rows']} row(s) were generated and timed in an earlier "
+                     "session with the same settings and environment fingerprint (the resume key); warm-up, wall time, peak memory and energy "
+                     "are the last session's")
     ran = [p for p in perfs.values() if not p.get("skipped") and p.get("env")]
-    env = ran[0]["env"] if ran else next((p["env"] for p in perfs.values() if p.get("env")), {})
     models = {p["model"]["name"]: p["model"] for p in ran if p.get("model")}
-    cpu = f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores)"
-    device = env.get("device", "?") if str(env.get("device", "")).startswith("cpu") else f"{env.get('device', '?')}, {env.get('gpu_count', '?')} GPU(s); CPU {cpu}"
-    lines = [f"- Device: {device}; torch threads {env.get('torch_threads', '?')}",
-             f"- Python {env.get('python', '?')}, torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}"]
     for m in models.values():
         pin = (f"GGUF {m['gguf']} sha256 {m['sha256']}" if m.get("gguf") else f"seed {m.get('seed')}, initialised on {m.get('init_device')}"
                if m.get("random") else f"revision {m.get('revision', '?')}")
@@ -335,11 +376,17 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     sections += ["## Online serving", "Serving under load is its own pipeline branch (`serve` and `serve_report` stages), so that "
                  "rebuilding this report never starts a server: see [serving_report/report.md](serving_report/report.md)."]
     REPORT.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    groups = environments(perfs)
+    for g in groups:
+        for name in g["techniques"]:
+            by[name]["environment"] = g["label"]
+    for name, r in resumed(perfs).items():
+        by[name] |= {"resumed_rows": r["resumed_rows"], "sessions": r.get("sessions")}
     drop = ("technique", "first_difference", "token_check")
     techniques = {r["technique"]: {k: v for k, v in r.items() if k not in drop}
                   | ({"token_check": {k: v for k, v in r["token_check"].items() if k != "differing"}} if r.get("token_check") else {}) for r in rows}
-    summary = {"focus": focus, "env": env, "prepare": prepare, "confidence": confidence, "quality_comparisons": family, "pareto_front": front,
-               "recommendations": recs, "excluded": excluded(rows), "techniques": techniques}
+    summary = {"focus": focus, "env": env, "environments": groups, "environment_warning": environment_warning(groups), "prepare": prepare,
+               "confidence": confidence, "quality_comparisons": family, "pareto_front": front, "recommendations": recs, "excluded": excluded(rows), "techniques": techniques}
     write_json(SUMMARY, clean(summary))
     t = by[focus]
     write_json(FOCUS, clean({"technique": focus, "skipped": t["skipped"]} if t.get("skipped") else {"technique": focus} | {k: t.get(k) for k in FOCUS_KEYS}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ from headline_bench.files import ROOT
 from headline_bench.logs import log
 
 GENERATE = ROOT / "stages" / "generate.py"
+
+
+LOOPBACK = "127.0.0.1"
 
 
 MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "weight_mb")  # each rank holds its shard
@@ -59,12 +63,28 @@ def needs_launch(cfg: dict[str, Any]) -> bool:
     return cfg.get("engine", "transformers") == "transformers" and tp_size(cfg) > 1 and not under_torchrun()
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def single_node() -> bool:
+    """No multi-node rendezvous configured through torchrun's PET_* variables."""
+    return int(os.environ.get("PET_NNODES", "1")) == 1 and "PET_RDZV_ENDPOINT" not in os.environ
+
+
 def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[str]:
-    """`python -m torch.distributed.run ... <script> <technique>`; single node unless PET_NNODES says otherwise."""
+    """`python -m torch.distributed.run ... <script> <technique>`; single node unless PET_NNODES says otherwise.
+
+    On one node the rendezvous is torchrun's static one on 127.0.0.1 and a free port (`--master-addr/--master-port`),
+    not `--standalone`: that one is the c10d dynamic rendezvous, whose agents unpickle the rendezvous state they read
+    from a TCP store that listens on every interface."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     nodes = int(os.environ.get("PET_NNODES", "1"))
-    if nodes == 1 and "PET_RDZV_ENDPOINT" not in os.environ:
-        cmd.append("--standalone")  # local rendezvous on a free port: no clash with other jobs on 29500
+    if single_node():
+        cmd += ["--nnodes", "1", "--master-addr", LOOPBACK, "--master-port", str(free_port())]
     if "PET_NPROC_PER_NODE" not in os.environ:
         if size % nodes:
             raise InputError(f"tp_size {size} is not a multiple of PET_NNODES={nodes}")
@@ -72,20 +92,31 @@ def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[s
     return cmd + [str(script), technique]
 
 
-def launch(technique: str, size: int, script: Path = GENERATE) -> int:
+def launch_env(per_node: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The ranks' environment: cores shared between the ranks (no oversubscription) and, on one node, gloo and NCCL
+    bound to the loopback interface (their sockets then accept no connection from another machine). Values the
+    user set win."""
+    env = dict(os.environ) | (extra or {})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))
+    if single_node():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return env
+
+
+def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, str] | None = None) -> int:
     """Run `script technique` as `size` ranks under torchrun and return torchrun's exit code.
 
     Args:
         technique: the argument each rank's script gets (the technique name).
         size: tensor parallel size (total ranks over all nodes).
         script: the rank entry point; generate.py itself in the pipeline.
+        env: extra environment for the ranks (the checkpoint lock the launcher holds).
     """
     cmd = launch_command(technique, size, script)
-    env = dict(os.environ)
     per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))  # share the cores, don't oversubscribe
     log.info("%s: tensor parallel over %d ranks: %s", technique, size, " ".join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=launch_env(per_node, env)).returncode
 
 
 def init(cfg: dict[str, Any], device: str) -> None:
@@ -138,13 +169,20 @@ def merge_memory(perf: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str,
 def merge_ranks(perf: dict[str, Any]) -> dict[str, Any]:
     """Collective: every rank calls it after generating and gets its perf with memory summed over ranks;
     rank 0's is the one written. A no-op outside torchrun. Ends the process group, so call it once, last.
+
+    The ranks exchange a float tensor of MEMORY_KEYS (NaN for a missing value), never pickled objects: unpickling
+    what a peer sends would run whatever it sends.
     """
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return perf
-    ranks: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, {k: perf.get(k) for k in MEMORY_KEYS})
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.tensor([math.nan if perf.get(k) is None else float(perf[k]) for k in MEMORY_KEYS], dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    ranks = [{k: None if math.isnan(v) else v for k, v in zip(MEMORY_KEYS, t.tolist())} for t in gathered]
     merged = merge_memory(perf, ranks) | {"tp_size": dist.get_world_size(), "tp_backend": dist.get_backend()}
     dist.destroy_process_group()
     return merged

@@ -1,0 +1,62 @@
+"""score.json: one definition of every field a technique's quality record may hold (built with measure.records.assemble,
+so a key set twice or an undeclared key is an error). JSON keys are unchanged, so `dvc metrics diff` still lines up;
+fields marked `row=True` go into the report's headline row (analysis/rows.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from headline_bench.measure.records import Num, Record, kept, row
+
+
+class Score(Record):
+    """metrics/techniques/<technique>/score.json."""
+
+    technique: str = Field(description="technique name")
+    skipped: str | None = kept("the technique was skipped (perf.json's reason)")
+    failed: str | None = kept("the technique failed (perf.json's reason)")
+    quality: str | None = kept("why ROUGE is not computed (random weights)")
+    fidelity_reference: str | None = row("the technique whose headlines fidelity compares with")
+    lossless: bool | None = row("the technique must reproduce its reference exactly")
+    confidence: Num | None = row("interval level")
+    samples: int | None = kept("rows with a prediction")
+    rows: int | None = row("rows scored (a row set aside scores 0)")
+    rows_not_scored: int | None = kept("rows without a prediction")
+    rows_set_aside: list[Any] | None = row("ids of the rows without a prediction")
+    seed: int | None = kept("bootstrap seed (score.seed)")
+    bootstrap_samples: int | None = kept("bootstrap resamples")
+    rouge1: Num | None = row("mean per-row ROUGE-1 F-measure")
+    rouge1_low: Num | None = kept("ROUGE-1 interval, lower end")
+    rouge1_high: Num | None = kept("ROUGE-1 interval, upper end")
+    rouge2: Num | None = row("mean per-row ROUGE-2 F-measure")
+    rouge2_low: Num | None = kept("ROUGE-2 interval, lower end")
+    rouge2_high: Num | None = kept("ROUGE-2 interval, upper end")
+    rougeL: Num | None = row("mean per-row ROUGE-L F-measure")
+    rougeL_low: Num | None = row("ROUGE-L interval, lower end")
+    rougeL_high: Num | None = row("ROUGE-L interval, upper end")
+    rougeLsum: Num | None = row("mean per-row ROUGE-Lsum F-measure")
+    rougeLsum_low: Num | None = kept("ROUGE-Lsum interval, lower end")
+    rougeLsum_high: Num | None = kept("ROUGE-Lsum interval, upper end")
+    rougeL_delta: Num | None = row("paired mean ROUGE-L difference to baseline")
+    rougeL_delta_low: Num | None = row("its interval, lower end")
+    rougeL_delta_high: Num | None = row("its interval, upper end")
+    rougeL_delta_p: Num | None = row("two-sided bootstrap p-value of 'no difference'")
+    rougeL_delta_p_noninferior: Num | None = row("one-sided bootstrap p-value of 'worse by the margin or more'")
+    rougeL_delta_sd: Num | None = row("per-row sd of the difference")
+    rougeL_delta_rows: int | None = row("rows in the paired comparison")
+    rougeL_delta_rows_missing: list[Any] | None = kept("rows the technique has no scores for (scored 0)")
+    rougeL_delta_baseline_set_aside: list[Any] | None = kept("rows the baseline has no prediction for (scored 0)")
+    rougeL_baseline: Num | None = row("baseline's mean ROUGE-L over the compared rows")
+    margin_share: Num | None = row("non-inferiority margin as a share of baseline ROUGE-L")
+    noninferiority_margin: Num | None = row("absolute non-inferiority margin")
+    rougeL_significant: bool | None = kept("the interval excludes 0")
+    quality_state: str | None = kept("non-inferior, worse or inconclusive (before Holm's correction; the report applies it)")
+    rows_to_decide: int | None = kept("rows that would decide an inconclusive state at the observed sd")
+    baseline_identical: Num | None = row("share of headlines identical to baseline's")
+    fidelity: Num | None = row("share of headlines identical to the reference's")
+    identical: int | None = row("headlines identical to the reference's")
+    compared: int | None = row("headlines compared with the reference's")
+    first_difference: dict[str, Any] | None = row("the first row whose headline differs from the reference's")
+    token_check: dict[str, Any] | None = row("quality/fidelity.token_check(): identical / near-tie / real difference by token ids")
