@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -14,11 +13,12 @@ from test_generate import BASE_PARAMS
 
 from conftest import ROOT
 from headline_bench.benchmark import generate
+from headline_bench.settings import parse
 
 
 def test_a_10000_token_summary_is_set_aside_and_counted(models_dir: Path) -> None:  # noqa: F811
     rows = [{"id": "ok", "summary": "the city council vote", "reference": "x"}, {"id": "huge", "summary": "news " * 2000, "reference": "y"}]
-    records, perf = generate("kv_cache", copy.deepcopy(BASE_PARAMS), rows)
+    records, perf = generate("kv_cache", parse(BASE_PARAMS), rows)
     huge = next(r for r in records if r["id"] == "huge")
     assert huge["prediction"] is None and "tokens > limit 600" in huge["skipped"] and int(huge["skipped"].split()[2]) > 10_000
     assert perf["rows_too_long"] == 1 and perf["samples"] == 1

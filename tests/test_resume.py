@@ -19,6 +19,7 @@ from test_generate import BASE_PARAMS
 from conftest import ROOT
 from headline_bench.benchmark import generate
 from headline_bench.measure import checkpoints as checkpoint
+from headline_bench.settings import parse
 
 ROWS = [{"id": f"r{i}", "summary": f"the city council vote number {i} on the new budget", "reference": "council vote"} for i in range(5)]
 
@@ -31,17 +32,17 @@ def files() -> list[Path]:
 def test_interrupted_run_resumes_with_identical_predictions(models_dir: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                                              name: str, stop_after: int, resumed: int) -> None:
     params = copy.deepcopy(BASE_PARAMS)
-    full, full_perf = generate(name, copy.deepcopy(params), ROWS)
+    full, full_perf = generate(name, parse(params), ROWS)
     assert files() == [] and full_perf["resume"]["sessions"] == 1 and full_perf["resume"]["resumed_rows"] == 0
 
     monkeypatch.setenv(checkpoint.STOP_AFTER, str(stop_after))
     with pytest.raises(KeyboardInterrupt):
-        generate(name, copy.deepcopy(params), ROWS)
+        generate(name, parse(params), ROWS)
     (path,) = files()
     assert path.name.startswith(f"{name}-")
     monkeypatch.delenv(checkpoint.STOP_AFTER)
 
-    records, perf = generate(name, copy.deepcopy(params), ROWS)
+    records, perf = generate(name, parse(params), ROWS)
     assert [r["raw"] for r in records] == [r["raw"] for r in full]
     assert [r["id"] for r in records] == [r["id"] for r in full]
     assert perf["resume"]["sessions"] == 2 and perf["resume"]["resumed_rows"] == resumed
@@ -54,12 +55,12 @@ def test_a_changed_config_never_resumes_a_stale_checkpoint(models_dir: Path, mon
     params = copy.deepcopy(BASE_PARAMS)
     monkeypatch.setenv(checkpoint.STOP_AFTER, "2")
     with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
+        generate("kv_cache", parse(params), ROWS)
     monkeypatch.delenv(checkpoint.STOP_AFTER)
     params["generate"]["max_new_tokens"] = 4
-    _, perf = generate("kv_cache", params, ROWS)
+    _, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 0
-    _, perf = generate("kv_cache", copy.deepcopy(params), ROWS[:3])  # other rows: another key too
+    _, perf = generate("kv_cache", parse(params), ROWS[:3])  # other rows: another key too
     assert perf["resume"]["resumed_rows"] == 0
 
 
@@ -67,11 +68,11 @@ def test_a_line_cut_by_the_interruption_is_rerun(models_dir: Path, monkeypatch: 
     params = copy.deepcopy(BASE_PARAMS)
     monkeypatch.setenv(checkpoint.STOP_AFTER, "3")
     with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
+        generate("kv_cache", parse(params), ROWS)
     monkeypatch.delenv(checkpoint.STOP_AFTER)
     (path,) = files()
     path.write_text(path.read_text()[:-20])  # the third row's line half written
-    _, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    _, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 2
 
 

@@ -16,10 +16,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.files import MODELS, PACKAGE, ROOT
 from headline_bench.logs import log
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Params
+    from headline_bench.techniques.config import ResolvedTechnique
 
 CHECKPOINTS = Path(".cache/checkpoints")
 
@@ -31,13 +35,13 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def key(cfg: dict[str, Any], params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def key(cfg: ResolvedTechnique, params: Params, rows: list[dict[str, Any]]) -> str:
     """What decides the technique's predictions, hashed (16 hex digits)."""
-    names = {params["base"].get("model"), params["base"].get("target"), cfg.get("model_name")} - {None}
+    names = {params.base.model, params.base.target, cfg.model_name} - {None}
     models = {n: (MODELS / n / "source.json").read_text() for n in sorted(names) if (MODELS / n / "source.json").exists()}
     code = {str(p.relative_to(ROOT)): digest(p.read_text()) for p in sorted([*(ROOT / "stages").glob("*.py"), *PACKAGE.rglob("*.py")])}
-    wanted = {k: params.get(k) for k in ("base", "generate", "prompt")}
-    return digest({"config": cfg, "params": wanted, "models": models, "rows": digest(rows), "code": code})[:16]
+    wanted = params.model_dump(mode="json", include={"base", "generate", "prompt"})
+    return digest({"config": cfg.model_dump(mode="json"), "params": wanted, "models": models, "rows": digest(rows), "code": code})[:16]
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Checkpoint:
                                "the latencies measured in their own session"}
 
 
-def open_checkpoint(name: str, cfg: dict[str, Any], params: dict[str, Any], rows: list[dict[str, Any]],
+def open_checkpoint(name: str, cfg: ResolvedTechnique, params: Params, rows: list[dict[str, Any]],
                     make: type, writer: bool = True) -> Checkpoint:
     """Load the technique's checkpoint for this exact config, if an earlier session left one.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,7 +12,9 @@ from headline_bench.errors import InputError
 from headline_bench.files import GENERATIONS, TECHNIQUE_METRICS, read_json, read_jsonl
 from headline_bench.quality.fidelity import fidelity, token_check
 from headline_bench.quality.rouge import TYPES, row_scores
-from headline_bench.techniques.config import resolve
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Score
 
 
 def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], reference: list[dict[str, Any]], seed: int, bootstrap_samples: int,
@@ -61,25 +63,28 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
     return result | fidelity(records, reference) | {"token_check": token_check(records, reference, dtype, near_tie_units)}
 
 
-def score_technique(name: str, params: dict[str, Any]) -> dict[str, Any]:
+def score_technique(name: str, lossless_reference: str | None, s: Score) -> dict[str, Any]:
     """score.json of one technique: its outcome when it was skipped or failed; token-level fidelity only for random
-    weights (ROUGE of noise says nothing); else score() against baseline and its reference."""
-    cfg = resolve(params, name)
+    weights (ROUGE of noise says nothing); else score() against baseline and its reference.
+
+    Args:
+        name: the technique.
+        lossless_reference: the technique whose predictions it must reproduce (params `reference`), or None.
+        s: params `score`.
+    """
     perf = read_json(TECHNIQUE_METRICS / name / "perf.json")
     for outcome in ("skipped", "failed"):
         if outcome in perf:
             return {"technique": name, outcome: perf[outcome]}
     records = read_jsonl(GENERATIONS / f"{name}.jsonl")
-    ref_name = cfg["reference"] or "baseline"  # lossy techniques: fidelity to the baseline, for information
+    ref_name = lossless_reference or "baseline"  # lossy techniques: fidelity to the baseline, for information
     ref_path = GENERATIONS / f"{ref_name}.jsonl"
     reference = read_jsonl(ref_path) if ref_path.exists() else []
-    s = params["score"]
     if perf.get("quality"):
         scored = [r for r in records if r.get("token_ids")]
-        check = token_check(scored, reference, perf.get("dtype"), s["near_tie_units"])
+        check = token_check(scored, reference, perf.get("dtype"), s.near_tie_units)
         return {"technique": name, "quality": perf["quality"], "samples": len(scored), "fidelity_reference": ref_name,
-                "lossless": cfg["reference"] is not None, **fidelity(scored, reference, "token_ids"), "token_check": check}
+                "lossless": lossless_reference is not None, **fidelity(scored, reference, "token_ids"), "token_check": check}
     baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
-    result = score(records, baseline, reference, s["seed"], s["bootstrap_samples"], s["confidence"], s["margin"], s["near_tie_units"],
-                   perf.get("dtype"))
-    return {"technique": name, "fidelity_reference": ref_name, "lossless": cfg["reference"] is not None, "confidence": s["confidence"], **result}
+    result = score(records, baseline, reference, s.seed, s.bootstrap_samples, s.confidence, s.margin, s.near_tie_units, perf.get("dtype"))
+    return {"technique": name, "fidelity_reference": ref_name, "lossless": lossless_reference is not None, "confidence": s.confidence, **result}
