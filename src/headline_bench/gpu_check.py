@@ -18,6 +18,7 @@ import yaml
 
 from headline_bench.files import ROOT, write_json
 from headline_bench.logs import log, setup_logging
+from headline_bench.settings import read_yaml
 
 STAGES = ROOT / "stages"
 
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     deadline = time.time() + args.budget_s
-    spec = yaml.safe_load(args.passes.read_text())
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    spec = read_yaml(args.passes.read_text())
+    params = read_yaml((ROOT / "params.yaml").read_text())  # no aliases, like every stage
     names = [n for n in spec["passes"] if not args.only or n in args.only.split(",")]
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
     out = args.out / slug(card())
