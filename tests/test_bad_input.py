@@ -28,7 +28,7 @@ def models_stage(tmp_path: Path, entry: dict) -> subprocess.CompletedProcess:
     """Run the models stage on a fake GGUF package `fakegguf` (a folder on PYTHONPATH holding model.gguf)."""
     params = {"base": {"seed": 1, "model": "fake", "target": "fake"}, "models": {"fake": {"gguf_package": "fakegguf", "gguf_file": "model.gguf", **entry}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, str(ROOT / "stages/models.py")], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
 
 

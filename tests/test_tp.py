@@ -99,17 +99,17 @@ def test_merge_memory_sums_ranks_and_keeps_rank0_latency() -> None:
 
 def test_init_outside_torchrun_is_an_input_error() -> None:
     with pytest.raises(InputError, match="needs torchrun"):
-        tp.init({"name": "tp", "parallel": {"tp_size": 2}}, "cpu")
+        tp.init(technique({"parallel": {"tp_size": 2}}), "cpu")
 
 
 def test_init_checks_world_and_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(InputError, match="tp_size is 4 but torchrun started 2"):
-        tp.init({"parallel": {"tp_size": 4}}, "cpu")
+        tp.init(technique({"parallel": {"tp_size": 4}}), "cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(Skip, match="wants 2 GPUs per node; this machine has 1"):
-        tp.init({"parallel": {"tp_size": 2}}, "cuda")
+        tp.init(technique({"parallel": {"tp_size": 2}}), "cuda")
 
 
 def single_process(path: Path) -> list:

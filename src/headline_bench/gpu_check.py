@@ -57,6 +57,9 @@ def pass_params(params: dict[str, Any], common: dict[str, Any], spec: dict[str, 
         for name, entry in out["techniques"].items():
             if (entry or {}).get("reference") not in (None, *wanted):  # its reference does not run in this pass: no token check
                 log.info("gpu-check: %s's reference %s is not in this pass; its outputs are not compared", name, entry.pop("reference"))
+        for entry in (out.get("serving") or {}).values():  # a serving entry's offline reference must be a technique of the pass
+            if entry.get("reference") not in (None, *wanted):
+                entry.pop("reference")
         if out.get("technique") not in out["techniques"]:  # the report focuses on a technique the pass runs
             out["technique"] = wanted[0]
     source = Path(out["prepare"]["source"])
