@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from typing import Any
 
 from headline_bench.benchmark import failure, generate, launch_parallel, settle, write_outputs
 from headline_bench.errors import InputError, Skip, fail
 from headline_bench.files import PREPARED, read_jsonl
 from headline_bench.logs import log, setup_logging
 from headline_bench.measure import checkpoints
-from headline_bench.settings import load_params
+from headline_bench.settings import Params, load_params
 from headline_bench.techniques import tensor_parallel as tp
 
 
@@ -30,7 +29,7 @@ def main() -> None:
         fail(str(e))
 
 
-def run(name: str, params: dict[str, Any]) -> None:
+def run(name: str, params: Params) -> None:
     """Generate one technique and write its outputs (rank 0 only under tensor parallel)."""
     try:
         cfg, device = settle(params, name)

@@ -12,19 +12,20 @@ from headline_bench.settings import load_params
 def main() -> None:
     setup_logging()
     params = load_params(required=["base", "models"])
-    names = dict.fromkeys([params["base"]["model"], params["base"]["target"]])
+    names = dict.fromkeys([params.base.model, params.base.target])
     for name in names:
-        if name not in params["models"]:
-            fail(f"params.yaml: model '{name}' is not defined under 'models' (known: {sorted(params['models'])})")
-        spec, out = params["models"][name], MODELS / name
-        if (out / "source.json").exists() and read_json(out / "source.json").get("spec") == spec:
+        if name not in params.models:
+            fail(f"params.yaml: model '{name}' is not defined under 'models' (known: {sorted(params.models)})")
+        spec, out = params.models[name], MODELS / name
+        recorded = spec.model_dump(exclude_unset=True)  # the keys params.yaml gives, as source.json has always kept them
+        if (out / "source.json").exists() and read_json(out / "source.json").get("spec") == recorded:
             log.info("models: %s already built from the same spec -> %s", name, out)  # gpu-check passes share models; DVC empties data/models first
             continue
         try:
-            info = convert(name, spec, out, params["models"])
+            info = convert(name, spec, out, params.models)
         except Skip as e:
             fail(f"models: {name}: {e}")
-        write_json(out / "source.json", {**info, "spec": spec})
+        write_json(out / "source.json", {**info, "spec": recorded})
         log.info("models: %s -> %s (%s params, %s s)", name, MODELS / name, f"{info['params']:,}", info["convert_s"])
 
 

@@ -12,18 +12,16 @@ from headline_bench.settings import load_params
 def main() -> None:
     setup_logging()
     params = load_params(required=["prepare"])
-    p = params["prepare"]
+    p = params.prepare
     try:
-        rows = read_source(p["source"], p.get("split", "train"), p.get("encoding", "utf-8"), p.get("header", "first_row"))
-        sample, counts = prepare(
-            rows, p["summary_column"], p["headline_column"], p["n"], params["base"]["seed"], p.get("shuffle", False),
-            source=p["source"], id_column=p.get("id_column"), dedupe=p.get("dedupe", False),
-        )
+        rows = read_source(p.source, p.split, p.encoding, p.header)
+        sample, counts = prepare(rows, p.summary_column, p.headline_column, p.n, params.base.seed, p.shuffle,
+                                 source=p.source, id_column=p.id_column, dedupe=p.dedupe)
     except InputError as e:
         fail(str(e))
     write_jsonl(PREPARED / "test.jsonl", sample)
-    write_json(METRICS / "prepare.json", {"source": p["source"], **counts})
-    log.info("prepare: %s -> %s (%s)", p["source"], PREPARED / "test.jsonl", counts)
+    write_json(METRICS / "prepare.json", {"source": p.source, **counts})
+    log.info("prepare: %s -> %s (%s)", p.source, PREPARED / "test.jsonl", counts)
 
 
 if __name__ == "__main__":

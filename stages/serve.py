@@ -16,7 +16,7 @@ from headline_bench.settings import load_params
 def main() -> None:
     setup_logging()
     name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/serve.py <serving entry>")
-    params = load_params()
+    params = load_params(required=["base", "prompt", "generate", "serve", "serving"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs the Server's stop, like Ctrl-C
     try:
         entry = resolve_entry(params, name)

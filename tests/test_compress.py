@@ -13,9 +13,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from headline_bench.errors import InputError, Skip
+from headline_bench.errors import Skip
 from headline_bench.measure.weights import weight_breakdown, weight_bytes
 from headline_bench.models.memory import detach_from_checkpoint
+from headline_bench.settings import Prune, Quantize, check, parse
+from headline_bench.techniques.config import resolve
 from headline_bench.techniques.load import load_kwargs
 from headline_bench.techniques.prune import apply_prune, sparsity
 from headline_bench.techniques.quantize import quantization_config
@@ -51,7 +53,8 @@ def load(path: Path, spec: dict | None) -> nn.Module:
     """The generate stage's load path: techniques.load_kwargs, then from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    cfg = {"dtype": "float32", **({"quantize": spec} if spec else {})}
+    settings = {"base": {"model": "tiny"}, "generate": {"max_new_tokens": 12}, "techniques": {"t": {"quantize": spec} if spec else {}}}
+    cfg = resolve(parse(settings), "t")
     return AutoModelForCausalLM.from_pretrained(path, **load_kwargs(cfg, "cpu")).eval()
 
 
@@ -94,7 +97,7 @@ def test_prune_l1_reaches_amount_and_is_permanent() -> None:
     model = tiny_model()
     keys = set(model.state_dict())
     embedding = model.get_input_embeddings().weight.detach().clone()
-    apply_prune(model, method="l1_unstructured", amount=0.3)
+    apply_prune(model, Prune(method="l1_unstructured", amount=0.3))
     assert_permanent(model)
     assert set(model.state_dict()) == keys
     facts = model.compression_facts
@@ -114,7 +117,7 @@ def test_prune_l1_reaches_amount_and_is_permanent() -> None:
 
 def test_prune_2of4_two_zeros_per_group() -> None:
     model = tiny_model()
-    apply_prune(model, method="2of4")
+    apply_prune(model, Prune(method="2of4"))
     assert_permanent(model)
     head = model.get_output_embeddings()
     for m in model.modules():
@@ -129,7 +132,7 @@ def test_prune_2of4_two_zeros_per_group() -> None:
 
 def test_prune_refuses_quantized_model(saved: Path) -> None:
     with pytest.raises(Skip, match="quantized"):
-        apply_prune(load(saved, QUANT_SPECS["quant8"]), amount=0.3)
+        apply_prune(load(saved, QUANT_SPECS["quant8"]), Prune(amount=0.3))
 
 
 def test_fp32_bytes_are_numel_times_four(saved: Path) -> None:
@@ -181,15 +184,16 @@ def test_detach_from_checkpoint_unmaps_the_file_and_keeps_the_model(saved: Path)
     assert torch.equal(generate(model), before)
 
 
-def test_quantization_config_rejects_and_skips(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(InputError, match="unknown"):
-        quantization_config({"bits": 8, "group": 4}, "cpu")
-    with pytest.raises(InputError, match="bits"):
-        quantization_config({"bits": 3}, "cpu")
+def test_bad_quantize_settings_are_schema_errors_and_a_missing_library_a_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    def problems(spec: dict) -> list[str]:
+        return check({"techniques": {"t": {"quantize": spec}}})
+
+    assert problems({"bits": 8, "group": 4})[0].startswith("techniques.t.quantize.group: unknown key; allowed: bits,")
+    assert problems({"bits": 3}) == ["techniques.t.quantize.bits = 3: should be 4 or 8"]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(Skip, match="bitsandbytes is not installed"):
-        quantization_config({"bits": 4}, "cpu")
-    kwargs = quantization_config({"method": "torchao_int8"}, "cpu")
+        quantization_config(Quantize(bits=4), "cpu", "float32")
+    kwargs = quantization_config(Quantize(method="torchao_int8"), "cpu", "float32")
     assert kwargs["device_map"] == {"": "cpu"}
 
 
@@ -200,11 +204,11 @@ def test_torchao_int4_quantizes_every_linear_and_an_untied_head(saved: Path) -> 
     model = load(saved, None).to(torch.bfloat16)
     before = weight_bytes(model)
     embedding = model.get_input_embeddings().weight.detach().clone()
-    model = apply_quantize(model, method="torchao_int4", group_size=32, include_lm_head=True)
+    model = apply_quantize(model, Quantize(method="torchao_int4", group_size=32, include_lm_head=True))
     assert model.lm_head.weight is not model.get_input_embeddings().weight
     assert torch.equal(model.get_input_embeddings().weight, embedding)
     breakdown = weight_breakdown(model)
     assert breakdown["quantized_modules"] == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm_head
     assert weight_bytes(model) < before
     assert generate(model).shape == (2, 12)
-    assert apply_quantize(model, method="bnb") is model  # load-time methods pass through
+    assert apply_quantize(model, Quantize(method="bnb")) is model  # load-time methods pass through

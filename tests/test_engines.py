@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 from headline_bench import backends as engines
 from headline_bench.backends.llama_cpp import llamacpp_generate
 from headline_bench.errors import InputError, Skip
+from headline_bench.settings import ENGINES, ModelEntry, Params, parse
 from headline_bench.techniques.config import check_hardware, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,13 +22,13 @@ SUMMARIES = ["The Marlow County council voted 7-2 on Tuesday to freeze property 
              "A regional bakery chain said it will raise starting pay to $18 an hour."]
 
 
-def params_with(technique: dict[str, Any], model: str = "smollm2-135m") -> dict[str, Any]:
-    return {
+def params_with(technique: dict[str, Any], model: str = "smollm2-135m") -> Params:
+    return parse({
         "base": {"seed": 1, "model": model, "target": model, "dtype": "float32"},
         "generate": {"max_new_tokens": 6, "use_cache": True, "batch_size": 1, "warmup_runs": 0, "max_input_tokens": 256},
         "models": {"smollm2-135m": SMOLLM2, "hub-only": {"hub_id": "org/model"}},
-        "techniques": {"engine": copy.deepcopy(technique)},
-    }
+        "techniques": {"engine": technique},
+    })
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def llm() -> Any:
     from headline_bench.models.convert import locate_gguf
 
     try:
-        path = locate_gguf(SMOLLM2)
+        path = locate_gguf(ModelEntry.model_validate(SMOLLM2))
     except Skip as e:
         pytest.skip(str(e))
     model = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, seed=1, verbose=False)
@@ -131,7 +131,9 @@ def test_layer_split_needs_two_gpus(device_map: str) -> None:
         check_hardware(resolve(params, "engine"), "cpu")
 
 
-def test_unknown_engine_is_an_input_error() -> None:
-    params = params_with({"engine": "onnx"})
-    with pytest.raises(InputError, match="unknown engine 'onnx'"):
-        engines.setup(resolve(params, "engine"), params, "cpu")
+def test_unknown_engine_is_a_schema_error_and_every_known_one_has_a_module() -> None:
+    with pytest.raises(InputError, match="^techniques.engine.engine = 'onnx': should be 'transformers', 'llama_cpp' or 'vllm'$"):
+        params_with({"engine": "onnx"})
+    for name in ENGINES:  # each one the schema allows is a module with setup() and server()
+        module = engines.engine(name)
+        assert callable(module.setup) and callable(module.server)

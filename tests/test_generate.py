@@ -10,6 +10,7 @@ import pytest
 
 from headline_bench.benchmark import generate
 from headline_bench.errors import InputError
+from headline_bench.settings import parse
 
 BASE_PARAMS: dict[str, Any] = {
     "base": {"seed": 1, "model": "tiny", "target": "tiny", "dtype": "float32", "device": "cpu"},
@@ -24,7 +25,7 @@ ROWS = [{"id": f"r{i}", "summary": s, "reference": "city council vote"} for i, s
 
 
 def test_generate_records_and_timings(models_dir: Path) -> None:
-    records, perf = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    records, perf = generate("kv_cache", parse(BASE_PARAMS), ROWS)
     assert [r["id"] for r in records] == ["r0", "r1", "r2"]
     for r in records:
         assert isinstance(r["prediction"], str) and 1 <= r["new_tokens"] <= 6
@@ -39,38 +40,38 @@ def test_generate_records_and_timings(models_dir: Path) -> None:
 
 def test_kv_cache_equals_baseline(models_dir: Path) -> None:
     """Lossless: greedy with a KV cache must give exactly the no-cache predictions in fp32."""
-    base, _ = generate("baseline", copy.deepcopy(BASE_PARAMS), ROWS)
-    kv, _ = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    base, _ = generate("baseline", parse(BASE_PARAMS), ROWS)
+    kv, _ = generate("kv_cache", parse(BASE_PARAMS), ROWS)
     assert [r["raw"] for r in base] == [r["raw"] for r in kv]
 
 
 def test_batched_left_padding_matches_unbatched(models_dir: Path) -> None:
-    one, _ = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
-    two, perf = generate("batched", copy.deepcopy(BASE_PARAMS), ROWS)
+    one, _ = generate("kv_cache", parse(BASE_PARAMS), ROWS)
+    two, perf = generate("batched", parse(BASE_PARAMS), ROWS)
     assert perf["config"]["batch_size"] == 2
     assert [r["prompt_tokens"] for r in one] == [r["prompt_tokens"] for r in two]
     assert [r["raw"] for r in one] == [r["raw"] for r in two]
 
 
 def test_layer_split_without_gpus_is_a_recorded_skip(models_dir: Path) -> None:
-    records, perf = generate("layer_split_auto", copy.deepcopy(BASE_PARAMS), ROWS)
+    records, perf = generate("layer_split_auto", parse(BASE_PARAMS), ROWS)
     assert records == [] and "0 GPU(s)" in perf["skipped"]
 
 
 def test_unknown_technique_names_the_known_ones(models_dir: Path) -> None:
     with pytest.raises(InputError, match="unknown technique 'quant3'; params.yaml defines: baseline, batched, kv_cache"):
-        generate("quant3", copy.deepcopy(BASE_PARAMS), ROWS)
+        generate("quant3", parse(BASE_PARAMS), ROWS)
 
 
 def test_over_long_prompts_are_set_aside_with_reason(models_dir: Path) -> None:
     params = copy.deepcopy(BASE_PARAMS)
     rows = ROWS + [{"id": "long", "summary": "news " * 200, "reference": "x"}]
-    records, perf = generate("kv_cache", params, rows)
+    records, perf = generate("kv_cache", parse(params), rows)
     long = next(r for r in records if r["id"] == "long")
     assert long["prediction"] is None and "tokens > limit 600" in long["skipped"]
     assert perf["rows_too_long"] == 1 and perf["samples"] == 3
     with pytest.raises(InputError, match="every prompt is longer"):
-        generate("kv_cache", params, rows[-1:])
+        generate("kv_cache", parse(params), rows[-1:])
 
 
 DECODING = {
@@ -97,8 +98,8 @@ def two_models(models_dir: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(("name", "reference"), [("speculative", "target_only"), ("prompt_lookup", "kv_cache"), ("static_cache", "kv_cache")])
 def test_lossless_decoding_equals_plain_greedy(two_models: dict[str, Any], name: str, reference: str) -> None:
     """Speculative, prompt-lookup and static-cache decoding must reproduce plain greedy output exactly."""
-    expected, _ = generate(reference, copy.deepcopy(two_models), ROWS)
-    got, perf = generate(name, copy.deepcopy(two_models), ROWS)
+    expected, _ = generate(reference, parse(two_models), ROWS)
+    got, perf = generate(name, parse(two_models), ROWS)
     assert [r["raw"] for r in got] == [r["raw"] for r in expected]
     if name in ("speculative", "prompt_lookup"):
         assert perf["draft_tokens_proposed"] > 0
@@ -108,18 +109,18 @@ def test_lossless_decoding_equals_plain_greedy(two_models: dict[str, Any], name:
 
 
 def test_speculative_draft_is_the_small_model(two_models: dict[str, Any]) -> None:
-    _, perf = generate("speculative", copy.deepcopy(two_models), ROWS[:1])
+    _, perf = generate("speculative", parse(two_models), ROWS[:1])
     assert perf["config"]["model_name"] == "tiny_target" and perf["draft_weight_mb"] > 0
 
 
 def test_static_cache_compile_is_lossless_and_reports_compile_time(models_dir: Path) -> None:
     params = copy.deepcopy(BASE_PARAMS)
     params["techniques"]["static_compile"] = {"generate": {"cache_implementation": "static", "max_cache_len": 1024}, "compile": {"mode": "default"}}
-    expected, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
+    expected, _ = generate("kv_cache", parse(params), ROWS)
     from torch._dynamo.utils import counters
 
     captured = counters["stats"]["unique_graphs"]
-    got, perf = generate("static_compile", params, ROWS)
+    got, perf = generate("static_compile", parse(params), ROWS)
     assert [r["raw"] for r in got] == [r["raw"] for r in expected]
     assert counters["stats"]["unique_graphs"] > captured, "generate() ran eagerly: nothing was compiled"
     assert perf["compile_s"] > 0 and perf["warmup_s"][0] > perf["latency_s_p50"]
@@ -128,7 +129,7 @@ def test_static_cache_compile_is_lossless_and_reports_compile_time(models_dir: P
 def test_repeats_give_per_pass_numbers_and_spread(models_dir: Path) -> None:
     params = copy.deepcopy(BASE_PARAMS)
     params["generate"]["repeats"] = 2
-    records, perf = generate("kv_cache", params, ROWS)
+    records, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["repeats"] == 2 and len(perf["passes"]) == 2 and perf["latency_count"] == 6  # every row of every pass
     assert perf["tokens_per_s_spread"] is not None and perf["tokens_per_s_spread"] >= 0 and perf["rss_reset"] is True
     for r in records:
@@ -137,7 +138,7 @@ def test_repeats_give_per_pass_numbers_and_spread(models_dir: Path) -> None:
 
 
 def test_records_carry_token_ids_and_margins(models_dir: Path) -> None:
-    records, perf = generate("kv_cache", copy.deepcopy(BASE_PARAMS), ROWS)
+    records, perf = generate("kv_cache", parse(BASE_PARAMS), ROWS)
     for r in records:
         assert len(r["token_ids"]) == r["new_tokens"] and len(r["margins"]) == r["new_tokens"]
     assert perf["repeats"] == 1 and perf["passes"][0]["tokens_per_s"] == perf["tokens_per_s"]
@@ -145,7 +146,7 @@ def test_records_carry_token_ids_and_margins(models_dir: Path) -> None:
 
 def test_batched_throughput_counts_each_batch_call_once(models_dir: Path) -> None:
     """Rows of one batch share the call's latency; throughput divides by the calls' time, not the sum over rows."""
-    records, perf = generate("batched", copy.deepcopy(BASE_PARAMS), ROWS)  # batch 2: calls of rows (r0, r1) and (r2)
+    records, perf = generate("batched", parse(BASE_PARAMS), ROWS)  # batch 2: calls of rows (r0, r1) and (r2)
     assert records[0]["latency_s"] == records[1]["latency_s"] != records[2]["latency_s"]
     busy = records[0]["latency_s"] + records[2]["latency_s"]
     assert perf["samples_per_s"] == pytest.approx(3 / busy)
@@ -156,7 +157,7 @@ def test_batched_throughput_counts_each_batch_call_once(models_dir: Path) -> Non
 @pytest.mark.parametrize("name", ["speculative", "prompt_lookup"])
 def test_acceptance_counts_timed_rows_only(two_models: dict[str, Any], name: str) -> None:
     """Warm-up calls draft tokens too; the totals must equal the sum over the timed rows (warm-up reset)."""
-    records, perf = generate(name, copy.deepcopy(two_models), ROWS)
+    records, perf = generate(name, parse(two_models), ROWS)
     assert perf["draft_tokens_proposed"] == sum(r["draft_proposed"] for r in records) > 0
     assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in records)
 
@@ -181,8 +182,8 @@ def test_universal_assisted_decoding_with_another_tokenizer(models_dir: Path) ->
     params = copy.deepcopy(BASE_PARAMS)
     params["base"]["target"] = "tiny_uad"
     params["techniques"].update(DECODING)
-    expected, _ = generate("target_only", copy.deepcopy(params), ROWS)
-    got, perf = generate("speculative", copy.deepcopy(params), ROWS)
+    expected, _ = generate("target_only", parse(params), ROWS)
+    got, perf = generate("speculative", parse(params), ROWS)
     assert [r["token_ids"] for r in got] == [r["token_ids"] for r in expected]
     assert perf["universal_assisted"] is True and perf["draft_tokens_proposed"] == sum(r["draft_proposed"] for r in got) > 0
     assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in got)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from headline_bench.data.prompts import build_prompt, control_strings, hf_tokenize, safe_ids, split_controls
+from headline_bench.settings import parse
 
 TEMPLATE = "Generate a concise headline for the following news summary: {summary}"
 SHOTS = [{"summary": "The council voted to freeze taxes.", "headline": "Council Freezes Taxes"}]
@@ -125,7 +126,7 @@ def test_generate_stage_feeds_the_safe_ids(models_dir: Path, monkeypatch: pytest
     tok = tokenizer_with_controls(chat=True)
     for name in ("kv_cache", "batched"):
         seen.clear()
-        records, _ = generate(name, copy.deepcopy(params), rows)
+        records, _ = generate(name, parse(params), rows)
         attacked = next(ids for ids in seen if tok.decode(ids).count("PWNED") == 2)
         assert sum(i in control_ids(tok) for i in attacked) == 3  # <|im_start|> user, <|im_end|>, <|im_start|> assistant
         assert records[0]["prompt_tokens"] == len(attacked)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from headline_bench.render import report
+from headline_bench.settings import Report, Score
 
 ENV = {"python": "3.11.9", "torch": "2.13.0", "transformers": "5.24.0", "cpu": "Fake CPU", "cpu_count": 2, "torch_threads": 2,
        "device": "cpu (Fake CPU, 2 cores)", "gpu_count": 0}
@@ -60,7 +61,7 @@ def fake_metrics(n: int = 12) -> tuple[list[str], dict[str, Any], dict[str, Any]
 def built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     names, perfs, scores, prepare, gens = fake_metrics()
-    report.report(names, perfs, scores, prepare, gens, "kv_cache", 3, 0.01, 2.0)
+    report.report(names, perfs, scores, prepare, gens, "kv_cache", Report(sample_headlines=3, usd_per_hour=2.0), Score())
     return tmp_path
 
 
@@ -117,7 +118,7 @@ def test_pngs_and_plot_data_are_written(built: Path) -> None:
 def test_skipped_focus_writes_only_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names, perfs, scores, prepare, gens = fake_metrics()
-    report.report(names, perfs, scores, prepare, gens, "tensor_parallel", 3, 0.01)
+    report.report(names, perfs, scores, prepare, gens, "tensor_parallel", Report(), Score())
     assert json.loads((tmp_path / "metrics/focus.json").read_text()) == {"technique": "tensor_parallel", "skipped": perfs["tensor_parallel"]["skipped"]}
     assert "**tensor_parallel** was skipped on this machine" in (tmp_path / "metrics/report.md").read_text()
 
@@ -125,7 +126,7 @@ def test_skipped_focus_writes_only_the_reason(tmp_path: Path, monkeypatch: pytes
 def test_baseline_focus_has_no_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names, perfs, scores, prepare, gens = fake_metrics()
-    report.report(names, perfs, scores, prepare, gens, "baseline", 3, 0.01)
+    report.report(names, perfs, scores, prepare, gens, "baseline", Report(), Score())
     assert "What changed" not in (tmp_path / "metrics/report.md").read_text()
 
 
@@ -139,7 +140,7 @@ def test_environments_are_listed_and_a_mix_is_flagged(tmp_path: Path, monkeypatc
         perfs[name]["env"] = env
     perfs["quant8"]["env"] = env | {"torch_threads": 1, "omp_num_threads": "1"}
     perfs["kv_cache"]["resume"] = {"sessions": 2, "resumed_rows": 5, "resumed_ids": [], "session_envs": []}
-    summary = report.report(names, perfs, scores, prepare, gens, "kv_cache", 3, 0.01, 2.0)
+    summary = report.report(names, perfs, scores, prepare, gens, "kv_cache", Report(sample_headlines=3, usd_per_hour=2.0), Score())
     md = (tmp_path / "metrics/report.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("- Environment ")]
     assert len(lines) == 2

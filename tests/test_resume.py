@@ -21,6 +21,8 @@ from headline_bench.benchmark import generate
 from headline_bench.errors import InputError
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
+from headline_bench.settings import parse
+from headline_bench.techniques.config import resolve
 
 ROWS = [{"id": f"r{i}", "summary": f"the city council vote number {i} on the new budget", "reference": "council vote"} for i in range(5)]
 
@@ -33,7 +35,7 @@ def interrupted(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch, stop_af
     """Run kv_cache until STOP_AFTER interrupts it; the checkpoint it leaves."""
     monkeypatch.setenv(checkpoint.STOP_AFTER, str(stop_after))
     with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
+        generate("kv_cache", parse(params), ROWS)
     monkeypatch.delenv(checkpoint.STOP_AFTER)
     (path,) = files()
     return path
@@ -43,17 +45,17 @@ def interrupted(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch, stop_af
 def test_interrupted_run_resumes_with_identical_predictions(models_dir: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                                              name: str, stop_after: int, resumed: int) -> None:
     params = copy.deepcopy(BASE_PARAMS)
-    full, full_perf = generate(name, copy.deepcopy(params), ROWS)
+    full, full_perf = generate(name, parse(params), ROWS)
     assert files() == [] and full_perf["resume"]["sessions"] == 1 and full_perf["resume"]["resumed_rows"] == 0
 
     monkeypatch.setenv(checkpoint.STOP_AFTER, str(stop_after))
     with pytest.raises(KeyboardInterrupt):
-        generate(name, copy.deepcopy(params), ROWS)
+        generate(name, parse(params), ROWS)
     (path,) = files()
     assert path.name.startswith(f"{name}-")
     monkeypatch.delenv(checkpoint.STOP_AFTER)
 
-    records, perf = generate(name, copy.deepcopy(params), ROWS)
+    records, perf = generate(name, parse(params), ROWS)
     assert [r["raw"] for r in records] == [r["raw"] for r in full]
     assert [r["id"] for r in records] == [r["id"] for r in full]
     assert perf["resume"]["sessions"] == 2 and perf["resume"]["resumed_rows"] == resumed
@@ -66,12 +68,12 @@ def test_a_changed_config_never_resumes_a_stale_checkpoint(models_dir: Path, mon
     params = copy.deepcopy(BASE_PARAMS)
     monkeypatch.setenv(checkpoint.STOP_AFTER, "2")
     with pytest.raises(KeyboardInterrupt):
-        generate("kv_cache", copy.deepcopy(params), ROWS)
+        generate("kv_cache", parse(params), ROWS)
     monkeypatch.delenv(checkpoint.STOP_AFTER)
     params["generate"]["max_new_tokens"] = 4
-    _, perf = generate("kv_cache", params, ROWS)
+    _, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 0
-    _, perf = generate("kv_cache", copy.deepcopy(params), ROWS[:3])  # other rows: another key too
+    _, perf = generate("kv_cache", parse(params), ROWS[:3])  # other rows: another key too
     assert perf["resume"]["resumed_rows"] == 0
 
 
@@ -79,7 +81,7 @@ def test_a_line_cut_by_the_interruption_is_rerun(models_dir: Path, monkeypatch: 
     params = copy.deepcopy(BASE_PARAMS)
     path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text()[:-20])  # the third row's line half written
-    _, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    _, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 2
 
 
@@ -147,13 +149,13 @@ def test_a_cut_line_is_trimmed_before_the_next_session_appends(models_dir: Path,
     """Session 1 stops after 3 rows with its last line cut; session 2 trims it, appends one row and stops; session 3
     finishes: every line of the file stays whole, and the predictions equal an uninterrupted run's."""
     params = copy.deepcopy(BASE_PARAMS)
-    full, _ = generate("kv_cache", copy.deepcopy(params), ROWS)
+    full, _ = generate("kv_cache", parse(params), ROWS)
     path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text()[:-20])  # the third row's line half written, no newline
     assert interrupted(params, monkeypatch, 1) == path
     assert batch_ids(path) == [["r0"], ["r1"], ["r2"]]  # the cut line is gone, not glued to the new one
     assert all(json.loads(line) for line in path.read_text().splitlines())
-    records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    records, perf = generate("kv_cache", parse(params), ROWS)
     assert [r["raw"] for r in records] == [r["raw"] for r in full]
     resume = perf["resume"]
     assert resume["sessions"] == 3 and resume["resumed_rows"] == 3
@@ -165,7 +167,7 @@ def test_rows_whose_ids_do_not_match_are_rerun(models_dir: Path, monkeypatch: py
     params = copy.deepcopy(BASE_PARAMS)
     path = interrupted(params, monkeypatch, 3)
     path.write_text(path.read_text().replace('"ids": ["r1"]', '"ids": ["r4"]'))  # row 2's batch claims another row
-    records, perf = generate("kv_cache", copy.deepcopy(params), ROWS)
+    records, perf = generate("kv_cache", parse(params), ROWS)
     assert perf["resume"]["resumed_rows"] == 1 and [r["id"] for r in records] == [r["id"] for r in ROWS]
 
 
@@ -208,8 +210,10 @@ def test_the_key_covers_environment_and_gguf_contents(tmp_path: Path, monkeypatc
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF one")
     monkeypatch.setattr(convert, "locate_gguf", lambda spec: gguf)
-    params = copy.deepcopy(BASE_PARAMS) | {"models": {"tiny": {"gguf_package": "pkg", "gguf_file": "model.gguf"}}}
-    cfg = {"name": "llamacpp", "engine": "llama_cpp", "model_name": "tiny"}
+    raw = copy.deepcopy(BASE_PARAMS) | {"models": {"tiny": {"gguf_package": "pkg", "gguf_file": "model.gguf"}}}
+    raw["techniques"] = {"llamacpp": {"engine": "llama_cpp"}, "kv_cache": {}}
+    params = parse(raw)
+    cfg = resolve(params, "llamacpp")
     env = env_info("llama_cpp")
     first = checkpoint.key(cfg, params, ROWS, env)
     assert checkpoint.key(cfg, params, ROWS, dict(env)) == first
@@ -218,7 +222,7 @@ def test_the_key_covers_environment_and_gguf_contents(tmp_path: Path, monkeypatc
         assert checkpoint.key(cfg, params, ROWS, env | changed) != first, changed
     gguf.write_bytes(b"GGUF two")
     assert checkpoint.key(cfg, params, ROWS, env) != first
-    assert checkpoint.key({**cfg, "engine": "transformers"}, params, ROWS, env) != first  # other engines do not read the file
+    assert checkpoint.gguf_sha256(resolve(params, "kv_cache"), params) is None  # other engines do not read the file
 
 
 def test_a_failing_rerun_keeps_the_good_outputs_and_fails_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
@@ -228,7 +232,7 @@ def test_a_failing_rerun_keeps_the_good_outputs_and_fails_the_stage(tiny_llama: 
     assert run_generate(tmp_path, "kv_cache").returncode == 0
     outs = [tmp_path / "data/generations/kv_cache.jsonl", tmp_path / "metrics/techniques/kv_cache/perf.json"]
     before = [p.read_bytes() for p in outs]
-    params["techniques"]["kv_cache"] = {"generate": {"max_new_tokens": -5}}
+    params["techniques"]["kv_cache"] = {"batch_size": 2, "generate": {"prompt_lookup_num_tokens": 3}}  # valid params; transformers refuses
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = run_generate(tmp_path, "kv_cache")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]

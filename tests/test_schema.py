@@ -45,8 +45,9 @@ def test_team_keys_are_accepted() -> None:
     params["techniques"]["spec2"] = {"role": "target", "speculative": {"num_assistant_tokens": 5, "assistant_confidence_threshold": 0.4}}
     params["techniques"]["tp_auto"] = {"parallel": {"tp_size": "auto"}, "device_map": "auto", "max_memory": {0: "10GiB", "cpu": "30GiB"}}
     params["techniques"]["empty"] = None
-    params["serve"] = {"anything": 1}
-    params["serving"] = {"engine": {"engine": "vllm"}}
+    params["serve"] = {"rates": [1], "slo": {"ttft_s": 1, "tpot_s": 0.05, "share": 0.9}}  # the rest from the schema's defaults
+    params["serving"] = {"engine": {"engine": "vllm", "args": ["--max-num-seqs", 8]}, "cb": {"engine": "transformers", "cb": {"use_cuda_graph": True}}}
+    params["techniques"]["gen"] = {"generate": {"num_beams": 2, "temperature": 0.7, "top_k": 5, "stop_strings": ["\n"]}}
     assert check(params) == []
 
 

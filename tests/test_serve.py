@@ -15,6 +15,7 @@ from headline_bench.serving import run as serve
 from headline_bench.serving.goodput import level_summary, next_rate, summarize, sustainable_rate
 from headline_bench.serving.loadgen import poisson_arrivals, run_concurrency, run_rate, stream_request
 from headline_bench.serving.server import Server, ServerError, free_port, group_alive
+from headline_bench.settings import parse
 
 FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
 SLO = {"ttft_s": 2.0, "tpot_s": 0.1, "share": 0.99}
@@ -180,9 +181,9 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
     monkeypatch.setattr(serve, "payloads_for", lambda rows, params, entry, name: ([{"prompt": "x"}] * 2, rows, [5, 5]))
     monkeypatch.setattr(serve, "env_info", lambda: {})
     monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
-    params = {"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
+    params = parse({"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
               "serve": {"rates": [20, 40], "overload_share": 0.5, "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5, "warmup_requests": 1,
-                        "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "slo": SLO | {"tpot_s": 0.5}}}
+                        "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "slo": SLO | {"tpot_s": 0.5}}})
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
     assert result["failed"].startswith("ServerError: server exited with code 7 during rate 40")
     assert [lv["level"] for lv in result["levels"]] == ["rate 20", "rate 40"]      # what was measured is kept
@@ -194,11 +195,11 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
 def test_unknown_entry_or_engine_is_an_input_error():
     from headline_bench.errors import InputError
 
-    params = {"base": {"model": "m"}, "serving": {"x": {"engine": "nope"}}}
-    with pytest.raises(InputError, match="unknown serving entry 'y'"):
-        serve.resolve_entry(params, "y")
-    with pytest.raises(InputError, match="engine must be one of"):
-        serve.resolve_entry(params, "x")
+    with pytest.raises(InputError, match="unknown serving entry 'y'; params.yaml serving: defines x"):
+        serve.resolve_entry(parse({"base": {"model": "m"}, "serving": {"x": {"engine": "vllm"}}}), "y")
+    with pytest.raises(InputError, match="^serving.x.engine = 'nope': should be 'transformers', 'llama_cpp' or 'vllm'$"):
+        parse({"base": {"model": "m"}, "serving": {"x": {"engine": "nope"}}})
+    assert serve.resolve_entry(parse({"base": {"model": "m"}, "serving": {"x": {"engine": "vllm"}}}), "x").model == "m"  # base.model by default
 
 
 # --- a real server: `transformers serve` on a tiny random model ----------------------------------------------------
@@ -211,10 +212,10 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
     (tmp_path / "data" / "models" / "tiny").symlink_to(tiny_llama)
     rows = [{"id": f"r{i}", "summary": f"Summary number {i} about a town.", "reference": "A headline"} for i in range(2)]
     entry = {"engine": "transformers", "continuous_batching": cb, "cb": {"num_blocks": 4, "max_batch_tokens": 256}, "reference": "none"}
-    params = {"base": {"seed": 1, "model": "tiny", "device": "cpu", "dtype": "float32"}, "models": {"tiny": {}},
+    params = parse({"base": {"seed": 1, "model": "tiny", "device": "cpu", "dtype": "float32"}, "models": {"tiny": {"path": str(tiny_llama)}},
               "prompt": {"template": "Headline for: {summary}", "few_shot": []}, "generate": {"max_new_tokens": 6, "max_input_tokens": 256},
               "serving": {"e": entry}, "serve": {"rates": [4], "overload_share": 0.5, "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
-                                                 "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}}
+                                                 "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}})
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
     assert "failed" not in result, result.get("failed")
     assert [lv["ok"] for lv in result["levels"]] == [2, 2] and len(records) == 4

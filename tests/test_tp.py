@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from headline_bench.backends.transformers import hf_generate
 from headline_bench.benchmark import generate
 from headline_bench.errors import InputError, Skip
+from headline_bench.settings import parse
 from headline_bench.techniques import tensor_parallel as tp
+from headline_bench.techniques.config import ResolvedTechnique, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Generate a headline: council freezes taxes\nHeadline:", "Generate a headline: the senator retires\nHeadline:"]
@@ -30,8 +33,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from headline_bench.techniques import tensor_parallel as tp
 from headline_bench.backends.transformers import hf_generate
 from headline_bench.measure.trackers import MemoryTracker
+from headline_bench.settings import parse
+from headline_bench.techniques.config import resolve
 
-cfg = {"name": sys.argv[1], "parallel": {"tp_size": int(os.environ["WORLD_SIZE"])}}
+settings = {"base": {"model": "tiny"}, "generate": {"max_new_tokens": 8}, "techniques": {sys.argv[1]: {"parallel": {"tp_size": int(os.environ["WORLD_SIZE"])}}}}
+cfg = resolve(parse(settings), sys.argv[1])
 path = os.environ["TP_TEST_MODEL"]
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **tp.load_kwargs(cfg, "cpu")).eval()
 tok = AutoTokenizer.from_pretrained(path)
@@ -55,13 +61,18 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
+def technique(entry: dict[str, Any]) -> ResolvedTechnique:
+    """A technique as the stage resolves it from params.yaml."""
+    return resolve(parse({"base": {"model": "tiny"}, "generate": {"max_new_tokens": 8}, "techniques": {"t": entry}}), "t")
+
+
 def test_needs_launch_only_for_hf_tp_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 2}})
-    assert not tp.needs_launch({"engine": "transformers"}) and not tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 1}})
-    assert not tp.needs_launch({"engine": "vllm", "parallel": {"tp_size": 2}})  # vLLM shards by itself
+    assert tp.needs_launch(technique({"parallel": {"tp_size": 2}}))
+    assert not tp.needs_launch(technique({})) and not tp.needs_launch(technique({"parallel": {"tp_size": 1}}))
+    assert not tp.needs_launch(technique({"engine": "vllm", "parallel": {"tp_size": 2}}))  # vLLM shards by itself
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not tp.needs_launch({"engine": "transformers", "parallel": {"tp_size": 2}})  # already a rank
+    assert not tp.needs_launch(technique({"parallel": {"tp_size": 2}}))  # already a rank
 
 
 def test_launch_command_single_and_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,17 +107,17 @@ def test_merge_memory_sums_ranks_and_keeps_rank0_latency() -> None:
 
 def test_init_outside_torchrun_is_an_input_error() -> None:
     with pytest.raises(InputError, match="needs torchrun"):
-        tp.init({"name": "tp", "parallel": {"tp_size": 2}}, "cpu")
+        tp.init(technique({"parallel": {"tp_size": 2}}), "cpu")
 
 
 def test_init_checks_world_and_gpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(InputError, match="tp_size is 4 but torchrun started 2"):
-        tp.init({"parallel": {"tp_size": 4}}, "cpu")
+        tp.init(technique({"parallel": {"tp_size": 4}}), "cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(Skip, match="wants 2 GPUs per node; this machine has 1"):
-        tp.init({"parallel": {"tp_size": 2}}, "cuda")
+        tp.init(technique({"parallel": {"tp_size": 2}}), "cuda")
 
 
 def single_process(path: Path) -> list:
@@ -161,7 +172,7 @@ def test_generate_stage_relaunches_itself_under_torchrun(tiny_llama: Path, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "stages/generate.py"), "tp2"], cwd=tmp_path, env=env, check=True, timeout=120)
     monkeypatch.chdir(tmp_path)  # the stage's relative data/ paths
-    single, _ = generate("kv_cache", params, rows)
+    single, _ = generate("kv_cache", parse(params), rows)
     assert [json.loads(x)["raw"] for x in (tmp_path / "data/generations/tp2.jsonl").read_text().splitlines()] == [g["raw"] for g in single]
     perf = json.loads((tmp_path / "metrics/techniques/tp2/perf.json").read_text())
     assert perf["tp_size"] == 2 and perf["samples"] == 2 and len(perf["peak_rss_mb_per_rank"]) == 2

@@ -18,6 +18,7 @@ import yaml
 
 from headline_bench.files import ROOT, write_json
 from headline_bench.logs import log, setup_logging
+from headline_bench.settings import read_yaml
 
 STAGES = ROOT / "stages"
 
@@ -56,6 +57,9 @@ def pass_params(params: dict[str, Any], common: dict[str, Any], spec: dict[str, 
         for name, entry in out["techniques"].items():
             if (entry or {}).get("reference") not in (None, *wanted):  # its reference does not run in this pass: no token check
                 log.info("gpu-check: %s's reference %s is not in this pass; its outputs are not compared", name, entry.pop("reference"))
+        for entry in (out.get("serving") or {}).values():  # a serving entry's offline reference must be a technique of the pass
+            if entry.get("reference") not in (None, *wanted):
+                entry.pop("reference")
         if out.get("technique") not in out["techniques"]:  # the report focuses on a technique the pass runs
             out["technique"] = wanted[0]
     source = Path(out["prepare"]["source"])
@@ -159,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     deadline = time.time() + args.budget_s
-    spec = yaml.safe_load(args.passes.read_text())
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    spec = read_yaml(args.passes.read_text())
+    params = read_yaml((ROOT / "params.yaml").read_text())  # no aliases, like every stage
     names = [n for n in spec["passes"] if not args.only or n in args.only.split(",")]
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
     out = args.out / slug(card())

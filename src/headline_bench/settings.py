@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from headline_bench.errors import fail
+from headline_bench.errors import InputError, fail
 from headline_bench.files import PARAMS
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -25,6 +25,18 @@ NonNegInt = Annotated[int, Field(ge=0)]
 
 
 Share = Annotated[float, Field(ge=0, le=1)]
+
+
+PosFloat = Annotated[float, Field(gt=0)]
+
+
+NAME = r"^[A-Za-z0-9_]+$"  # technique and serving entry names: each is a path component of its outputs
+
+
+ENGINES = ("transformers", "llama_cpp", "vllm")  # backends/<engine>.py; `engine:` of techniques and serving entries
+
+
+Engine = Literal[ENGINES]  # type: ignore[valid-type]
 
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -89,7 +101,7 @@ class ModelEntry(Section):
     path: str | None = None
     config: str | None = None
     tokenizer_from: str | None = None
-    seed: int | None = None
+    seed: int = 0  # random weights: the seed they are drawn with
     dtype: DType | None = None  # random weights: the dtype they are saved in (default: the config's)
 
     @model_validator(mode="after")
@@ -177,8 +189,10 @@ class Compile(Section):  # transformers' CompileConfig
 
 
 class Speculative(Section):
+    """Set on the draft's generation config (transformers reads them there); None: the draft's own value."""
+
     num_assistant_tokens: PosInt = 4
-    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] | None = None
+    num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] = "constant"  # constant: no drift from warm-up
     assistant_confidence_threshold: Share | None = None
 
 
@@ -186,10 +200,62 @@ class Parallel(Section):
     tp_size: PosInt | Literal["auto"] = 1
 
 
+class SettledParallel(Parallel):
+    """`tp_size: auto` as chosen for this model and machine (tensor_parallel.settle_size); never in params.yaml."""
+
+    tp_size: PosInt
+    tp_size_setting: Literal["auto"] = "auto"
+
+
+class Vllm(BaseModel):
+    """vLLM engine arguments (vllm.LLM keyword arguments): the ones used here typed, any other passed on as given."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.5
+    max_model_len: PosInt | None = None  # None: generate.max_input_tokens + max_new_tokens
+
+
+class GenerateKwargs(BaseModel):
+    """generate() arguments of a technique (and of the `generate` section's max_new_tokens / use_cache).
+
+    The common GenerationConfig fields are typed here; any other key must be a GenerationConfig attribute or a
+    generate() argument ("did you mean" for a typo) and, where transformers' default has a type, of that type.
+    Unset keys are not passed: transformers' own defaults apply.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    max_new_tokens: PosInt | None = None
+    min_new_tokens: NonNegInt | None = None
+    use_cache: bool | None = None
+    do_sample: bool | None = None
+    num_beams: PosInt | None = None
+    cache_implementation: Literal["static", "offloaded_static", "dynamic", "offloaded", "quantized", "sliding_window", "hybrid"] | None = None
+    max_cache_len: PosInt | None = None
+    prompt_lookup_num_tokens: PosInt | None = None
+    max_matching_ngram_size: PosInt | None = None
+    repetition_penalty: PosFloat | None = None
+
+    @model_validator(mode="after")
+    def known_and_typed(self) -> GenerateKwargs:
+        problems = [f"{k}: null is not allowed (leave it out for transformers' default)" for k in self.model_fields_set if getattr(self, k) is None]
+        for key, value in (self.model_extra or {}).items():
+            if key not in generate_kwarg_names():
+                problems.append(unknown_kwarg(key))
+            elif (wrong := mistyped(key, value)) is not None:
+                problems.append(wrong)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        """The generate() keyword arguments: the keys that were set."""
+        return self.model_dump(exclude_unset=True)
+
+
 class Technique(Section):
     role: Literal["model", "target"] = "model"
-    engine: Literal["transformers", "llama_cpp", "vllm"] = "transformers"
-    generate: dict[str, Any] = {}
+    engine: Engine = "transformers"
+    generate: GenerateKwargs = GenerateKwargs()
     batch_size: PosInt | None = None
     reference: str | None = None
     dtype: DType | None = None
@@ -202,15 +268,71 @@ class Technique(Section):
     device_map: str | None = None
     max_memory: dict[str | int, str | int] | None = None
     only_on: Literal["cpu", "cuda"] | None = None
-    vllm: dict[str, Any] | None = None  # vLLM engine arguments
+    vllm: Vllm | None = None  # vLLM engine arguments
 
-    @field_validator("generate")
-    @classmethod
-    def generate_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        problems = [unknown_kwarg(k) for k in value if k not in generate_kwarg_names()]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return value
+
+class SLO(Section):
+    """A request is good when it meets both latency limits; a level passes when `share` of its requests are good."""
+
+    ttft_s: PosFloat
+    tpot_s: PosFloat
+    share: Annotated[float, Field(gt=0, le=1)]
+
+
+class Serve(Section):
+    """Load settings shared by every serving entry (serving/run.measure)."""
+
+    rates: Annotated[list[PosFloat], Field(min_length=1)]
+    overload_share: Share = 0.5
+    concurrency: list[PosInt] = []
+    requests: PosInt = 10
+    max_duration_s: PosFloat = 15
+    timeout_s: PosFloat = 15
+    warmup_requests: NonNegInt = 2
+    search_steps: NonNegInt = 2
+    search_min_gap: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    startup_timeout_s: PosFloat = 240
+    slo: SLO
+
+
+class ContinuousBatching(Section):  # `transformers serve --cb-*` flags; None: the server's default
+    block_size: PosInt | None = None
+    num_blocks: PosInt | None = None
+    max_batch_tokens: PosInt | None = None
+    max_memory_percent: Annotated[float, Field(gt=0, le=1)] | None = None
+    use_cuda_graph: bool | None = None
+
+
+# the keys only one engine reads; the others are common to every engine
+ENGINE_KEYS = {"transformers": ("continuous_batching", "compile", "cb"), "llama_cpp": ("server", "interrupt_requests", "parallel", "binary"),
+               "vllm": ("args",)}
+
+
+class ServingEntry(Section):
+    """One engine under load, with its knobs (backends/<engine>.py server())."""
+
+    engine: Engine
+    model: str | None = None  # None: base.model
+    reference: str | None = None  # the technique whose offline headlines the served ones are compared to
+    dtype: DType | None = None  # None: base.dtype
+    threads: PosInt | None = None  # None: torch's thread count
+    request: dict[str, Any] = {}  # extra request fields (engine-specific sampling knobs)
+    continuous_batching: bool = False
+    compile: bool = False
+    cb: ContinuousBatching | None = None
+    server: Literal["llama_cpp_python", "llama_server"] = "llama_cpp_python"
+    interrupt_requests: bool = True  # llama-cpp-python's own default: a new request cuts the stream in progress
+    parallel: PosInt = 1  # llama-server slots
+    binary: str = "llama-server"
+    args: list[str | int | float] = []  # extra `vllm serve` arguments
+
+    @model_validator(mode="after")
+    def keys_of_its_engine(self) -> ServingEntry:
+        foreign = [k for e, keys in ENGINE_KEYS.items() if e != self.engine for k in keys if k in self.model_fields_set]
+        if foreign:
+            common = [k for k in type(self).model_fields if not any(k in keys for keys in ENGINE_KEYS.values())]
+            raise ValueError(f"{', '.join(foreign)}: not a setting of engine {self.engine} (it takes: {', '.join(common + list(ENGINE_KEYS[self.engine]))})")
+        return self
 
 
 class Params(Section):
@@ -223,22 +345,49 @@ class Params(Section):
     report: Report | None = None
     technique: str | None = None
     techniques: dict[str, Technique | None] = {}
-    serve: dict[str, Any] | None = None    # load settings of the serving work (its keys are checked by that stage)
-    serving: dict[str, Any] | None = None  # engine entries of the serving work
+    serve: Serve | None = None  # load settings of the serving work
+    serving: dict[str, ServingEntry] = {}  # engine entries of the serving work
+
+    @field_validator("techniques", "serving")
+    @classmethod
+    def names_are_path_components(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [n for n in value if not re.match(NAME, n)]
+        if bad:
+            raise ValueError(f"{', '.join(repr(n) for n in bad)}: names may hold only letters, digits and _ (each names output files)")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def model_names_are_folder_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [n for n in value if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", n)]
+        if bad:
+            raise ValueError(f"{', '.join(repr(n) for n in bad)}: names may hold only letters, digits, _, . and - (each is a folder under data/models)")
+        return value
 
     @model_validator(mode="after")
     def names_exist(self) -> Params:
         names = sorted(self.techniques)
-        if self.technique is not None and self.techniques and self.technique not in self.techniques:
+        if self.technique is not None and self.technique not in self.techniques:
             raise ValueError(f"technique: '{self.technique}' is not one of techniques ({', '.join(names)})")
         for name, entry in self.techniques.items():
             if entry and entry.reference and entry.reference not in self.techniques:
                 raise ValueError(f"techniques.{name}.reference: '{entry.reference}' is not one of techniques ({', '.join(names)})")
+        for name, serving in self.serving.items():
+            if serving.reference and self.techniques and serving.reference not in self.techniques:
+                raise ValueError(f"serving.{name}.reference: '{serving.reference}' is not one of techniques ({', '.join(names)})")
+            if serving.model and self.models and serving.model not in self.models:
+                raise ValueError(f"serving.{name}.model: '{serving.model}' is not defined under models ({', '.join(sorted(self.models))})")
         for role in ("model", "target"):
             name = getattr(self.base, role)
             if name and self.models and name not in self.models:
                 raise ValueError(f"base.{role}: '{name}' is not defined under models ({', '.join(sorted(self.models))})")
         return self
+
+    def entry(self, name: str) -> Technique:
+        """The settings of technique `name` (a command-line argument, so an unknown one is an InputError)."""
+        if name not in self.techniques:
+            raise InputError(f"unknown technique '{name}'; params.yaml defines: {', '.join(sorted(self.techniques))}")
+        return self.techniques[name] or Technique()
 
 
 # generate()'s own arguments besides the GenerationConfig ones (its signature needs torch to import)
@@ -257,6 +406,27 @@ def generate_kwarg_names() -> frozenset[str]:
 def unknown_kwarg(key: str) -> str:
     close = difflib.get_close_matches(key, generate_kwarg_names(), n=1)
     return f"unknown generate() argument '{key}'" + (f" (did you mean '{close[0]}'?)" if close else " (see transformers' GenerationConfig)")
+
+
+@functools.cache
+def generation_defaults() -> dict[str, Any]:
+    """transformers' defaults for GenerationConfig fields that neither the model nor the user set (their types are
+    the types a value must have); empty where this transformers has no such table (then names alone are checked)."""
+    from transformers.generation.configuration_utils import GenerationConfig
+
+    table = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return {k: v for k, v in (table() if table else vars(GenerationConfig())).items() if v is not None}
+
+
+def mistyped(key: str, value: Any) -> str | None:
+    """Why `value` cannot be generate() argument `key`, judged by the type of transformers' default; None if it can."""
+    default = generation_defaults().get(key)
+    if default is None:
+        return None
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+    if kinds is None or (isinstance(value, kinds) and (isinstance(value, bool) == isinstance(default, bool))):
+        return None
+    return f"{key} = {value!r} should be {type(default).__name__} (transformers' default is {default!r})"
 
 
 def _models_in(annotation: Any) -> list[Any]:
@@ -299,43 +469,72 @@ def describe(error: dict[str, Any]) -> tuple[str, str]:
     return key + shown, error["msg"].removeprefix("Value error, ").replace("Input should be ", "should be ", 1)
 
 
-def check(params: dict[str, Any]) -> list[str]:
-    """Every problem in params.yaml, one line each; empty when it is valid."""
-    if not isinstance(params, dict):
-        return ["params.yaml: must be a mapping of sections"]
+def problems_of(data: Any) -> tuple[Params | None, list[str]]:
+    """The validated settings, or every problem in them, one line each."""
+    if not isinstance(data, dict):
+        return None, ["params.yaml: must be a mapping of sections"]
     try:
-        Params.model_validate(params)
+        return Params.model_validate(data), []
     except ValidationError as e:
         by_key: dict[str, list[str]] = {}
         for err in e.errors():  # a union gives one error per branch: one line per key
             key, msg = describe(err)
             by_key.setdefault(key, []).append(msg)
-        lines = [(f"{key}: " if key != "params.yaml" else "") + " or ".join(dict.fromkeys(msgs)).replace(" or should be ", " or ") for key, msgs in by_key.items()]
-        return lines
-    return []
+        return None, [(f"{key}: " if key != "params.yaml" else "") + " or ".join(dict.fromkeys(msgs)).replace(" or should be ", " or ") for key, msgs in by_key.items()]
 
 
-def load_params(path: Path = PARAMS, required: Iterable[str] = ()) -> dict[str, Any]:
-    """All of params.yaml, checked against the one schema (stages/schema.py) before any work is done.
+def check(params: Any) -> list[str]:
+    """Every problem in params.yaml, one line each; empty when it is valid."""
+    return problems_of(params)[1]
+
+
+def parse(data: Any) -> Params:
+    """A params mapping (params.yaml as read) as typed settings; its problems, one per line, as an InputError."""
+    params, problems = problems_of(data)
+    if params is None:
+        raise InputError("\n".join(problems))
+    return params
+
+
+class AliasError(yaml.YAMLError):
+    """A YAML anchor or alias: refused before it is expanded (an alias bomb never grows)."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors (&a) and aliases (*a): params.yaml has no use for them, and a few
+    nested aliases (a "billion laughs") expand to gigabytes in every consumer that resolves them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise AliasError(f"line {event.start_mark.line + 1}: YAML anchors and aliases are not allowed ({sign}{event.anchor}); write the values out")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python data, without anchors or aliases (NoAliasLoader)."""
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_params(path: Path = PARAMS, required: Iterable[str] = ()) -> Params:
+    """All of params.yaml as typed settings, checked against the one schema before any work is done.
 
     Every problem is logged as one `error:` line naming the key and what it allows, then the stage exits
-    (no traceback). Stages pick the sections they declare in dvc.yaml.
+    (no traceback). Stages pick the sections they declare in dvc.yaml; defaults come from the schema alone.
 
     Args:
         path: the params file.
-        required: sections this stage reads; their absence is an error here rather than a KeyError later.
+        required: sections this stage reads; their absence is an error here rather than a failure later.
     """
-    from headline_bench import settings as schema
-
     try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         fail(f"{path}: not found (run the stage from the repository root)")
     except yaml.YAMLError as e:
         fail(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
-    problems = schema.check(params)
-    problems += [f"{section}: missing (this stage needs it)" for section in required if isinstance(params, dict) and section not in params]
-    if problems:
+    params, problems = problems_of(data)
+    problems += [f"{section}: missing (this stage needs it)" for section in required if isinstance(data, dict) and data.get(section) is None]
+    if problems or params is None:
         fail("\n".join(f"{path}: {p}" for p in problems))
-    return params
+    return params  # type: ignore[return-value]

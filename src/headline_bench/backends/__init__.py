@@ -5,24 +5,22 @@ Every engine module has
   server(entry, params, port, device, host) -> ServerSpec         online: the command that serves the same model
   unavailable(device) -> str | None                               (optional) why this machine cannot run it
 
-`engine:` in params.yaml names one of ENGINES, for techniques and serving entries alike.
+`engine:` in params.yaml names one of settings.ENGINES (the schema allows no other), for techniques and serving entries alike.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ENGINES = ("transformers", "llama_cpp", "vllm")
+if TYPE_CHECKING:
+    from headline_bench.settings import Params
+    from headline_bench.techniques.config import ResolvedTechnique
 
 
 def engine(name: str) -> ModuleType:
-    """The module of engine `name` (imported on first use: llama.cpp and vLLM load only when asked for)."""
-    if name not in ENGINES:
-        from headline_bench.errors import InputError
-
-        raise InputError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    """The module of engine `name`, one of settings.ENGINES (imported on first use: llama.cpp and vLLM load only when asked for)."""
     return importlib.import_module(f"headline_bench.backends.{name}")
 
 
@@ -32,6 +30,6 @@ def unavailable(name: str, device: str) -> str | None:
     return check(device) if check else None
 
 
-def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Any, Any, dict[str, Any]]:
+def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Any, Any, dict[str, Any]]:
     """Load the technique's engine and bind it to the technique's model and generate kwargs."""
-    return engine(cfg["engine"]).setup(cfg, params, device)
+    return engine(cfg.engine).setup(cfg, params, device)

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.backends.base import GenerateFn, Generation, ServerSpec, missing
 from headline_bench.data.prompts import clean_headline, safe_ids
@@ -16,8 +16,12 @@ from headline_bench.errors import InputError, Skip
 from headline_bench.models.convert import locate_gguf
 from headline_bench.models.ref import model_path
 
+if TYPE_CHECKING:
+    from headline_bench.settings import Params, ServingEntry
+    from headline_bench.techniques.config import ResolvedTechnique
 
-def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: str = "\n", **_: Any) -> list[Generation]:
+
+def llamacpp_generate(llm: Any, prompts: list[str], max_new_tokens: int, stop: str = "\n") -> list[Generation]:
     """Greedy generation with llama.cpp, one prompt at a time, each from a cold KV cache.
 
     llama.cpp reuses the previous prompt's KV cache when prompts share a prefix (our chat template
@@ -68,7 +72,7 @@ def gguf_format(llm: Any) -> str:
     return names.get(int(ftype), f"file_type {ftype}") if ftype is not None else "unknown"
 
 
-def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
     """llama.cpp on the GGUF file that the model's pip package ships (the file data/models was converted from)."""
     try:
         from llama_cpp import Llama, __version__
@@ -77,20 +81,15 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     import torch
     from transformers import AutoTokenizer
 
-    from headline_bench.models.convert import locate_gguf
-
-    spec = params["models"][cfg["model_name"]]
-    if "gguf_package" not in spec:
-        raise Skip(f"model '{cfg['model_name']}' has no GGUF file in params.models (llama.cpp needs one)")
-    path = model_path(cfg["model_name"])
-    gguf = locate_gguf(spec)
-    threads = cfg.get("threads") or torch.get_num_threads()  # the thread count the transformers runs get
-    max_new = cfg["generate"]["max_new_tokens"]
-    n_ctx = params["generate"]["max_input_tokens"] + max_new
+    gguf = gguf_of(cfg.model_name, params)
+    path = model_path(cfg.model_name)
+    threads = cfg.threads or torch.get_num_threads()  # the thread count the transformers runs get
+    max_new = cfg.generate.max_new_tokens
+    n_ctx = params.generate.max_input_tokens + max_new
     start = time.perf_counter()
     try:
         llm = Llama(
-            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params["base"]["seed"],
+            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params.base.seed,
             n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
         )
     except ValueError as e:  # llama.cpp: "Failed to load model from file"
@@ -100,17 +99,17 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     fmt = gguf_format(llm)
     info = {
         "path": str(path), "load_s": time.perf_counter() - start, "engine": f"llama-cpp-python {__version__}",
-        "gguf": f"{spec['gguf_package']}/{gguf.name}", "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
+        "gguf": f"{params.models[cfg.model_name].gguf_package}/{gguf.name}", "weight_mb": os.path.getsize(gguf) / 2**20, "weight_format": f"GGUF {fmt}", "dtype": fmt.lower(),
         "n_threads": threads, "n_ctx": n_ctx, "max_input_tokens": llm.n_ctx() - max_new,
     }
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
-        return llamacpp_generate(llm, prompts, **cfg["generate"])
+        return llamacpp_generate(llm, prompts, max_new)
 
     return generate_fn, tokenizer, info
 
 
-def llama_cpp_python_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
+def llama_cpp_python_command(entry: ServingEntry, gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
     """llama-cpp-python's server: one Llama behind a lock, so one request at a time.
 
     Its default `interrupt_requests` cuts the stream being served whenever a new request arrives; the entry's
@@ -120,16 +119,16 @@ def llama_cpp_python_command(entry: dict[str, Any], gguf: Path, port: int, devic
         raise Skip(f"llama-cpp-python's server needs {', '.join(need)}: pip install 'llama-cpp-python[server]'")
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--seed", str(seed),
-            "--n_gpu_layers", "-1" if device.startswith("cuda") else "0", "--interrupt_requests", str(bool(entry.get("interrupt_requests", True)))]
+            "--n_gpu_layers", "-1" if device.startswith("cuda") else "0", "--interrupt_requests", str(entry.interrupt_requests)]
 
 
-def llama_server_command(entry: dict[str, Any], gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
+def llama_server_command(entry: ServingEntry, gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
     """llama.cpp's own llama-server: continuous batching over `parallel` slots (the context is split among them)."""
-    binary = shutil.which(entry.get("binary") or "llama-server")
+    binary = shutil.which(entry.binary)
     if binary is None:
         raise Skip("no llama-server binary on PATH: Debian 12 has no llama.cpp package and no well-kept pip package ships it; "
                    "build llama.cpp's server (cmake --build build --target llama-server) and set serving.<entry>.binary")
-    slots = entry.get("parallel", 1)
+    slots = entry.parallel
     return [binary, "-m", str(gguf), "--host", host, "--port", str(port), "-c", str(n_ctx * slots), "-np", str(slots),
             "-t", str(threads), "--seed", str(seed), "-ngl", "99" if device.startswith("cuda") else "0"]
 
@@ -137,16 +136,21 @@ def llama_server_command(entry: dict[str, Any], gguf: Path, port: int, device: s
 SERVERS = {"llama_cpp_python": (llama_cpp_python_command, "/v1/models"), "llama_server": (llama_server_command, "/health")}
 
 
-def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str, host: str) -> ServerSpec:
+def gguf_of(name: str, params: Params) -> Path:
+    """The GGUF file model `name` was converted from; Skip when it came from elsewhere (hub, folder, random)."""
+    spec = params.models.get(name)
+    if spec is None or not spec.gguf_package:
+        raise Skip(f"model '{name}' has no GGUF file in params.models (llama.cpp needs one)")
+    return locate_gguf(spec)
+
+
+def server(entry: ServingEntry, params: Params, port: int, device: str, host: str) -> ServerSpec:
     """llama-cpp-python's server or llama.cpp's llama-server (`entry.server`) on the packaged GGUF file."""
     import torch
 
-    spec = params["models"][entry["model"]]
-    if "gguf_package" not in spec:
-        raise Skip(f"model '{entry['model']}' has no GGUF file in params.models (llama.cpp needs one)")
-    gguf = locate_gguf(spec)
-    n_ctx = params["generate"]["max_input_tokens"] + params["generate"]["max_new_tokens"]
-    threads = entry.get("threads") or torch.get_num_threads()
-    command, health = SERVERS[entry.get("server") or "llama_cpp_python"]
-    argv = command(entry, gguf, port, device, n_ctx, params["base"]["seed"], threads, host)
+    gguf = gguf_of(entry.model, params)
+    n_ctx = params.generate.max_input_tokens + params.generate.max_new_tokens
+    threads = entry.threads or torch.get_num_threads()
+    command, health = SERVERS[entry.server]
+    argv = command(entry, gguf, port, device, n_ctx, params.base.seed, threads, host)
     return ServerSpec(argv, health, str(gguf), threads, {"gguf": str(gguf), "n_ctx": n_ctx, "threads": threads})

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList
 
 from headline_bench.backends.base import GenerateFn, Generation, ServerSpec, count_new_tokens, missing
 from headline_bench.data.prompts import clean_headline
-from headline_bench.errors import InputError, Skip
+from headline_bench.errors import Skip
 from headline_bench.measure.trackers import (
     AcceptanceTracker,
     LatencyTracker,
@@ -18,6 +18,10 @@ from headline_bench.measure.trackers import (
 )
 from headline_bench.models.ref import model_path
 from headline_bench.techniques.load import build_model
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Params, ServingEntry, Speculative
+    from headline_bench.techniques.config import ResolvedTechnique
 
 
 def eos_ids(model: Any) -> set[int]:
@@ -73,30 +77,24 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
     return results
 
 
-DRAFT_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-
-
-def configure_draft(draft: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def configure_draft(draft: Any, settings: Speculative) -> dict[str, Any]:
     """Put the speculative settings where transformers reads them: the draft's own generation config.
 
     `num_assistant_tokens` passed to the target's generate() is ignored: the candidate generator copies the
-    draft's generation_config (defaults: 20 tokens, a 0.4 confidence cut-off). A constant schedule keeps the
-    draft length from drifting across calls (the heuristic one carries state from warm-up into timed rows).
+    draft's generation_config (defaults: 20 tokens, a 0.4 confidence cut-off). The schema's constant schedule
+    keeps the draft length from drifting across calls (the heuristic one carries state from warm-up into timed
+    rows); a setting left at None keeps the draft's own value.
 
     Returns:
         the settings in effect, as the draft's config now holds them (recorded in perf.json).
     """
-    unknown = set(settings) - set(DRAFT_KEYS)
-    if unknown:
-        raise InputError(f"speculative: unknown setting(s) {sorted(unknown)}; known: {list(DRAFT_KEYS)}")
     config = draft.generation_config
-    config.num_assistant_tokens_schedule = "constant"
-    for key, value in settings.items():
+    for key, value in settings.model_dump(exclude_none=True).items():
         setattr(config, key, value)
-    return {key: getattr(config, key, None) for key in DRAFT_KEYS}
+    return {key: getattr(config, key, None) for key in type(settings).model_fields}
 
 
-def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
     """Load the technique's model(s) and bind hf_generate to them and to its generate kwargs.
 
     Returns:
@@ -111,40 +109,41 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     if info.get("random_weights"):
         # Random weights never write a meaningful newline or EOS: a fixed output length (vLLM's --ignore-eos,
         # optimum-benchmark's min_new_tokens == max_new_tokens) makes every technique do the same work.
-        n = cfg["generate"]["max_new_tokens"]
-        gen_kwargs = {**cfg["generate"], "min_new_tokens": n, "eos_token_id": sorted(eos_ids(model))}
+        n = cfg.generate.max_new_tokens
+        gen_kwargs = {**cfg.generate.kwargs(), "min_new_tokens": n, "eos_token_id": sorted(eos_ids(model))}
     else:
         # Stop at the end of the first line. Newline tokens join the EOS ids rather than using `stop_strings`,
         # which assisted generation forwards to the draft without a tokenizer (and then fails).
-        gen_kwargs = {**cfg["generate"], "eos_token_id": sorted(eos_ids(model) | newline_ids(tokenizer))}
-    if cfg.get("compile"):
+        gen_kwargs = {**cfg.generate.kwargs(), "eos_token_id": sorted(eos_ids(model) | newline_ids(tokenizer))}
+    if cfg.compile:
         from transformers import CompileConfig
 
-        settings = dict(cfg["compile"])
-        if isinstance(settings.get("mode"), dict):  # {cpu: default, cuda: reduce-overhead}: CUDA graphs only on GPUs
+        settings = cfg.compile.model_dump()
+        if isinstance(settings["mode"], dict):  # {cpu: default, cuda: reduce-overhead}: CUDA graphs only on GPUs
             settings["mode"] = settings["mode"]["cuda" if device.startswith("cuda") else "cpu"]
         compile_config = CompileConfig(**settings)
         compile_config._compile_all_devices = device == "cpu"  # generate() compiles on GPUs only unless told
         gen_kwargs["compile_config"] = compile_config
-        info["compile_mode"] = settings.get("mode", "default")
+        info["compile_mode"] = settings["mode"]
     acceptance = AcceptanceTracker()
-    if cfg.get("speculative"):
-        draft, draft_tok, _ = build_model({"model_name": params["base"]["model"], "dtype": cfg["dtype"]}, device)
-        info["speculative_used"] = configure_draft(draft, cfg["speculative"])
+    if cfg.speculative:
+        draft_cfg = cfg.model_copy(update={"model_name": params.base.model, "quantize": None, "prune": None, "parallel": None, "device_map": None})
+        draft, draft_tok, _ = build_model(draft_cfg, device)
+        info["speculative_used"] = configure_draft(draft, cfg.speculative)
         gen_kwargs["assistant_model"] = draft
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             gen_kwargs["assistant_tokenizer"] = draft_tok  # universal assisted decoding
             info["universal_assisted"] = True
         info["draft_weight_mb"] = weight_bytes(draft) / 2**20
-    assisted = bool(cfg.get("speculative") or gen_kwargs.get("prompt_lookup_num_tokens"))
+    assisted = bool(cfg.speculative or cfg.generate.prompt_lookup_num_tokens)
     if assisted:
         acceptance.attach(model)
     info["after_warmup"] = acceptance.reset  # acceptance over the timed rows only
     info["after_run"] = lambda: {"acceptance_rate": acceptance.rate(), "draft_tokens_proposed": acceptance.proposed,
                                  "draft_tokens_accepted": acceptance.accepted} if acceptance.attached else {}
-    info["dtype"] = str(getattr(model, "dtype", cfg["dtype"])).replace("torch.", "")
+    info["dtype"] = str(getattr(model, "dtype", cfg.dtype)).replace("torch.", "")
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 10**9)
-    info["max_input_tokens"] = min(params["generate"]["max_input_tokens"], context - cfg["generate"]["max_new_tokens"])
+    info["max_input_tokens"] = min(params.generate.max_input_tokens, context - cfg.generate.max_new_tokens)
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
         before = (acceptance.proposed, acceptance.accepted)
@@ -156,20 +155,21 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     return generate_fn, tokenizer, info
 
 
-def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str, host: str) -> ServerSpec:
+def server(entry: ServingEntry, params: Params, port: int, device: str, host: str) -> ServerSpec:
     """`transformers serve` pinned to the converted checkpoint; --continuous-batching and --compile are knobs."""
     import torch
 
-    path = model_path(entry["model"])
-    dtype, seed = entry.get("dtype") or params["base"]["dtype"], params["base"]["seed"]
+    path = model_path(entry.model)
+    dtype, seed = entry.dtype or params.base.dtype, params.base.seed
     model = path
     if need := missing("fastapi", "uvicorn", "openai", "pydantic"):
         raise Skip(f"transformers serve needs {', '.join(need)}: pip install -r requirements.txt")
     argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model), "--host", host, "--port", str(port),
             "--device", device, "--dtype", dtype, "--default-seed", str(seed), "--log-level", "info"]
-    argv += ["--continuous-batching"] if entry.get("continuous_batching") else []
-    argv += ["--compile"] if entry.get("compile") else []
-    for key, value in (entry.get("cb") or {}).items():  # --cb-block-size, --cb-num-blocks, --cb-max-batch-tokens, ...
-        argv += [f"--cb-{key.replace('_', '-')}", str(value)]
-    threads = entry.get("threads") or torch.get_num_threads()
+    argv += ["--continuous-batching"] if entry.continuous_batching else []
+    argv += ["--compile"] if entry.compile else []
+    for key, value in (entry.cb.model_dump(exclude_none=True) if entry.cb else {}).items():  # --cb-num-blocks 16, --cb-use-cuda-graph, ...
+        flag = f"cb-{key.replace('_', '-')}"
+        argv += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    threads = entry.threads or torch.get_num_threads()
     return ServerSpec(argv, "/health", str(path), threads, {"model_path": str(path), "dtype": dtype})

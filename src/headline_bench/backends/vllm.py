@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.backends.base import GenerateFn, Generation, ServerSpec, missing
 from headline_bench.errors import Skip
 from headline_bench.models.ref import model_path
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Params, ServingEntry
+    from headline_bench.techniques.config import ResolvedTechnique
 
 
 def unavailable(device: str) -> str | None:
@@ -20,7 +24,7 @@ def unavailable(device: str) -> str | None:
     return "vLLM needs a CUDA GPU; this machine has none"
 
 
-def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
+def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[GenerateFn, Any, dict[str, Any]]:
     """vLLM on the converted checkpoint; one llm.generate call per batch, like hf_generate.
 
     Measured so that it compares with the in-process backends: prefix caching off (every row shares the chat
@@ -41,19 +45,20 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
 
     from headline_bench.data.prompts import clean_headline
     from headline_bench.models.ref import model_source
+    from headline_bench.settings import Vllm
 
-    path = model_path(cfg["model_name"])
-    max_new = cfg["generate"]["max_new_tokens"]
-    settings = {"gpu_memory_utilization": 0.5, "max_model_len": params["generate"]["max_input_tokens"] + max_new, **(cfg.get("vllm") or {})}
+    path = model_path(cfg.model_name)
+    max_new = cfg.generate.max_new_tokens
+    settings = (cfg.vllm or Vllm()).model_dump()
+    settings["max_model_len"] = settings["max_model_len"] or params.generate.max_input_tokens + max_new
     start = time.perf_counter()
-    llm = vllm.LLM(model=str(path), dtype=cfg["dtype"], seed=params["base"]["seed"], tensor_parallel_size=int((cfg.get("parallel") or {}).get("tp_size", 1)),
-                   enable_prefix_caching=False, **settings)
+    llm = vllm.LLM(model=str(path), dtype=cfg.dtype, seed=params.base.seed, tensor_parallel_size=cfg.tp_size, enable_prefix_caching=False, **settings)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    random = bool(model_source(cfg["model_name"]).get("random"))
+    random = bool(model_source(cfg.model_name).get("random"))
     fixed = {"ignore_eos": True, "min_tokens": max_new} if random else {"stop": ["\n"], "include_stop_str_in_output": True}
     sampling = vllm.SamplingParams(temperature=0.0, max_tokens=max_new, **fixed)
     first = vllm.SamplingParams(temperature=0.0, max_tokens=1)
-    info = {"path": str(path), "load_s": time.perf_counter() - start, "engine": f"vllm {vllm.__version__}", "dtype": cfg["dtype"],
+    info = {"path": str(path), "load_s": time.perf_counter() - start, "engine": f"vllm {vllm.__version__}", "dtype": cfg.dtype,
             "max_input_tokens": settings["max_model_len"] - max_new, "vllm_settings": settings | {"enable_prefix_caching": False},
             "memory_external": True, "ttft_method": "latency of the same batch with max_tokens=1"}
 
@@ -80,14 +85,14 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     return generate_fn, tokenizer, info
 
 
-def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str, host: str) -> ServerSpec:
+def server(entry: ServingEntry, params: Params, port: int, device: str, host: str) -> ServerSpec:
     """`vllm serve` on the converted checkpoint (CUDA only)."""
     if reason := unavailable(device):
         raise Skip(reason)
-    model = model_path(entry["model"])
-    dtype, seed = entry.get("dtype") or params["base"]["dtype"], params["base"]["seed"]
+    model = model_path(entry.model)
+    dtype, seed = entry.dtype or params.base.dtype, params.base.seed
     if missing("vllm"):
         raise Skip("vllm not installed: pip install vllm (CUDA only)")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host, "--port", str(port),
-            "--dtype", dtype, "--seed", str(seed), *(str(a) for a in entry.get("args", []))]
-    return ServerSpec(argv, "/health", str(model), entry.get("threads") or 1, {"model_path": str(model), "dtype": dtype})
+            "--dtype", dtype, "--seed", str(seed), *(str(a) for a in entry.args)]
+    return ServerSpec(argv, "/health", str(model), entry.threads or 1, {"model_path": str(model), "dtype": dtype})

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Prompt as PromptSettings
 
 SLOT = "\ue000summary\ue000"  # stands for the summary while the template is rendered (a private-use character)
 
@@ -146,15 +149,15 @@ def clean_headline(text: str) -> str:
     return line.strip().strip('"').strip("*").strip()
 
 
-def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, params: dict[str, Any], limit: int) -> tuple[list[Prompt], list[dict[str, Any]], list[dict[str, Any]]]:
+def prompts_for(rows: list[dict[str, Any]], tokenizer: Any, settings: PromptSettings, limit: int) -> tuple[list[Prompt], list[dict[str, Any]], list[dict[str, Any]]]:
     """Build prompts with their token ids (the summary tokenized as plain text: prompts.safe_ids); rows whose
     prompt exceeds `limit` tokens are set aside with a reason, not dropped."""
-    p = params["prompt"]
+    shots = [s.model_dump() for s in settings.few_shot]
     chat = has_chat_template(tokenizer)
     controls = control_strings(tokenizer)
     prompts, kept, too_long = [], [], []
     for row in rows:
-        prompt = build_prompt(row["summary"], p["template"], p["few_shot"], chat, tokenizer, p.get("date"))
+        prompt = build_prompt(row["summary"], settings.template, shots, chat, tokenizer, settings.date)
         prompt.ids, prompt.controls = safe_ids(prompt.parts, hf_tokenize(tokenizer), controls), controls
         n = len(prompt.ids)
         if n > limit:

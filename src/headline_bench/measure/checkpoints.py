@@ -26,12 +26,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.errors import InputError
 from headline_bench.files import MODELS, PACKAGE, ROOT
 from headline_bench.logs import log
 from headline_bench.measure.environment import fingerprint
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Params
+    from headline_bench.techniques.config import ResolvedTechnique
 
 CHECKPOINTS = Path(".cache/checkpoints")
 
@@ -46,28 +50,28 @@ def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def gguf_sha256(cfg: dict[str, Any], params: dict[str, Any]) -> str | None:
+def gguf_sha256(cfg: ResolvedTechnique, params: Params) -> str | None:
     """sha256 of the GGUF file a llama.cpp technique reads (the file in the pip package, not the converted copy)."""
-    spec = (params.get("models") or {}).get(cfg.get("model_name"), {})
-    if cfg.get("engine") != "llama_cpp" or "gguf_package" not in spec:
+    spec = params.models.get(cfg.model_name)
+    if cfg.engine != "llama_cpp" or spec is None or not spec.gguf_package:
         return None
     from headline_bench.models.convert import locate_gguf, sha256
 
     return sha256(locate_gguf(spec))
 
 
-def key(cfg: dict[str, Any], params: dict[str, Any], rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
+def key(cfg: ResolvedTechnique, params: Params, rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     """What decides the technique's predictions and timings, hashed (16 hex digits).
 
     Args:
         cfg / params / rows: the resolved technique, params.yaml, the rows to run.
         env: environment.env_info() of this process; its fingerprint is part of the key.
     """
-    names = {params["base"].get("model"), params["base"].get("target"), cfg.get("model_name")} - {None}
+    names = {params.base.model, params.base.target, cfg.model_name} - {None}
     models = {n: (MODELS / n / "source.json").read_text() for n in sorted(names) if (MODELS / n / "source.json").exists()}
     code = {str(p.relative_to(ROOT)): digest(p.read_text()) for p in sorted([*(ROOT / "stages").glob("*.py"), *PACKAGE.rglob("*.py")])}
-    wanted = {k: params.get(k) for k in ("base", "generate", "prompt")}
-    return digest({"config": cfg, "params": wanted, "models": models, "gguf_sha256": gguf_sha256(cfg, params), "rows": digest(rows),
+    wanted = params.model_dump(mode="json", include={"base", "generate", "prompt"})
+    return digest({"config": cfg.model_dump(mode="json"), "params": wanted, "models": models, "gguf_sha256": gguf_sha256(cfg, params), "rows": digest(rows),
                    "code": code, "env": fingerprint(env)})[:16]
 
 
@@ -168,7 +172,7 @@ def read_entries(path: Path, row_ids: list[str], names: set[str]) -> tuple[list[
     return batches, envs, end
 
 
-def open_checkpoint(name: str, cfg: dict[str, Any], params: dict[str, Any], rows: list[dict[str, Any]],
+def open_checkpoint(name: str, cfg: ResolvedTechnique, params: Params, rows: list[dict[str, Any]],
                     make: type, env: dict[str, Any], writer: bool = True) -> Checkpoint:
     """Load the technique's checkpoint for this exact config and environment, if an earlier session left one.
 

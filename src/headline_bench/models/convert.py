@@ -7,11 +7,14 @@ import importlib
 import importlib.util
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.errors import Skip
 from headline_bench.files import MODELS, write_json
 from headline_bench.logs import log
+
+if TYPE_CHECKING:
+    from headline_bench.settings import ModelEntry
 
 
 def sha256(path: Path) -> str:
@@ -22,20 +25,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def locate_gguf(spec: dict[str, Any]) -> Path:
+def locate_gguf(spec: ModelEntry) -> Path:
     """The GGUF file a pip package ships, found without importing the package where possible.
 
     Args:
         spec: `gguf_package` plus either `gguf_file` (a file inside the package folder) or
             `gguf_assemble: true` (the package's `assemble()` joins its chunks and returns the path).
     """
-    package = spec["gguf_package"]
-    if spec.get("gguf_assemble"):
+    package = spec.gguf_package
+    if spec.gguf_assemble:
         return Path(importlib.import_module(package).assemble())
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise Skip(f"package '{package}' is not installed (pip install -r requirements.txt)")
-    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf_file"]
+    path = Path(list(found.submodule_search_locations)[0]) / str(spec.gguf_file)
     if not path.exists():
         raise Skip(f"{path} not found in package '{package}'")
     return path
@@ -54,24 +57,24 @@ def count_params(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pin_hub(name: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def pin_hub(name: str, spec: ModelEntry, out: Path) -> dict[str, Any]:
     """Download a hub model into the hub cache and record the commit it resolved to; nothing is copied."""
     from huggingface_hub import HfApi, snapshot_download
     from transformers import AutoConfig
 
     start = time.perf_counter()
-    sha = HfApi().model_info(spec["hub_id"], revision=spec.get("revision")).sha
-    path = snapshot_download(spec["hub_id"], revision=sha, allow_patterns=HUB_FILES)
-    info = {"name": name, "id": spec["hub_id"], "revision": sha, "requested_revision": spec.get("revision") or "main",
+    sha = HfApi().model_info(spec.hub_id, revision=spec.revision).sha
+    path = snapshot_download(spec.hub_id, revision=sha, allow_patterns=HUB_FILES)
+    info = {"name": name, "id": spec.hub_id, "revision": sha, "requested_revision": spec.revision or "main",
             "params": count_params(AutoConfig.from_pretrained(path)), "dtype": "as stored", "convert_s": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "source.json", info)
     return info
 
 
-def tokenizer_folder(spec: dict[str, Any], models: dict[str, Any]) -> Path:
+def tokenizer_folder(spec: ModelEntry, models: dict[str, ModelEntry]) -> Path:
     """Where a random-weight model borrows its tokenizer: a converted model of params.models, or a folder."""
-    source = spec["tokenizer_from"]
+    source = str(spec.tokenizer_from)
     if source in models:
         if not (MODELS / source / "config.json").exists():
             convert(source, models[source], MODELS / source, models)
@@ -81,50 +84,50 @@ def tokenizer_folder(spec: dict[str, Any], models: dict[str, Any]) -> Path:
     return Path(source)
 
 
-def build_random(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any]) -> dict[str, Any]:
+def build_random(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry]) -> dict[str, Any]:
     """A shipped architecture with seeded random weights, saved like a converted model (on the GPU when there is one)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    config_path = Path(spec["config"])
+    config_path = Path(str(spec.config))
     if not config_path.exists():
         raise Skip(f"{config_path}: config file not found")
     config = AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json" else config_path)
-    dtype = getattr(torch, spec.get("dtype") or str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
+    dtype = getattr(torch, spec.dtype or str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(int(spec.get("seed", 0)))
+    torch.manual_seed(spec.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(spec, models))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": int(spec.get("seed", 0)), "init_device": device,
-            "config": str(config_path), "tokenizer_from": spec["tokenizer_from"], "params": sum(p.numel() for p in model.parameters()),
+    info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": spec.seed, "init_device": device,
+            "config": str(config_path), "tokenizer_from": spec.tokenizer_from, "params": sum(p.numel() for p in model.parameters()),
             "dtype": str(dtype).replace("torch.", ""), "convert_s": round(time.perf_counter() - start, 1)}
     write_json(out / "source.json", info)
     return info
 
 
-def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] | None = None) -> dict[str, Any]:
+def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry] | None = None) -> dict[str, Any]:
     """Make one model loadable from `out`: pin a hub id, build random weights, or save a local folder or packaged
     GGUF as a plain safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if "hub_id" in spec:
+    if spec.hub_id:
         return pin_hub(name, spec, out)
-    if "config" in spec:
+    if spec.config:
         return build_random(name, spec, out, models or {})
     start = time.perf_counter()
-    if "path" in spec:  # a local checkpoint folder
-        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(spec["path"])
-        source = {"id": spec.get("id", spec["path"]), "revision": "local"}
+    if spec.path:  # a local checkpoint folder
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(spec.path)
+        source = {"id": spec.id or spec.path, "revision": "local"}
     else:
         path = locate_gguf(spec)
         digest = sha256(path)
-        if spec.get("sha256") and digest != spec["sha256"]:
-            raise Skip(f"{path}: sha256 {digest} does not match params ({spec['sha256']})")
+        if spec.sha256 and digest != spec.sha256:
+            raise Skip(f"{path}: sha256 {digest} does not match params ({spec.sha256})")
         log.info("models: %s <- %s (sha256 ok; GGUF load takes a minute or two)", name, path)
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
@@ -138,7 +141,7 @@ def convert(name: str, spec: dict[str, Any], out: Path, models: dict[str, Any] |
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        source = {"id": spec.get("id", name), "gguf": path.name, "sha256": digest}
+        source = {"id": spec.id or name, "gguf": path.name, "sha256": digest}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())

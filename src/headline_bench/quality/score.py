@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,7 +14,9 @@ from headline_bench.measure.records import assemble, join
 from headline_bench.quality.fidelity import fidelity, token_check
 from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
-from headline_bench.techniques.config import resolve
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Score
 
 
 def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], reference: list[dict[str, Any]], seed: int, bootstrap_samples: int,
@@ -63,26 +65,29 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
     return join(result, fidelity(records, reference), {"token_check": token_check(records, reference, dtype, near_tie_units)})
 
 
-def score_technique(name: str, params: dict[str, Any]) -> dict[str, Any]:
+def score_technique(name: str, lossless_reference: str | None, s: Score) -> dict[str, Any]:
     """score.json of one technique: its outcome when it was skipped or failed; token-level fidelity only for random
-    weights (ROUGE of noise says nothing); else score() against baseline and its reference."""
-    cfg = resolve(params, name)
+    weights (ROUGE of noise says nothing); else score() against baseline and its reference.
+
+    Args:
+        name: the technique.
+        lossless_reference: the technique whose predictions it must reproduce (params `reference`), or None.
+        s: params `score`.
+    """
     perf = read_json(TECHNIQUE_METRICS / name / "perf.json")
     for outcome in ("skipped", "failed"):
         if outcome in perf:
             return assemble(Score, {"technique": name, outcome: perf[outcome]})
     records = read_jsonl(GENERATIONS / f"{name}.jsonl")
-    ref_name = cfg["reference"] or "baseline"  # lossy techniques: fidelity to the baseline, for information
+    ref_name = lossless_reference or "baseline"  # lossy techniques: fidelity to the baseline, for information
     ref_path = GENERATIONS / f"{ref_name}.jsonl"
     reference = read_jsonl(ref_path) if ref_path.exists() else []
-    s = params["score"]
     if perf.get("quality"):
         scored = [r for r in records if r.get("token_ids")]
-        check = token_check(scored, reference, perf.get("dtype"), s["near_tie_units"])
+        check = token_check(scored, reference, perf.get("dtype"), s.near_tie_units)
         return assemble(Score, {"technique": name, "quality": perf["quality"], "samples": len(scored), "fidelity_reference": ref_name,
-                                "lossless": cfg["reference"] is not None}, fidelity(scored, reference, "token_ids"), {"token_check": check})
+                                "lossless": lossless_reference is not None}, fidelity(scored, reference, "token_ids"), {"token_check": check})
     baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
-    result = score(records, baseline, reference, s["seed"], s["bootstrap_samples"], s["confidence"], s["margin"], s["near_tie_units"],
-                   perf.get("dtype"))
-    return assemble(Score, {"technique": name, "fidelity_reference": ref_name, "lossless": cfg["reference"] is not None, "confidence": s["confidence"]},
+    result = score(records, baseline, reference, s.seed, s.bootstrap_samples, s.confidence, s.margin, s.near_tie_units, perf.get("dtype"))
+    return assemble(Score, {"technique": name, "fidelity_reference": ref_name, "lossless": lossless_reference is not None, "confidence": s.confidence},
                     result)

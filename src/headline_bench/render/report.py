@@ -13,6 +13,8 @@ from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_j
 from headline_bench.logs import log
 from headline_bench.measure.environment import comparable, describe, fingerprint
 from headline_bench.render.markdown import f, table
+from headline_bench.settings import Params, Score
+from headline_bench.settings import Report as ReportSettings
 
 REPORT, SUMMARY, FOCUS, PLOTS = METRICS / "report.md", METRICS / "summary.json", METRICS / "focus.json", METRICS / "plots"
 
@@ -328,8 +330,7 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
 
 
 def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]], prepare: dict[str, Any],
-           generations: dict[str, list[Row]], focus: str, sample_headlines_n: int, balanced_rougeL_within: float,
-           usd_per_hour: float | None = None) -> dict[str, Any]:
+           generations: dict[str, list[Row]], focus: str, settings: ReportSettings, score_settings: Score) -> dict[str, Any]:
     """Build every report output from metrics already on disk and write them.
 
     Args:
@@ -338,17 +339,19 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
         prepare: metrics/prepare.json.
         generations: generation records by technique (latency CDF, paired latency ratios, sample headlines).
         focus: params `technique`, the one focus.json and "What changed" describe.
-        sample_headlines_n: example rows to show.
-        balanced_rougeL_within: ROUGE-L tolerance of the balanced recommendation.
-        usd_per_hour: the machine's price (report.usd_per_hour); None shows cost as n/a.
+        settings: params `report` (sample_headlines: example rows to show; balanced_rougeL_within: ROUGE-L
+            tolerance of the balanced recommendation; usd_per_hour: the machine's price, None shows cost as n/a).
+        score_settings: params `score`, used when no score.json has intervals (every technique skipped).
 
     The interval level, bootstrap resamples and seed are score's (read from score.json), so the latency
     intervals here use the same settings as the quality ones.
     """
+    usd_per_hour = settings.usd_per_hour
     rows = [headline(n, perfs.get(n, {}), scores.get(n, {})) for n in names]
     by = {r["technique"]: r for r in rows}
-    scored = next((s for s in scores.values() if finite(s.get("confidence"))), {})
-    confidence, n_samples, seed = scored.get("confidence", 0.95), scored.get("bootstrap_samples", 10_000), scored.get("seed", 0)
+    scored = next((s for s in scores.values() if finite(s.get("confidence"))), None)  # none when every technique was skipped
+    confidence, n_samples, seed = (scored["confidence"], scored["bootstrap_samples"], scored["seed"]) if scored else (
+        score_settings.confidence, score_settings.bootstrap_samples, score_settings.seed)
     base_mem = by.get("baseline", {}).get("peak_memory_mb")
     for r in rows:
         if finite(r.get("peak_memory_mb")) and finite(base_mem) and base_mem:
@@ -360,7 +363,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     speed_comparisons(rows, generations, n_samples, confidence, seed)
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
-    recs = recommend(rows, balanced_rougeL_within, int(env.get("gpu_count") or 0), tie_test(generations, n_samples, confidence, seed))
+    recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0), tie_test(generations, n_samples, confidence, seed))
     from headline_bench.render.charts import write_charts
 
     write_charts(rows, generations, front, PLOTS)
@@ -370,7 +373,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
                  "## Quality verdicts", random_note(rows) or verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
                  "## Share of the hardware ceiling and energy", hardware(rows),
-                 "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, sample_headlines_n),
+                 "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, settings.sample_headlines),
                  "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
                  "![Peak memory](plots/memory.png)", "![Latency CDF](plots/latency_cdf.png)"]
     sections += ["## Online serving", "Serving under load is its own pipeline branch (`serve` and `serve_report` stages), so that "
@@ -399,11 +402,10 @@ def load(path: Path, name: str) -> dict[str, Any]:
     return read_json(path) if path.exists() else {"technique": name, "skipped": f"{path} missing (stage not run)"}
 
 
-def report_from_disk(params: dict[str, Any]) -> dict[str, Any]:
+def report_from_disk(params: Params) -> dict[str, Any]:
     """report() over what the generate and score stages wrote for every technique of params.yaml."""
-    names, focus, p = list(params["techniques"]), params["technique"], params["report"]
+    names, focus = list(params.techniques), str(params.technique)
     perfs = {n: load(TECHNIQUE_METRICS / n / "perf.json", n) for n in names}
     scores = {n: load(TECHNIQUE_METRICS / n / "score.json", n) for n in names}
     gens = {n: read_jsonl(GENERATIONS / f"{n}.jsonl") for n in names if (GENERATIONS / f"{n}.jsonl").exists()}
-    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, p["sample_headlines"], p["balanced_rougeL_within"],
-                  p.get("usd_per_hour"))
+    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or Score())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from headline_bench.errors import InputError, Skip
 from headline_bench.logs import log
 from headline_bench.measure.weights import is_quantized
 from headline_bench.models.memory import detach_from_checkpoint
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Prune
 
 
 def prunable(model: nn.Module, include_lm_head: bool = False) -> Iterator[tuple[str, nn.Linear]]:
@@ -93,33 +96,30 @@ def to_semi_structured(layers: list[tuple[str, nn.Linear]]) -> str:
     return f"applied to {done}/{len(layers)} linear layers" + (f"; dense: {sorted(refused)}" if refused else "")
 
 
-def apply_prune(model: nn.Module, method: str = "l1_unstructured", amount: float = 0.3, include_lm_head: bool = False,
-                kernels: bool = True) -> nn.Module:
+def apply_prune(model: nn.Module, spec: Prune) -> nn.Module:
     """Prune the Linear weights permanently (no masks or hooks left) and attach the facts to the model.
 
     Args:
         model: a dense (unquantized) model.
-        method: "l1_unstructured" (global L1 magnitude over all pruned layers, `amount` of their
-            weights) or "2of4" (2 of every 4 input weights per row; `amount` is fixed at 0.5).
-        amount: share of weights to zero for l1_unstructured.
-        include_lm_head: also prune the output embedding (in tied models this prunes the input embedding too).
-        kernels: for 2of4, use the semi-structured sparse kernels where the hardware allows.
+        spec: `method` "l1_unstructured" (global L1 magnitude over all pruned layers, `amount` of their
+            weights) or "2of4" (2 of every 4 input weights per row; `amount` is fixed at 0.5);
+            `include_lm_head`: also prune the output embedding (in tied models this prunes the input
+            embedding too); `kernels`: for 2of4, use the semi-structured sparse kernels where the hardware allows.
 
     Sets `model.compression_facts`: sparsity_overall, sparsity_per_layer, pruned_layers, prune_s, prune_peak_rss_mb,
     sparse_kernels.
     """
+    method, include_lm_head = spec.method, spec.include_lm_head
     layers = list(prunable(model, include_lm_head))
     if any(is_quantized(m.weight) for _, m in layers):
         raise Skip("pruning a quantized model is not supported here: its weights are packed integers")
-    if method not in ("l1_unstructured", "2of4"):
-        raise InputError(f"prune.method must be l1_unstructured or 2of4, got {method!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     if include_lm_head and tied:
         log.warning("lm_head is tied to the input embedding: pruning it prunes the embedding too")
     start = time.perf_counter()
     if method == "l1_unstructured":
-        prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=amount)
+        prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured, amount=spec.amount)
         for _, m in layers:
             prune.remove(m, "weight")  # permanent: weight = weight_orig * mask, hooks and masks gone
     else:
@@ -129,7 +129,7 @@ def apply_prune(model: nn.Module, method: str = "l1_unstructured", amount: float
     facts: dict[str, Any] = {"prune_method": method, "pruned_layers": len(layers), **sparsity(model, include_lm_head),
                              "lm_head_pruned": include_lm_head, "lm_head_tied": tied}
     if method == "2of4":
-        reason = None if kernels else "disabled (prune.kernels: false)"
+        reason = None if spec.kernels else "disabled (prune.kernels: false)"
         reason = reason or sparse_kernel_support(model)
         facts["sparse_kernels"] = f"skipped: {reason}" if reason else to_semi_structured(layers)
     else:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from headline_bench.errors import InputError, Skip
+from headline_bench.errors import Skip
 from headline_bench.logs import log
 
-QUANTIZE_KEYS = {"method", "bits", "quant_type", "compute_dtype", "double_quant", "threshold", "group_size", "include_lm_head"}
+if TYPE_CHECKING:
+    from headline_bench.settings import Quantize
 
 
-def quantization_config(spec: dict[str, Any], device: str, model_dtype: str = "float32") -> dict[str, Any]:
+def quantization_config(spec: Quantize, device: str, model_dtype: str) -> dict[str, Any]:
     """from_pretrained kwargs that quantize the converted safetensors model while loading.
 
     Args:
@@ -26,10 +27,7 @@ def quantization_config(spec: dict[str, Any], device: str, model_dtype: str = "f
     Raises:
         Skip: the library is missing or cannot run on this device.
     """
-    unknown = set(spec) - QUANTIZE_KEYS
-    if unknown:
-        raise InputError(f"quantize: unknown setting(s) {sorted(unknown)}; known: {sorted(QUANTIZE_KEYS)}")
-    method = spec.get("method", "bnb")
+    method = spec.method
     if method == "torchao_int4":
         return {}  # applied after loading: apply_quantize
     placement = {"device_map": {"": device}}
@@ -41,9 +39,7 @@ def quantization_config(spec: dict[str, Any], device: str, model_dtype: str = "f
         from transformers import TorchAoConfig
 
         return {"quantization_config": TorchAoConfig(quant_type=Int8WeightOnlyConfig()), **placement}
-    if method != "bnb":
-        raise InputError(f"quantize.method must be bnb, torchao_int8 or torchao_int4, got {method!r}")
-    try:
+    try:  # bnb
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise Skip(f"bitsandbytes is not installed ({e})") from None
@@ -51,22 +47,19 @@ def quantization_config(spec: dict[str, Any], device: str, model_dtype: str = "f
         raise Skip(f"bitsandbytes has no backend for device {device!r}")
     from transformers import BitsAndBytesConfig
 
-    bits = spec.get("bits", 8)
-    if bits == 8:
+    if spec.bits == 8:
         # LLM.int8 casts fp32 activations to fp16 and logs that on every matmul; the fact is recorded once here.
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         log.info("bnb int8: activations are cast to float16 inside each int8 matmul")
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.get("threshold", 6.0)), **placement}
-    if bits == 4:
-        compute = spec.get("compute_dtype", "auto")  # auto: the model's dtype (fp32 compute on a bf16 GPU model wastes the kernels)
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
-                                    bnb_4bit_compute_dtype=getattr(torch, model_dtype if compute == "auto" else compute),
-                                    bnb_4bit_use_double_quant=bool(spec.get("double_quant", False)))
-        return {"quantization_config": config, **placement}
-    raise InputError(f"quantize.bits must be 8 or 4 for bnb, got {bits!r}")
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.threshold), **placement}
+    compute = spec.compute_dtype  # 4 bits; auto: the model's dtype (fp32 compute on a bf16 GPU model wastes the kernels)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
+                                bnb_4bit_compute_dtype=getattr(torch, model_dtype if compute == "auto" else compute),
+                                bnb_4bit_use_double_quant=spec.double_quant)
+    return {"quantization_config": config, **placement}
 
 
-def apply_quantize(model: nn.Module, method: str = "bnb", group_size: int = 64, include_lm_head: bool = True, **_: Any) -> nn.Module:
+def apply_quantize(model: nn.Module, spec: Quantize) -> nn.Module:
     """Quantization that happens after loading; the load-time methods (bnb, torchao_int8) pass through.
 
     torchao_int4: int4 weight-only with per-group scales on every Linear, lm_head included because at 135M
@@ -75,7 +68,7 @@ def apply_quantize(model: nn.Module, method: str = "bnb", group_size: int = 64, 
     TorchAoConfig at load time left the tied head dense, hence quantize_ here. Group size 64 because
     SmolLM2's hidden size 576 does not divide by 128.
     """
-    if method != "torchao_int4":
+    if spec.method != "torchao_int4":
         return model
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
@@ -83,8 +76,8 @@ def apply_quantize(model: nn.Module, method: str = "bnb", group_size: int = 64, 
     except ImportError as e:
         raise Skip(f"torchao int4 weight-only is not available ({e})") from None
     head = model.get_output_embeddings()
-    if include_lm_head and head is not None and head.weight is model.get_input_embeddings().weight:
+    if spec.include_lm_head and head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
-    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (include_lm_head or m is not head))
+    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec.group_size, set_inductor_config=False),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (spec.include_lm_head or m is not head))
     return model

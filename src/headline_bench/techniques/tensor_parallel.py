@@ -8,11 +8,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headline_bench.errors import InputError, Skip
 from headline_bench.files import ROOT
 from headline_bench.logs import log
+
+if TYPE_CHECKING:
+    from headline_bench.techniques.config import ResolvedTechnique
 
 GENERATE = ROOT / "stages" / "generate.py"
 
@@ -21,14 +24,6 @@ LOOPBACK = "127.0.0.1"
 
 
 MEMORY_KEYS = ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "weight_mb")  # each rank holds its shard
-
-
-def tp_size(cfg: dict[str, Any]) -> int:
-    """The technique's tensor parallel size; `auto` must have been settled first (settle_size)."""
-    size = (cfg.get("parallel") or {}).get("tp_size", 1)
-    if size == "auto":
-        raise InputError("parallel.tp_size 'auto' is settled by tp.settle_size before use")
-    return int(size)
 
 
 def choose_size(heads: int, kv_heads: int, gpus: int, device: str) -> int:
@@ -41,26 +36,27 @@ def choose_size(heads: int, kv_heads: int, gpus: int, device: str) -> int:
     return min(divisors, default=1)
 
 
-def settle_size(cfg: dict[str, Any], device: str, model_config: dict[str, Any]) -> dict[str, Any]:
+def settle_size(cfg: ResolvedTechnique, device: str, model_config: dict[str, Any]) -> ResolvedTechnique:
     """cfg with `parallel.tp_size: auto` replaced by choose_size() for this model and machine (recorded as chosen)."""
-    parallel = cfg.get("parallel") or {}
-    if parallel.get("tp_size") != "auto":
+    if cfg.parallel is None or cfg.parallel.tp_size != "auto":
         return cfg
     import torch
+
+    from headline_bench.settings import SettledParallel
 
     text = model_config.get("text_config", model_config)
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     size = choose_size(text["num_attention_heads"], text.get("num_key_value_heads") or text["num_attention_heads"], gpus, device)
-    return {**cfg, "parallel": {**parallel, "tp_size": size, "tp_size_setting": "auto"}}
+    return cfg.model_copy(update={"parallel": SettledParallel(tp_size=size, tp_size_setting="auto")})
 
 
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def needs_launch(cfg: dict[str, Any]) -> bool:
+def needs_launch(cfg: ResolvedTechnique) -> bool:
     """True in the stage's first process when the technique wants transformers TP (vLLM does its own)."""
-    return cfg.get("engine", "transformers") == "transformers" and tp_size(cfg) > 1 and not under_torchrun()
+    return cfg.engine == "transformers" and cfg.tp_size > 1 and not under_torchrun()
 
 
 def free_port() -> int:
@@ -119,14 +115,14 @@ def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, st
     return subprocess.run(cmd, env=launch_env(per_node, env)).returncode
 
 
-def init(cfg: dict[str, Any], device: str) -> None:
+def init(cfg: ResolvedTechnique, device: str) -> None:
     """Inside a rank: check the world matches tp_size, bind the GPU and start the process group."""
     import torch
     import torch.distributed as dist
 
     if not under_torchrun():
-        raise InputError(f"technique '{cfg.get('name')}' needs torchrun; `python stages/generate.py <technique>` starts it")
-    size, world = tp_size(cfg), int(os.environ["WORLD_SIZE"])
+        raise InputError(f"technique '{cfg.name}' needs torchrun; `python stages/generate.py <technique>` starts it")
+    size, world = cfg.tp_size, int(os.environ["WORLD_SIZE"])
     if world != size:
         raise InputError(f"tp_size is {size} but torchrun started {world} processes")
     if device.startswith("cuda"):
@@ -138,12 +134,12 @@ def init(cfg: dict[str, Any], device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def load_kwargs(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+def load_kwargs(cfg: ResolvedTechnique, device: str) -> dict[str, Any]:
     """from_pretrained kwargs that shard the model over the ranks (transformers 5.x API)."""
     from transformers.distributed import DistributedConfig
 
     init(cfg, device)
-    return {"distributed_config": DistributedConfig(tp_size=tp_size(cfg))}
+    return {"distributed_config": DistributedConfig(tp_size=cfg.tp_size)}
 
 
 def rank() -> int:
