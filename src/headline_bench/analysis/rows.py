@@ -20,8 +20,9 @@ PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50"
 
 
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_low", "rougeL_high", "rows", "rows_set_aside", "rougeL_delta", "rougeL_delta_low",
-              "rougeL_delta_high", "rougeL_delta_p", "rougeL_delta_p_noninferior", "rougeL_delta_sd", "rougeL_delta_rows", "rougeL_baseline",
-              "noninferiority_margin", "margin_share", "lossless", "fidelity", "identical", "compared", "fidelity_reference",
+              "rougeL_delta_high", "rougeL_delta_sd", "rougeL_delta_rows", "rougeL_delta_vs", "rougeL_baseline", "interval_level", "interval_method",
+              "family", "comparisons", "noninferiority_margin", "margin", "quality_state", "quality_note", "quality_basis", "quality_reference",
+              "rows_to_decide", "rows_to_decide_state", "mlperf_99", "lossless", "fidelity", "identical", "compared", "fidelity_reference",
               "first_difference", "baseline_identical", "token_check", "confidence")
 
 
