@@ -25,7 +25,7 @@ def pareto_front(rows: list[Row], x: str, y: str) -> list[str]:
 ELIGIBLE = "among eligible techniques"
 
 
-ELIGIBLE_DEF = ("eligible: the reference (baseline), a technique whose quality state is non-inferior (the lower end of its simultaneous interval "
+ELIGIBLE_DEF = ("the reference (baseline), a technique whose quality state is non-inferior (the lower end of its simultaneous interval "
                 "of ΔROUGE-L is above -score.margin), or a lossless technique equivalent to an eligible reference")
 
 

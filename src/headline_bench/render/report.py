@@ -290,7 +290,7 @@ def recommendations(recs: list[Row], rows: list[Row], confidence: float) -> str:
              for r in recs]
     out = excluded(rows)
     not_eligible = ("Not eligible: " + "; ".join(out) + ".") if out else "Every technique that ran is eligible."
-    return "\n".join([f"Eligible: ran here, and {ELIGIBLE_DEF.format(confidence)}. Skipped techniques are never chosen.", "", *picks, "",
+    return "\n".join([f"Eligible: a technique that ran here and is {ELIGIBLE_DEF}. Skipped techniques are never chosen.", "", *picks, "",
                       not_eligible])
 
 
