@@ -67,14 +67,15 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
         result |= {"quality_state": "equivalent", "quality_basis": equivalent, "quality_reference": lossless_reference,
                    "rougeL_delta": float(np.mean(a) - np.mean(b)), "rougeL_delta_vs": "baseline"}
     else:
-        vs = lossless_reference or "baseline"
+        vs = lossless_reference if lossless_reference and reference else "baseline"  # a reference with no records: vs baseline
+        result["quality_basis"] = f"paired t, {family[0]} family of {family[1]} (Bonferroni)"
         if lossless_reference:
-            _, a, b = paired_rows(mine, row_scores(reference))
+            if reference:
+                _, a, b = paired_rows(mine, row_scores(reference))
             real = [d["id"] for d in check["differing"] if d["class"] != "near_tie"]
-            result["quality_basis"] = (f"lossless check vs {vs}: {len(real)} row(s) differ beyond a near-tie ({', '.join(real)}); "
-                                       f"tested against {vs} at the lossy family's level")
-        else:
-            result["quality_basis"] = f"paired t, {family[0]} family of {family[1]} (Bonferroni)"
+            found = (f"{len(real)} row(s) differ beyond a near-tie ({', '.join(real)})" if check.get("compared")
+                     else "no rows to compare (the reference has no records)")
+            result["quality_basis"] = f"lossless check vs {lossless_reference}: {found}; tested against {vs} at the lossy family's level"
         result |= compare([p - q for p, q in zip(a, b)], family[0], family[1], s) | {"rougeL_delta_vs": vs, "quality_reference": vs}
     return result | fidelity(records, reference) | {"token_check": check}
 
