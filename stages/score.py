@@ -18,7 +18,7 @@ def main() -> None:
     params = load_params(required=["base", "score", "techniques"])
     out = TECHNIQUE_METRICS / name / "score.json"
     try:
-        result = score_technique(name, params.entry(name).reference, params.score)
+        result = score_technique(name, params)
     except (InputError, FileNotFoundError) as e:
         fail(f"score {name}: {e}")
     write_json(out, result)

@@ -39,7 +39,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"
     repo.mkdir()
-    for item in ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvcignore"]:
+    for item in ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", "calibration", ".dvcignore"]:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")} if src.is_dir() else {}))
     params = committed_params()
@@ -68,7 +68,11 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
         perf = json.loads((repo / f"metrics/techniques/{name}/perf.json").read_text())
         score = json.loads((repo / f"metrics/techniques/{name}/score.json").read_text())
         assert perf["samples"] == 2 and perf["latency_s_p50"] > 0 and score["samples"] == 2
-    assert json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())["fidelity"] == 1.0
+    kv = json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())
+    assert kv["fidelity"] == 1.0 and kv["quality_state"] == "equivalent"  # lossless: outside the families, no test
+    target = json.loads((repo / "metrics/techniques/target_only/score.json").read_text())
+    assert target["quality_state"] == "too few rows" and target["family"] == "model comparison" and target["rows_to_decide"] >= 30
+    assert json.loads((repo / "metrics/summary.json").read_text())["techniques"]["target_only"]["quality_state"] == "too few rows"
     assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
     served = json.loads((repo / "metrics/serving/hf_serve_cb/serve.json").read_text())
     assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2] and "## Online serving" in report

@@ -1,17 +1,29 @@
-"""ROUGE through evaluate with the repo's metric module, its CI, fidelity and the paired difference."""
+"""ROUGE through evaluate with the repo's metric module, its CI, fidelity, the paired difference and its state, the
+near-tie threshold and the lossless/equivalent path."""
 
 from __future__ import annotations
 
 import pytest
 from rouge_score import rouge_scorer
 
-from headline_bench.analysis.stats import paired_bootstrap
-from headline_bench.quality.fidelity import EPS, fidelity, token_check
+from headline_bench.analysis.verdicts import decide
+from headline_bench.quality.fidelity import EPS, equivalence, fidelity, near_tie_threshold, token_check
 from headline_bench.quality.rouge import ROUGE_MODULE, rouge
 from headline_bench.quality.score import score
+from headline_bench.settings import Score
 
 PREDS = ["council freezes taxes", "storm closes schools", "new park opens downtown"]
 REFS = ["council freezes property taxes", "storm closes all schools", "city opens new park"]
+
+
+S = Score(seed=0, bootstrap_samples=500, confidence=0.95, margin=0.01, min_rows=2, power=0.8)
+LOSSY = ("lossy", 8)
+NO_CHECK = {"compared": 0, "identical": 0, "near_tie": 0, "real_difference": 0, "unclassified": 0, "differing": []}
+
+
+def sc(records: list[dict], baseline: list[dict], reference: list[dict] | None = None, family: tuple | None = LOSSY, **kw: object) -> dict:
+    """score() with test settings; S overridden by keyword."""
+    return score(records, baseline, reference if reference is not None else baseline, S.model_copy(update=kw), family, NO_CHECK)
 
 
 def rows(preds: list[str]) -> list[dict]:
@@ -48,15 +60,9 @@ def test_fidelity_counts_and_first_difference() -> None:
 
 
 def test_score_against_itself_is_lossless_and_not_significant() -> None:
-    s = score(rows(PREDS), rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=200, confidence=0.95)
+    s = sc(rows(PREDS), rows(PREDS))
     assert s["fidelity"] == 1.0 and s["first_difference"] is None and s["baseline_identical"] == 1.0
-    assert s["rougeL_delta"] == 0.0 and s["rougeL_significant"] is False
-
-
-def test_paired_bootstrap_known_shift() -> None:
-    a = [0.5, 0.6, 0.7, 0.8]
-    delta, lo, hi = paired_bootstrap([x + 0.1 for x in a], a, n_samples=500, seed=0)
-    assert delta == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    assert s["rougeL_delta"] == 0.0 and (s["rougeL_delta_low"], s["rougeL_delta_high"]) == (0.0, 0.0) and s["mlperf_99"] is True
 
 
 def test_identical_predictions_get_identical_aggregate_scores() -> None:
@@ -70,24 +76,26 @@ def test_identical_predictions_get_identical_aggregate_scores() -> None:
 def test_rouge_is_the_mean_over_rows_and_matches_the_delta() -> None:
     """The ROUGE column and ΔROUGE-L come from the same per-row numbers, so they agree exactly."""
     other = ["council taxes", "storm closes schools today", "park"]
-    s = score(rows(other), rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
-    base = score(rows(PREDS), rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    s = sc(rows(other), rows(PREDS))
+    base = sc(rows(PREDS), rows(PREDS), family=None)
     per_row = rouge(other, REFS, seed=0, per_row=True)["rougeL"]
     assert s["rougeL"] == pytest.approx(sum(per_row) / 3) and s["rougeL_low"] <= s["rougeL"] <= s["rougeL_high"]
     assert s["rougeL"] - base["rougeL"] == pytest.approx(s["rougeL_delta"])
     assert s["rougeL_delta_rows"] == 3 and s["rougeL_baseline"] == pytest.approx(base["rougeL"])
-    assert s["noninferiority_margin"] == pytest.approx(0.01 * base["rougeL"]) and s["seed"] == 0 and s["bootstrap_samples"] == 500
+    assert s["noninferiority_margin"] == 0.01 and s["seed"] == 0 and s["bootstrap_samples"] == 500
+    assert base["quality_state"] == "reference" and s["interval_level"] == pytest.approx(1 - 0.05 / 8)
+    assert s["quality_state"] == decide(s["rougeL_delta_low"], s["rougeL_delta_high"], 0.01, 3, 2)[0]
 
 
 def test_rows_set_aside_count_against_the_technique() -> None:
     recs = rows(PREDS)
     recs[2] = {**recs[2], "prediction": None, "skipped": "prompt too long"}
-    s = score(recs, rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    s = sc(recs, rows(PREDS))
     per_row = rouge(PREDS, REFS, seed=0, per_row=True)["rougeL"]
     assert s["rows"] == 3 and s["samples"] == 2 and s["rows_set_aside"] == ["2"]
     assert s["rougeL"] == pytest.approx(sum(per_row[:2]) / 3)  # the set-aside row scores 0, not left out
     assert s["rougeL_delta"] == pytest.approx(-per_row[2] / 3) and s["rougeL_delta_rows"] == 3
-    missing = score(rows(PREDS)[:2], rows(PREDS), rows(PREDS), seed=0, bootstrap_samples=500, confidence=0.95)
+    missing = sc(rows(PREDS)[:2], rows(PREDS))
     assert missing["rougeL_delta"] == pytest.approx(-per_row[2] / 3) and missing["rougeL_delta_rows_missing"] == ["2"]
 
 
@@ -95,14 +103,16 @@ def test_a_clear_drop_is_worse_and_a_copy_is_non_inferior() -> None:
     preds, refs = [f"council votes on budget plan {i}" for i in range(30)], [f"council votes on budget plan {i}" for i in range(30)]
     base = [{"id": str(i), "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(preds, refs))]
     bad = [{**b, "prediction": "weather"} for b in base]
-    assert score(bad, base, base, seed=1, bootstrap_samples=2000, confidence=0.95)["quality_state"] == "worse"
-    same = score(base, base, base, seed=1, bootstrap_samples=2000, confidence=0.95)
+    assert sc(bad, base, min_rows=30)["quality_state"] == "worse"
+    same = sc(base, base, min_rows=30)
     assert same["quality_state"] == "non-inferior" and same["rows_to_decide"] is None
+    few = sc(base[:12], base[:12], min_rows=30)
+    assert few["quality_state"] == "too few rows" and few["rows_to_decide"] == 30
 
 
 def test_score_seed_changes_intervals_not_point_estimates() -> None:
-    a = score(rows(["council taxes", "storm", "park opens"]), rows(PREDS), rows(PREDS), seed=1, bootstrap_samples=500, confidence=0.95)
-    b = score(rows(["council taxes", "storm", "park opens"]), rows(PREDS), rows(PREDS), seed=2, bootstrap_samples=500, confidence=0.95)
+    a = sc(rows(["council taxes", "storm", "park opens"]), rows(PREDS), seed=1)
+    b = sc(rows(["council taxes", "storm", "park opens"]), rows(PREDS), seed=2)
     assert a["rougeL"] == b["rougeL"] and a["rougeL_delta"] == b["rougeL_delta"]
 
 
@@ -115,11 +125,32 @@ def test_token_check_classifies_identical_near_tie_and_real_difference() -> None
     reference = [tok("a", [5, 6, 7], [0.5, 0.5, 0.5]), tok("b", [5, 6, 7], [0.5, 2 * eps, 0.5]), tok("c", [5, 6, 7], [0.5, 0.3, 0.5]),
                  tok("d", [5, 6], [0.5, 0.5]), tok("e", [1], None, prediction="same")]
     mine = [tok("a", [5, 6, 7]), tok("b", [5, 9, 7]), tok("c", [5, 9]), tok("d", [5, 6, 8]), {"id": "e", "prediction": "same", "reference": "r"}]
-    t = token_check(mine, reference, "bfloat16", 4)
+    t = token_check(mine, reference, *near_tie_threshold("bfloat16", "cpu", {}, 4))
     assert (t["identical"], t["near_tie"], t["real_difference"], t["compared"]) == (2, 1, 2, 5)
     assert t["differing"] == [{"id": "b", "step": 1, "margin": 2 * eps, "class": "near_tie"},
                               {"id": "c", "step": 1, "margin": 0.3, "class": "real_difference"},
                               {"id": "d", "step": 2, "margin": None, "class": "real_difference"}]  # the reference stopped: no margin there
-    assert "4 x machine epsilon of bfloat16" in t["rule"]
+    assert "uncalibrated" in t["rule"] and "4 x machine epsilon of bfloat16" in t["rule"]
     # the same 2-epsilon gap is a real difference in float32, whose resolution is far finer
-    assert token_check(mine, reference, "float32", 4)["near_tie"] == 0
+    assert token_check(mine, reference, *near_tie_threshold("float32", "cpu", {}, 4))["near_tie"] == 0
+    # a measured calibration replaces the epsilon rule for its device and dtype only
+    cal = {"cpu/bfloat16": {"threshold": 0.4, "quantile": 0.99, "positions": 1000, "model": "m"}}
+    calibrated = token_check(mine, reference, *near_tie_threshold("bfloat16", "cpu:0", cal, 4))
+    assert (calibrated["near_tie"], calibrated["real_difference"]) == (2, 1) and "0.99 quantile" in calibrated["rule"]
+    assert near_tie_threshold("bfloat16", "cuda:0", cal, 4)[0] == pytest.approx(4 * eps)
+
+
+def test_lossless_with_only_near_ties_is_equivalent_and_untested_else_a_comparison_naming_rows() -> None:
+    base = [{"id": str(i), "prediction": f"headline {i}", "reference": f"headline {i}", "token_ids": [i, 1, 2], "margins": [0.5, 0.001, 0.5]}
+            for i in range(4)]
+    near = [{**b, "token_ids": [b["token_ids"][0], 9, 2], "prediction": f"headline {b['id']}!"} if b["id"] == "1" else b for b in base]
+    check = token_check(near, base, 0.01, "rule")
+    assert equivalence(check, "bfloat16", "baseline") == "equivalent to baseline up to bfloat16 numerics (3 identical + 1 near-tie)"
+    s = score(near, base, base, S, LOSSY, check, "baseline", "bfloat16")
+    assert s["quality_state"] == "equivalent" and "rougeL_delta_low" not in s and s["quality_reference"] == "baseline"
+    real = [{**b, "token_ids": [b["token_ids"][0], 1, 7], "prediction": "other words"} if b["id"] == "2" else b for b in base]
+    check = token_check(real, base, 0.01, "rule")
+    assert equivalence(check, "bfloat16", "baseline") is None
+    s = score(real, base, base, S, LOSSY, check, "baseline", "bfloat16")
+    assert s["quality_state"] in ("non-inferior", "worse", "inconclusive") and s["interval_level"] == pytest.approx(1 - 0.05 / 8)
+    assert "1 row(s) differ beyond a near-tie (2)" in s["quality_basis"] and s["rougeL_delta_vs"] == "baseline"

@@ -1,54 +1,49 @@
-"""Bootstrap intervals and p-values, Holm, quality states, rows to decide, paired ratios, Pareto front, headline rows
+"""Paired t intervals, the one-rule quality states, rows to decide, latency ratios over processes, Pareto front, headline rows
 and the recommendation rules on hand-made numbers."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
+from headline_bench.analysis.latency import process_rows, speed_ratio, speed_verdict
 from headline_bench.analysis.recommend import excluded, pareto_front, recommend
 from headline_bench.analysis.rows import headline, usd_per_million
-from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, paired_bootstrap, paired_ratio, paired_test
-from headline_bench.analysis.verdicts import apply_verdicts, holm, quality_state, rows_to_decide
+from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, paired_t, t_quantile
+from headline_bench.analysis.verdicts import compare, decide, family_of, resolve_equivalents, rows_to_decide, simultaneous_level
+from headline_bench.errors import InputError
+from headline_bench.settings import Score, Technique
+
+SCORE = Score(confidence=0.95, margin=0.01, min_rows=30, power=0.8)
 
 
 def row(name: str, p50: float, rl: float, lo: float, hi: float, mem: float = 1000.0, tps: float = 10.0, **extra: object) -> dict:
-    """A headline row with a paired ROUGE-L difference CI [lo, hi] against baseline, already judged."""
-    state = "non-inferior" if lo > -0.01 else "worse" if hi < 0 else "inconclusive"
+    """A headline row with a paired ROUGE-L difference interval [lo, hi] against baseline, already judged by the rule."""
+    state = "reference" if name == "baseline" else decide(lo, hi, 0.01, 100, 30)[0]
     return {"technique": name, "multi_gpu": False, "latency_s_p50": p50, "s_per_token": p50 / 20, "rougeL": rl, "rougeL_low": rl - 0.05,
             "rougeL_high": rl + 0.05, "rougeL_delta": (lo + hi) / 2, "rougeL_delta_low": lo, "rougeL_delta_high": hi, "peak_memory_mb": mem,
-            "memory_measure": "CPU peak RSS", "tokens_per_s": tps, "quality_state": state, "rougeL_delta_rows": 100, "rows_to_decide": 400} | extra
+            "memory_measure": "CPU peak RSS", "tokens_per_s": tps, "quality_state": state, "rougeL_delta_rows": 100, "rows_to_decide": 400,
+            "rows_to_decide_state": "worse"} | extra
 
 
 def pick(recs: list[dict], scenario: str) -> dict:
     return next(r for r in recs if r["scenario"] == scenario)
 
 
-def test_paired_bootstrap_identical_lists_give_zero_and_a_zero_width_ci() -> None:
-    a = [0.1, 0.5, 0.3, 0.9]
-    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+def test_t_quantile_matches_tables() -> None:
+    assert t_quantile(0.975, 11) == pytest.approx(2.2010, abs=1e-4)
+    assert t_quantile(0.975, 29) == pytest.approx(2.0452, abs=1e-4)
+    assert t_quantile(0.8, 99) == pytest.approx(0.8452, abs=1e-4)
+    assert t_quantile(0.025, 11) == pytest.approx(-2.2010, abs=1e-4)
+    assert t_quantile(0.975, 1e7) == pytest.approx(1.95996, abs=1e-4)
 
 
-def test_paired_bootstrap_constant_shift_is_the_shift_with_a_tight_ci() -> None:
-    rng = np.random.default_rng(1)
-    b = rng.uniform(0, 1, 50)
-    mean, lo, hi = paired_bootstrap(list(b + 0.2), list(b))
-    assert mean == pytest.approx(0.2) and lo == pytest.approx(0.2) and hi == pytest.approx(0.2)
-
-
-def test_paired_bootstrap_noise_without_shift_spans_zero_and_is_reproducible() -> None:
-    rng = np.random.default_rng(2)
-    b = rng.uniform(0, 1, 40)
-    a = b + rng.normal(0, 0.1, 40)
-    mean, lo, hi = paired_bootstrap(list(a), list(b), n_samples=2000, seed=3)
-    assert lo < 0 < hi and lo <= mean <= hi
-    assert paired_bootstrap(list(a), list(b), n_samples=2000, seed=3) == (mean, lo, hi)
-
-
-def test_paired_bootstrap_empty_is_nan() -> None:
-    assert all(math.isnan(v) for v in paired_bootstrap([], []))
+def test_paired_t_interval_on_known_numbers() -> None:
+    t = paired_t([0.1, 0.2, 0.3, 0.4], 0.95)  # mean 0.25, sd 0.1291, t_{3} 3.1824 -> half 0.2054
+    assert t["delta"] == pytest.approx(0.25) and t["low"] == pytest.approx(0.25 - 0.20543, abs=1e-4) and t["rows"] == 4
+    same = paired_t([0.0] * 40, 0.99)
+    assert (same["low"], same["high"], same["sd"]) == (0.0, 0.0, 0.0)
+    assert paired_t([0.1], 0.95)["low"] is None
 
 
 def test_pareto_front_on_known_points() -> None:
@@ -70,55 +65,75 @@ def test_bootstrap_means_keeps_pairs_and_is_seeded() -> None:
     assert dist[:, 0].mean() == pytest.approx(2.5, abs=0.02) and np.array_equal(dist, bootstrap_means(x, 10_000, seed=1))
 
 
-def test_paired_test_p_values_agree_with_the_interval() -> None:
-    rng = np.random.default_rng(4)
-    b = rng.uniform(0, 1, 200)
-    worse = paired_test(list(b - 0.05 + rng.normal(0, 0.05, 200)), list(b), 0.001, 10_000, 0.95, 0)
-    assert worse["high"] < 0 and worse["p_value"] < 0.05 and worse["p_noninferior"] > 0.025
-    assert quality_state(worse["p_value"], worse["p_noninferior"], worse["delta"], 0.95) == "worse"
-    same = paired_test(list(b), list(b), 0.01, 10_000, 0.95, 0)
-    assert same["p_value"] == 1.0 and same["p_noninferior"] == pytest.approx(1 / 10_001) and same["sd"] == 0.0
-    assert quality_state(same["p_value"], same["p_noninferior"], 0.0, 0.95) == "non-inferior"
-    noisy = paired_test(list(b + rng.normal(0, 0.2, 200)), list(b), 0.01, 10_000, 0.95, 0)
-    assert noisy["low"] < -0.01 < 0 < noisy["high"] and quality_state(noisy["p_value"], noisy["p_noninferior"], noisy["delta"], 0.95) == "inconclusive"
+def test_decide_follows_the_printed_interval() -> None:
+    assert decide(-0.005, 0.02, 0.01, 100, 30) == ("non-inferior", None)
+    assert decide(-0.008, -0.001, 0.01, 100, 30) == ("non-inferior", "significantly below, within the margin")
+    assert decide(0.001, 0.02, 0.01, 100, 30) == ("non-inferior", "significantly above the reference")
+    assert decide(-0.05, -0.001, 0.01, 100, 30) == ("worse", None)
+    assert decide(-0.05, 0.01, 0.01, 100, 30) == ("inconclusive", None)
+    assert decide(-0.001, 0.001, 0.01, 12, 30) == ("too few rows", None)
 
 
-def test_non_inferior_needs_the_lower_end_above_the_margin_not_just_an_interval_spanning_zero() -> None:
-    # quant4 on 100 rows: -0.0217 [-0.048, +0.002] was "no significant difference"; at a 1% margin it is not non-inferior
-    rng = np.random.default_rng(5)
-    b = rng.uniform(0.1, 0.4, 100)
-    a = b - 0.0217 + rng.normal(0, 0.065, 100)
-    t = paired_test(list(a), list(b), 0.01 * b.mean(), 10_000, 0.95, 0)
-    assert t["low"] < -0.01 * b.mean()  # the interval reaches below -margin
-    assert quality_state(t["p_value"], t["p_noninferior"], t["delta"], 0.95) != "non-inferior"
+def test_family_comes_from_params_not_from_what_ran() -> None:
+    techniques = {"baseline": None, "kv_cache": Technique(reference="baseline"), "quant4": None, "target_only": None, "odd": None}
+    s = SCORE.model_copy(update={"family": ["quant4", "quant8", "vllm"], "model_comparisons": ["target_only"]})
+    assert family_of("quant4", techniques, s) == ("lossy", 3)  # quant8 and vllm are not even in techniques: still counted
+    assert family_of("target_only", techniques, s) == ("model comparison", 1)
+    assert family_of("kv_cache", techniques, s) == ("lossy", 3)  # a lossless fallback is tested at the family's level
+    with pytest.raises(InputError, match="odd"):
+        family_of("odd", techniques, s)
+    assert simultaneous_level(0.95, 8) == pytest.approx(1 - 0.05 / 8)
 
 
-def test_holm_adjusts_step_down_and_stays_monotone() -> None:
-    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03})
-    assert adj == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})  # 3 x 0.01, 2 x 0.03, max(1 x 0.04, 0.06)
-    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
-    assert holm({}) == {}
-
-
-def test_rows_to_decide_from_the_normal_half_width() -> None:
-    # delta 0, sd 0.1, margin 0.01: z 1.96 -> (1.96 * 0.1 / 0.01)^2 = 384.1 -> 385 rows
-    assert rows_to_decide(0.0, 0.1, 0.01, 0.95) == 385
-    # delta -0.02 below -margin: only "worse" can be shown: (1.96 * 0.1 / 0.02)^2 = 96.04 -> 97
-    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95) == 97
-    assert rows_to_decide(-0.005, 0.1, 0.01, 0.95) == 1537  # both gaps 0.005: the same n
-    assert rows_to_decide(0.0, 0.0, 0.01, 0.95) is None
-    assert rows_to_decide(0.0, 0.1, 0.01, 0.95, comparisons=8) > 385  # Bonferroni level for 8 comparisons
-
-
-def test_paired_ratio_of_means_and_per_token() -> None:
-    a, b = [2.0, 4.0, 6.0], [1.0, 2.0, 3.0]
-    assert paired_ratio(a, b, 2000, 0.95, 0) == pytest.approx((2.0, 2.0, 2.0))
-    # a is twice as slow per row but writes twice the tokens: the same time per token
-    assert paired_ratio(a, b, 2000, 0.95, 0, [20, 40, 60], [10, 20, 30]) == pytest.approx((1.0, 1.0, 1.0))
+def test_compare_uses_the_simultaneous_level_and_names_the_state_more_rows_would_decide() -> None:
     rng = np.random.default_rng(0)
-    x = rng.uniform(1, 2, 50)
-    r, lo, hi = paired_ratio(list(x * rng.normal(1.1, 0.05, 50)), list(x), 10_000, 0.95, 0)
-    assert lo < r < hi and 1.0 < lo and hi < 1.2
+    d = rng.normal(-0.02, 0.08, 100)
+    one, eight = compare(list(d), "lossy", 1, SCORE), compare(list(d), "lossy", 8, SCORE)
+    assert eight["rougeL_delta_low"] < one["rougeL_delta_low"] and eight["interval_level"] == pytest.approx(0.99375)
+    for c in (one, eight):
+        assert c["quality_state"] == decide(c["rougeL_delta_low"], c["rougeL_delta_high"], 0.01, 100, 30)[0]
+    assert eight["quality_state"] == "inconclusive" and eight["rows_to_decide_state"] == "worse" and eight["rows_to_decide"] > 100
+    few = compare(list(d[:12]), "lossy", 8, SCORE)
+    assert few["quality_state"] == "too few rows" and few["rows_to_decide"] >= 30
+
+
+def test_rows_to_decide_names_the_earlier_decision() -> None:
+    # delta 0: only non-inferior is reachable; delta -0.02 (below -margin): only worse
+    n, state = rows_to_decide(0.0, 0.1, 0.01, 0.95, 0.8, 30)
+    assert state == "non-inferior" and 780 <= n <= 800  # ((1.96 + 0.84) x 0.1 / 0.01)^2 = 785 at the normal limit
+    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
+    assert rows_to_decide(-0.002, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"  # gap 0.008 to -margin beats 0.002 to 0
+    assert rows_to_decide(-0.008, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
+    assert rows_to_decide(0.0, 0.0, 0.01, 0.95, 0.8, 30) == (None, None)
+    assert rows_to_decide(0.05, 0.01, 0.01, 0.95, 0.8, 30)[0] == 30  # never fewer than min_rows
+
+
+def test_speed_ratio_over_processes_and_the_equivalence_verdict() -> None:
+    rng = np.random.default_rng(1)
+    ids = [f"r{i}" for i in range(40)]
+    tokens = {i: float(rng.integers(8, 24)) for i in ids}
+    base = {i: 0.05 * tokens[i] for i in ids}
+
+    def procs(scale: float, jitter: float, n: int) -> list[dict]:
+        return [{i: (base[i] * scale * (1 + rng.normal(0, jitter)), tokens[i]) for i in ids} for _ in range(n)]
+    ref = procs(1.0, 0.01, 3)
+    assert speed_ratio(procs(1.0, 0.01, 3), ref, 0.95, 2000, 0, 0.05)["verdict"] == "tied"
+    assert speed_ratio(procs(0.5, 0.01, 3), ref, 0.95, 2000, 0, 0.05)["verdict"] == "faster"
+    assert speed_ratio(procs(1.5, 0.01, 3), ref, 0.95, 2000, 0, 0.05)["verdict"] == "slower"
+    noisy = speed_ratio(procs(1.0, 0.3, 3), procs(1.0, 0.3, 3), 0.95, 2000, 0, 0.05)
+    assert noisy["verdict"] == "unresolved" and noisy["low"] < 0.95  # absence of evidence is not a tie
+    two = speed_ratio(procs(1.0, 0.01, 2), ref, 0.95, 2000, 0, 0.05)
+    assert two["verdict"].startswith("n/a: fewer than 3 processes") and two["low"] is None and two["rows_low"] < 1.05
+    assert speed_verdict(0.97, 0.99, 0.05) == "tied" and speed_verdict(0.90, 0.99, 0.05) == "faster"
+
+
+def test_process_rows_groups_passes_by_process() -> None:
+    perf = {"passes": [{"process": 0}, {"process": 0}, {"process": 1}]}
+    recs = [{"id": "a", "prediction": "x", "latency_s": 2.0, "new_tokens": 10, "latency_s_passes": [1.0, 3.0, 5.0]},
+            {"id": "b", "prediction": None, "latency_s": 1.0, "new_tokens": 3}]
+    assert process_rows(perf, recs) == [{"a": (2.0, 10)}, {"a": (5.0, 10)}]
+    assert process_rows({}, recs[:1]) == [{"a": (3.0, 10)}]  # no process per pass: one process, the mean of its passes
+    assert process_rows({}, [{"id": "a", "prediction": "x", "latency_s": 2.0, "new_tokens": 10}]) == [{"a": (2.0, 10)}]
 
 
 def test_usd_per_million() -> None:
@@ -126,60 +141,57 @@ def test_usd_per_million() -> None:
     assert usd_per_million(2.0, None) is None and usd_per_million(None, 3.6) is None
 
 
-def scored(name: str, delta: float, lo: float, hi: float, p: float, p_ni: float, **extra: object) -> dict:
-    return {"technique": name, "multi_gpu": False, "rougeL_delta": delta, "rougeL_delta_low": lo, "rougeL_delta_high": hi, "rougeL_delta_p": p,
-            "rougeL_delta_p_noninferior": p_ni, "rougeL_delta_sd": 0.1, "noninferiority_margin": 0.0026, "rougeL_delta_rows": 100,
-            "baseline_identical": 0.0} | extra
-
-
-def test_apply_verdicts_uses_holm_and_inherits_for_lossless_copies() -> None:
-    rows = [scored("baseline", 0, 0, 0, 1.0, 1e-4, baseline_identical=1.0), scored("kv_cache", 0, 0, 0, 1.0, 1e-4, baseline_identical=1.0),
-            scored("target_only", 0.02, 0.001, 0.04, 0.04, 0.001),
-            scored("speculative", 0.02, 0.001, 0.04, 0.04, 0.001, lossless=True, fidelity=1.0, fidelity_reference="target_only"),
-            scored("quant4", -0.02, -0.05, 0.002, 0.12, 0.6), scored("prune", -0.1, -0.15, -0.05, 0.0001, 0.99),
-            scored("edge", 0.0, -0.002, 0.003, 1.0, 0.02), {"technique": "vllm", "multi_gpu": False, "skipped": "no GPU"}]
-    family = apply_verdicts(rows, 0.95)
+def test_equivalent_techniques_take_their_reference_state_and_rows_to_decide() -> None:
+    rows = [{"technique": "baseline", "quality_state": "reference"}, {"technique": "kv_cache", "quality_state": "equivalent", "quality_reference": "baseline"},
+            {"technique": "target_only", "quality_state": "inconclusive", "rows_to_decide": 900, "rows_to_decide_state": "non-inferior"},
+            {"technique": "speculative", "quality_state": "equivalent", "quality_reference": "target_only"},
+            {"technique": "quant4", "quality_state": "worse"}]
+    resolve_equivalents(rows)
     by = {r["technique"]: r for r in rows}
-    assert family == ["target_only", "quant4", "prune", "edge"]
-    assert by["baseline"]["quality_state"] == by["kv_cache"]["quality_state"] == "non-inferior"
-    assert by["prune"]["quality_state"] == "worse" and by["prune"]["rougeL_delta_p_holm"] == pytest.approx(4 * 0.0001)
-    assert by["quant4"]["quality_state"] == "inconclusive" and by["quant4"]["rows_to_decide"] > 0
-    assert by["target_only"]["quality_state"] == "non-inferior"
-    assert by["speculative"]["quality_state"] == "non-inferior" and by["speculative"]["quality_basis"] == "identical to target_only"
-    # 0.02 alone would pass (< 0.025); Holm over 4 comparisons makes it 0.02 x 2 or more: not shown non-inferior
-    assert by["edge"]["quality_state"] == "inconclusive" and by["edge"]["rougeL_delta_p_noninferior_holm"] >= 0.04
-    assert "quality_state" not in by["vllm"]
-    assert excluded(rows) == ["quant4: inconclusive at n=100 (~" + str(by["quant4"]["rows_to_decide"]) + " rows would decide it)", "prune: worse",
-                              "edge: inconclusive at n=100 (~" + str(by["edge"]["rows_to_decide"]) + " rows would decide it)"]
+    assert by["kv_cache"]["quality_effective"] == "reference" and by["quant4"]["quality_effective"] == "worse"
+    assert by["speculative"]["quality_effective"] == "inconclusive" and by["speculative"]["rows_to_decide"] == 900
+    assert excluded(rows) == ["target_only: inconclusive at n=None (~900 rows would decide it non-inferior)",
+                              "speculative: equivalent to target_only, which is inconclusive at n=None (~900 rows would decide it non-inferior)",
+                              "quant4: worse"]
 
 
 def test_low_latency_never_picks_a_worse_inconclusive_or_skipped_technique() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0), row("prune", 0.3, 0.14, -0.2, -0.05),
             row("quant4", 0.2, 0.24, -0.05, 0.002), {"technique": "fast_but_skipped", "multi_gpu": False, "skipped": "llama.cpp not installed"}]
     rec = pick(recommend(rows, 0.01), "low latency")
-    assert rec["choice"] == "kv_cache" and "25.0 ms/token" in rec["value"] and "non-inferior" in rec["rule"]
+    assert rec["choice"] == "kv_cache" and "25.0 ms/token" in rec["value"] and "eligible" in rec["rule"]
 
 
 def test_low_latency_is_length_fair_and_names_ties() -> None:
     # short_writer has the lowest P50 only because it writes half the tokens: per token it is slower
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0), row("short_writer", 0.4, 0.26, 0, 0, s_per_token=0.04),
             row("close", 0.51, 0.26, 0, 0)]
-    rec = pick(recommend(rows, 0.01, tied=lambda a, b: b["technique"] == "close"), "low latency")
-    assert rec["choice"] == "kv_cache" and rec["note"] == "tied within noise with close"
+    verdicts = {"close": "tied", "baseline": "slower", "short_writer": "unresolved"}
+    rec = pick(recommend(rows, 0.01, speed=lambda a, b: verdicts[b["technique"]]), "low latency")
+    assert rec["choice"] == "kv_cache"
+    assert rec["note"] == "tied (ratio interval within the tie bounds) with close; not resolved from short_writer"
 
 
 def test_none_eligible_says_why() -> None:
     rows = [row("quant4", 0.2, 0.24, -0.05, 0.002), row("prune", 0.3, 0.14, -0.2, -0.05)]
     rec = pick(recommend(rows, 0.01), "low latency")
     assert rec["choice"] is None
-    assert rec["value"] == "none: no technique that ran here is non-inferior to baseline (quant4: inconclusive at n=100 (~400 rows would decide it); prune: worse)"
+    assert rec["value"] == "none: no technique that ran here is eligible (quant4: inconclusive at n=100 (~400 rows would decide it worse); prune: worse)"
 
 
 def test_memory_constrained_picks_lowest_peak_among_non_inferior() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0, mem=1200), row("quant8", 0.7, 0.25, -0.005, 0.01, mem=800),
             row("quant4", 0.6, 0.18, -0.1, -0.02, mem=500), row("nf4_maybe", 0.6, 0.25, -0.03, 0.01, mem=400)]
     rec = pick(recommend(rows, 0.01), "memory-constrained")
-    assert rec["choice"] == "quant8" and "CPU peak RSS" in rec["rule"]
+    assert rec["choice"] == "quant8" and "CPU peak RSS" in rec["rule"] and "note" not in rec
+
+
+def test_memory_ties_go_to_fewer_seconds_per_token() -> None:
+    # 0.3 MB of ~1,032 is no win: both are within 2% of the lowest, and the faster one takes the tie
+    rows = [row("baseline", 1.6, 0.26, 0, 0, mem=1032.3), row("kv_cache", 0.5, 0.26, 0, 0, mem=1032.6), row("big", 0.4, 0.26, 0, 0, mem=1200)]
+    rec = pick(recommend(rows, 0.01, memory_tie=0.02), "memory-constrained")
+    assert rec["choice"] == "kv_cache" and rec["note"] == "tied on memory with baseline (1032 MB)"
+    assert pick(recommend(rows, 0.01, memory_tie=0.0), "memory-constrained")["choice"] == "baseline"
 
 
 def test_multi_gpu_needs_two_gpus() -> None:
@@ -194,12 +206,15 @@ def test_multi_gpu_needs_two_gpus() -> None:
     assert pick(recommend(only_skipped, 0.01, gpus=2), "multi-GPU")["value"] == "none ran on this machine: pp: oom"
 
 
-def test_highest_quality_breaks_ties_by_speed_and_notes_overlap() -> None:
-    rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0), row("target", 0.9, 0.28, -0.005, 0.05)]
-    rec = pick(recommend(rows, 0.01), "highest quality")
-    assert rec["choice"] == "target" and "not clearly better than kv_cache" in rec["note"]
-    tied = pick(recommend(rows[:2], 0.01), "highest quality")
-    assert tied["choice"] == "kv_cache" and "tied with baseline" in tied["note"]
+def test_highest_quality_never_goes_to_a_copy_of_its_reference_and_ties_go_to_baseline() -> None:
+    rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0, quality_state="equivalent", quality_reference="baseline"),
+            row("torchao", 0.4, 0.26, 0, 0, baseline_identical=1.0), row("target", 0.9, 0.28, -0.005, 0.05)]
+    resolve_equivalents(rows)
+    rec = pick(recommend(rows, 0.01, quality_tie=0.01), "highest quality")
+    assert rec["choice"] == "target" and "note" not in rec  # 0.28 is more than 0.01 above baseline's 0.26
+    tied = pick(recommend(rows, 0.01, quality_tie=0.03), "highest quality")
+    assert tied["choice"] == "baseline" and tied["note"] == "tied on ROUGE-L with target (0.2800)"
+    assert pick(recommend(rows[:3], 0.01), "highest quality")["choice"] == "baseline"  # never kv_cache or torchao on a speed tie-break
 
 
 def test_highest_quality_skips_a_worse_best_score() -> None:

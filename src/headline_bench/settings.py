@@ -147,15 +147,22 @@ class Generate(Section):
 
 class Score(Section):
     bootstrap_samples: PosInt = 1000
-    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
-    margin: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # family-wise: each of k intervals is at 1 - (1 - confidence) / k
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.01  # absolute ROUGE-L difference (one ROUGE point)
+    min_rows: Annotated[int, Field(ge=2)] = 30  # below this no quality state is given ("too few rows")
+    power: Annotated[float, Field(gt=0, lt=1)] = 0.8  # of rows_to_decide
+    family: list[str] = []  # lossy techniques compared with baseline: one family, fixed by params (not by what ran)
+    model_comparisons: list[str] = []  # other models compared with baseline (target_only): a family of their own
     seed: int | None = None
-    near_tie_units: Annotated[float, Field(ge=0)] = 4
+    near_tie_units: Annotated[float, Field(ge=0)] = 4  # fallback near-tie threshold in machine epsilons, where no calibration exists
+    near_tie_calibration: str | None = "calibration/near_tie.json"  # measured thresholds per device/dtype (scripts/calibrate_near_tie.py)
 
 
 class Report(Section):
     sample_headlines: NonNegInt = 3
     balanced_rougeL_within: Annotated[float, Field(ge=0)] = 0.01
+    memory_tie_share: Annotated[float, Field(ge=0, lt=1)] = 0.02  # peak memories within this share of the lowest are tied
+    speed_tie: Annotated[float, Field(gt=0, lt=1)] = 0.05  # "tied" only when the ms/token ratio's interval lies within 1 +/- this
     usd_per_hour: Annotated[float, Field(ge=0)] | None = None
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from headline_bench.analysis.rows import Row
 from headline_bench.analysis.stats import finite
+from headline_bench.analysis.verdicts import ELIGIBLE_STATES
 
 
 def pareto_front(rows: list[Row], x: str, y: str) -> list[str]:
@@ -21,11 +22,11 @@ def pareto_front(rows: list[Row], x: str, y: str) -> list[str]:
     return [name for _, _, name in sorted(front)]
 
 
-ELIGIBLE = "among non-inferior techniques"
+ELIGIBLE = "among eligible techniques"
 
 
-ELIGIBLE_DEF = ("non-inferior: the lower end of the paired {:.0%} interval of ΔROUGE-L vs baseline is above -margin (a share of baseline "
-                "ROUGE-L), Holm-adjusted across the lossy comparisons; headlines identical to baseline's count as non-inferior")
+ELIGIBLE_DEF = ("the reference (baseline), a technique whose quality state is non-inferior (the lower end of its simultaneous interval "
+                "of ΔROUGE-L is above -score.margin), or a lossless technique equivalent to an eligible reference")
 
 
 def _pick(scenario: str, pool: list[Row], key: Callable[[Row], Any], rule: str, value: Callable[[Row], str], empty: str) -> Row:
@@ -40,56 +41,83 @@ def _num(r: Row, k: str) -> float | None:
     return r[k] if finite(r.get(k)) else None
 
 
+def eligible(r: Row) -> bool:
+    return not r.get("skipped") and r.get("quality_effective", r.get("quality_state")) in ELIGIBLE_STATES
+
+
 def excluded(rows: list[Row]) -> list[str]:
-    """Why each technique that ran is not eligible: its state, and for inconclusive ones the rows that would decide it."""
+    """Why each technique that ran is not eligible: its state, and where undecided the rows that would decide it and which way."""
     out = []
     for r in rows:
-        if r.get("skipped") or r.get("quality_state") == "non-inferior":
+        if r.get("skipped") or eligible(r):
             continue
-        state = r.get("quality_state") or "no paired difference"
-        if state == "inconclusive":
-            need = f"~{r['rows_to_decide']} rows would decide it" if r.get("rows_to_decide") else "no row count decides it"
-            state = f"inconclusive at n={r.get('rougeL_delta_rows')} ({need})"
+        state = r.get("quality_effective") or r.get("quality_state") or "no quality comparison"
+        if state in ("inconclusive", "too few rows"):
+            need = (f"~{r['rows_to_decide']} rows would decide it {r['rows_to_decide_state']}" if r.get("rows_to_decide_state")
+                    else f"needs {r['rows_to_decide']} rows" if r.get("rows_to_decide") else "no row count decides it")
+            state = f"{state} at n={r.get('rougeL_delta_rows', r.get('rows'))} ({need})"
+        if r.get("quality_state") == "equivalent":
+            state = f"equivalent to {r.get('quality_reference')}, which is {state}"
         out.append(f"{r['technique']}: {state}")
     return out
 
 
-def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, tied: Callable[[Row, Row], bool] | None = None) -> list[Row]:
-    """The seed's five scenarios, each chosen by the rule printed beside it, among non-inferior techniques only.
+def _represented(r: Row) -> bool:
+    """Outputs equivalent or identical to a reference's: that reference stands for it in the quality pick."""
+    return r.get("quality_state") == "equivalent" or (r["technique"] != "baseline" and r.get("baseline_identical") == 1)
+
+
+def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, speed: Callable[[Row, Row], str] | None = None,
+              memory_tie: float = 0.02, quality_tie: float = 0.01) -> list[Row]:
+    """The seed's five scenarios, each chosen by the rule printed beside it, among eligible techniques only.
 
     Speed uses seconds per generated token (s_per_token), so a technique writing shorter headlines does not
-    win by it; `tied(best, other)` says whether two techniques are within noise of each other, and ties are
-    named in a note. Skipped techniques are never chosen.
+    win by it; `speed(best, other)` is other's speed verdict against best (analysis/latency.py), and the runners-up
+    that are tied with the pick, or not resolved from it, are named in a note. Skipped techniques are never chosen.
+    Memory: peaks within `memory_tie` (a share) of the lowest are tied and the tie goes to fewer seconds per token.
+    Quality: techniques whose outputs are equivalent or identical to their reference's are represented by it;
+    ROUGE-L within `quality_tie` of the best is a tie, which goes to baseline (the unmodified model) when it is tied,
+    else to the highest ROUGE-L.
 
     Args:
-        rows: headline() rows after apply_verdicts().
+        rows: headline() rows after resolve_equivalents().
         balanced_within: the balanced pick's ROUGE-L tolerance (absolute) below the best eligible ROUGE-L.
         gpus: GPUs on this machine; the multi-GPU scenario needs at least 2.
-        tied: speed-tie test between two rows (default: never tied).
+        speed: speed verdict between two rows (default: never compared).
+        memory_tie / quality_tie: the tie rules above.
 
     Returns:
         [{scenario, choice (technique or None), rule, value}], plus `note` where a pick is a close call.
     """
     ran = [r for r in rows if not r.get("skipped")]
-    ok = [r for r in ran if r.get("quality_state") == "non-inferior"]
+    ok = [r for r in ran if eligible(r)]
     why = "; ".join(excluded(rows))
-    none_ok = "none: no technique that ran here is non-inferior to baseline" + (f" ({why})" if why else "")
+    none_ok = "none: no technique that ran here is eligible" + (f" ({why})" if why else "")
     measures = sorted({r["memory_measure"] for r in ok}) or ["peak memory"]
 
-    def speed(scenario: str, pool: list[Row], rule: str, value: Callable[[Row], str]) -> Row:
+    def fastest(scenario: str, pool: list[Row], rule: str, value: Callable[[Row], str]) -> Row:
         rec = _pick(scenario, pool, lambda r: _num(r, "s_per_token"), rule, value, none_ok)
         best = next((r for r in pool if r["technique"] == rec["choice"]), None)
-        ties = [r["technique"] for r in pool if best and r is not best and finite(r.get("s_per_token")) and tied and tied(best, r)]
-        if ties:
-            rec["note"] = f"tied within noise with {', '.join(ties)}"
+        verdicts = {r["technique"]: speed(best, r) for r in pool if best and speed and r is not best and finite(r.get("s_per_token"))}
+        notes = [f"{label} {', '.join(n for n, v in verdicts.items() if test(v))}" for label, test in
+                 (("tied (ratio interval within the tie bounds) with", lambda v: v == "tied"),
+                  ("not resolved from", lambda v: v == "unresolved" or v.startswith("n/a")))
+                 if any(test(v) for v in verdicts.values())]
+        if notes:
+            rec["note"] = "; ".join(notes)
         return rec
 
-    recs = [
-        speed("low latency", ok, f"lowest seconds per generated token (mean latency / mean new tokens) {ELIGIBLE}",
-              lambda r: f"{1000 * r['s_per_token']:.1f} ms/token, P50 {r['latency_s_p50']:.3f} s"),
-        _pick("memory-constrained", ok, lambda r: _num(r, "peak_memory_mb"), f"lowest peak memory ({' / '.join(measures)}) {ELIGIBLE}",
-              lambda r: f"{r['peak_memory_mb']:.0f} MB {r['memory_measure']}", none_ok),
-    ]
+    recs = [fastest("low latency", ok, f"lowest seconds per generated token (mean latency / mean new tokens) {ELIGIBLE}",
+                    lambda r: f"{1000 * r['s_per_token']:.1f} ms/token, P50 {r['latency_s_p50']:.3f} s")]
+    mem = [r for r in ok if finite(r.get("peak_memory_mb"))]
+    low = min((r["peak_memory_mb"] for r in mem), default=None)
+    tied_mem = [r for r in mem if low is not None and r["peak_memory_mb"] <= low * (1 + memory_tie)]
+    rec = _pick("memory-constrained", tied_mem, lambda r: (_num(r, "s_per_token") or math.inf, r["peak_memory_mb"]),
+                f"lowest peak memory ({' / '.join(measures)}) {ELIGIBLE}; peaks within {memory_tie:.0%} of the lowest are tied and the tie goes "
+                "to fewer seconds per token", lambda r: f"{r['peak_memory_mb']:.0f} MB {r['memory_measure']}", none_ok)
+    if len(tied_mem) > 1:
+        rec["note"] = "tied on memory with " + ", ".join(f"{r['technique']} ({r['peak_memory_mb']:.0f} MB)" for r in tied_mem if r["technique"] != rec["choice"])
+    recs.append(rec)
     multi = [r for r in rows if r["multi_gpu"]]
     rule = f"highest tokens/s {ELIGIBLE}, that set parallel/device_map and ran on at least 2 GPUs"
     if gpus < 2:
@@ -98,21 +126,27 @@ def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, tied: Call
         skipped = "; ".join(f"{r['technique']}: {r['skipped']}" for r in multi if r.get("skipped")) or "no technique sets parallel or device_map"
         recs.append(_pick("multi-GPU", [r for r in ok if r["multi_gpu"]], lambda r: -r["tokens_per_s"] if finite(r.get("tokens_per_s")) else None,
                           rule, lambda r: f"{r['tokens_per_s']:.1f} tokens/s", f"none ran on this machine: {skipped}"))
-    quality = _pick("highest quality", ok, lambda r: (-r["rougeL"], r.get("s_per_token") or math.inf) if finite(r.get("rougeL")) else None,
-                    f"highest mean ROUGE-L (ties broken by fewer seconds per token) {ELIGIBLE}", lambda r: f"ROUGE-L {r['rougeL']:.4f}", none_ok)
-    top = next((r for r in ok if r["technique"] == quality["choice"]), None)
-    others = sorted((r for r in ok if r is not top and finite(r.get("rougeL"))), key=lambda r: (-r["rougeL"], r.get("s_per_token") or math.inf))
-    if top and others:
-        nxt = others[0]
-        lo, hi = top.get("rougeL_low"), top.get("rougeL_high")
-        if nxt["rougeL"] == top["rougeL"]:
-            quality["note"] = f"tied with {nxt['technique']} on ROUGE-L; chosen for fewer seconds per token"
-        elif finite(lo) and finite(hi) and lo <= nxt["rougeL"] <= hi:
-            quality["note"] = f"not clearly better than {nxt['technique']} ({nxt['rougeL']:.4f} lies inside its interval [{lo:.4f}, {hi:.4f}])"
-    recs.append(quality)
+    recs.append(highest_quality(ok, quality_tie, none_ok))
     best = max((r["rougeL"] for r in ok if finite(r.get("rougeL"))), default=None)
     near = [r for r in ok if best is not None and finite(r.get("rougeL")) and r["rougeL"] >= best - balanced_within]
-    recs.append(speed("balanced", near, f"fewest seconds per generated token {ELIGIBLE}, within {balanced_within} ROUGE-L of the best of them"
-                      + (f" ({best:.4f})" if best is not None else ""),
-                      lambda r: f"{1000 * r['s_per_token']:.1f} ms/token, ROUGE-L {r['rougeL']:.4f}"))
+    recs.append(fastest("balanced", near, f"fewest seconds per generated token {ELIGIBLE}, within {balanced_within} ROUGE-L of the best of them"
+                        + (f" ({best:.4f})" if best is not None else ""),
+                        lambda r: f"{1000 * r['s_per_token']:.1f} ms/token, ROUGE-L {r['rougeL']:.4f}"))
     return recs
+
+
+def highest_quality(ok: list[Row], quality_tie: float, empty: str) -> Row:
+    """The quality pick by the rule recommend() states: references stand for their copies; ties go to baseline."""
+    pool = [r for r in ok if finite(r.get("rougeL")) and not _represented(r)]
+    rule = (f"highest mean ROUGE-L {ELIGIBLE}, techniques with outputs equivalent or identical to their reference's represented by it; "
+            f"within {quality_tie} ROUGE-L of the best is a tie, which goes to baseline if it is tied, else to the highest")
+    if not pool:
+        return {"scenario": "highest quality", "choice": None, "rule": rule, "value": empty}
+    top = max(r["rougeL"] for r in pool)
+    tied = [r for r in pool if r["rougeL"] >= top - quality_tie]
+    pick = next((r for r in tied if r["technique"] == "baseline"), None) or max(tied, key=lambda r: r["rougeL"])
+    rec = {"scenario": "highest quality", "choice": pick["technique"], "rule": rule, "value": f"ROUGE-L {pick['rougeL']:.4f}"}
+    others = [f"{r['technique']} ({r['rougeL']:.4f})" for r in tied if r is not pick]
+    if others:
+        rec["note"] = "tied on ROUGE-L with " + ", ".join(others)
+    return rec

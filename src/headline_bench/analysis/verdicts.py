@@ -1,102 +1,139 @@
-"""Quality states (non-inferior / worse / inconclusive) and the family-wise correction."""
+"""Quality states: one rule, decided from the simultaneous interval that the report prints beside it.
+
+The rule (README "Quality verdicts"), for a comparison of per-row ΔROUGE-L = technique - its reference:
+- the comparison belongs to a family declared in params (`score.family`: lossy techniques vs baseline;
+  `score.model_comparisons`: another model vs baseline, a family of its own). The family is fixed by params, not by
+  what ran: a member skipped on this machine still counts in k.
+- its interval is the paired t interval at the simultaneous level 1 - (1 - score.confidence) / k (Bonferroni), so
+  the k intervals of a family cover their true differences together with probability >= score.confidence;
+- below `score.min_rows` rows no state is given ("too few rows"); else **non-inferior** when the lower end is above
+  -score.margin (an absolute ROUGE-L difference); **worse** when the upper end is below 0 (and the lower end is not
+  above -margin); else **inconclusive**. Both ends can hold at once: that is non-inferior with the note
+  "significantly below, within the margin".
+Because k comes from params and each comparison needs only its own rows, the score stage decides each state on
+its own and the report prints the same one: score.json, summary.json and report.md cannot disagree.
+"""
 
 from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
 
-from headline_bench.analysis.rows import Row
-from headline_bench.analysis.stats import finite
+from headline_bench.analysis.stats import finite, paired_t, t_quantile
+from headline_bench.errors import InputError
 
-STATES = ("non-inferior", "worse", "inconclusive")
+if TYPE_CHECKING:
+    from headline_bench.settings import Score as ScoreSettings
+
+STATES = ("non-inferior", "worse", "inconclusive", "too few rows")
+LOSSY, MODEL = "lossy", "model comparison"
 
 
-def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
+def family_of(name: str, techniques: dict[str, Any], score_params: ScoreSettings) -> tuple[str, int]:
+    """(family, k) of a technique's quality comparison against baseline, from params only.
 
-    The i-th smallest of k p-values is multiplied by (k - i + 1); adjusted values are made monotone and capped at 1.
+    Lossless techniques (those with a `reference`) whose differences turn out real are tested at the lossy family's
+    level without changing k (the family's guarantee covers its declared members; these extra tests are each at the
+    same, stricter, per-comparison level).
+
+    Raises:
+        InputError: a lossy technique that params put in no family (so no one could say at what level it is tested).
     """
-    order = sorted(pvalues, key=lambda name: pvalues[name])
-    k, running, out = len(order), 0.0, {}
-    for i, name in enumerate(order):
-        running = max(running, min(1.0, (k - i) * pvalues[name]))
-        out[name] = running
-    return out
+    family, models = list(score_params.family), list(score_params.model_comparisons)
+    if name in models:
+        return MODEL, len(models)
+    if name in family or getattr(techniques.get(name), "reference", None):
+        return LOSSY, max(len(family), 1)
+    raise InputError(f"score.family: technique '{name}' changes the model's output but is in neither score.family nor "
+                     "score.model_comparisons; add it to one")
 
 
-def quality_state(p_value: float, p_noninferior: float, delta: float, confidence: float) -> str:
-    """non-inferior / worse / inconclusive from (possibly Holm-adjusted) paired-test p-values.
+def simultaneous_level(confidence: float, k: int) -> float:
+    """Two-sided level of each of k intervals so that all k cover together with probability >= confidence (Bonferroni)."""
+    return 1 - (1 - confidence) / max(k, 1)
 
-    non-inferior: p_noninferior < (1 - c) / 2, i.e. the lower end of the c-level interval of the difference
-    is above -margin. worse: p_value < 1 - c with a negative difference, i.e. the interval lies below 0.
-    A difference inside (-margin, 0) with a tight interval is both; the margin is the gate, so it is
-    non-inferior (quality_difference() says it is also significantly lower).
+
+def decide(low: float | None, high: float | None, margin: float, rows: int, min_rows: int) -> tuple[str, str | None]:
+    """(state, note) from the printed interval; see the module docstring for the rule."""
+    if rows < min_rows or not (finite(low) and finite(high)):
+        return "too few rows", None
+    if low > -margin:
+        note = "significantly above the reference" if low > 0 else "significantly below, within the margin" if high < 0 else None
+        return "non-inferior", note
+    if high < 0:
+        return "worse", None
+    return "inconclusive", None
+
+
+def rows_needed(gap: float, sd: float, level: float, power: float) -> int:
+    """Rows at which the interval's end clears a boundary `gap` away from the true difference with probability `power`.
+
+    One end of the two-sided interval at `level` is a one-sided bound at (1 - level) / 2, so
+    n = ((t_{1-(1-level)/2, n-1} + t_{power, n-1}) * sd / gap)^2, iterated from the normal value until n is stable
+    (the t quantiles keep the power at 80% at small n, which tests/test_verdicts_sim.py checks).
     """
-    alpha = 1 - confidence
-    if p_noninferior < alpha / 2:
-        return "non-inferior"
-    if p_value < alpha and delta < 0:
-        return "worse"
-    return "inconclusive"
+    z = NormalDist().inv_cdf
+    n = max(2, math.ceil(((z(1 - (1 - level) / 2) + z(power)) * sd / gap) ** 2))
+    for _ in range(50):
+        nxt = max(2, math.ceil(((t_quantile(1 - (1 - level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / gap) ** 2))
+        if nxt == n:
+            break
+        n = nxt
+    return n
 
 
-def rows_to_decide(delta: float, sd: float, margin: float, confidence: float, comparisons: int = 1) -> int | None:
-    """Rows that would decide an inconclusive comparison at the observed mean difference and per-row sd.
+def rows_to_decide(delta: float | None, sd: float | None, margin: float, level: float, power: float, min_rows: int) -> tuple[int | None, str | None]:
+    """(rows, state they would decide) if the true difference were the observed one and the per-row sd the observed sd.
 
-    Normal approximation: the interval half-width z * sd / sqrt(n) must fit between the difference and
-    -margin (to show non-inferiority) or between the difference and 0 (to show it is worse); the smaller
-    n of the two that can happen. z is at level 1 - (1 - c) / comparisons (Bonferroni, a bound on Holm).
-
-    Returns:
-        the row count, or None where no n decides it (sd 0, or the difference sits exactly on a boundary).
+    Two decisions are reachable: non-inferior needs the lower end above -margin (gap delta + margin, when > 0);
+    worse needs the upper end below 0 (gap -delta, when > 0). The one needing fewer rows comes first and is named.
+    (None, None) when neither can happen (sd 0, or the difference sits on a boundary).
     """
     if not (finite(delta) and finite(sd)) or sd <= 0:
-        return None
-    z = NormalDist().inv_cdf(1 - (1 - confidence) / (2 * max(comparisons, 1)))
-    gaps = [g for g in (delta + margin, -delta) if g > 0]
-    return min(math.ceil((z * sd / g) ** 2) for g in gaps) if gaps else None
+        return None, None
+    options = [(rows_needed(g, sd, level, power), state) for g, state in ((delta + margin, "non-inferior"), (-delta, "worse")) if g > 0]
+    if not options:
+        return None, None
+    n, state = min(options)
+    return max(n, min_rows), state
 
 
-def apply_verdicts(rows: list[Row], confidence: float) -> list[str]:
-    """Set each row's quality state against the baseline, with Holm's correction across the comparisons.
+def compare(diffs: list[float], family: str, k: int, score_params: ScoreSettings) -> dict[str, Any]:
+    """One quality comparison: per-row differences -> the interval, state and planning numbers score.json keeps."""
+    s = score_params
+    level = simultaneous_level(s.confidence, k)
+    t = paired_t(diffs, level)
+    state, note = decide(t["low"], t["high"], s.margin, t["rows"], s.min_rows)
+    need, would = (None, None)
+    if state in ("inconclusive", "too few rows"):
+        need, would = rows_to_decide(t["delta"], t["sd"], s.margin, level, s.power, s.min_rows)
+        if state == "too few rows" and need is None:
+            need = s.min_rows
+    return {"rougeL_delta": t["delta"], "rougeL_delta_low": t["low"], "rougeL_delta_high": t["high"], "rougeL_delta_sd": t["sd"],
+            "rougeL_delta_rows": t["rows"], "interval_level": level, "interval_method": "paired t, Bonferroni", "family": family,
+            "comparisons": k, "noninferiority_margin": s.margin, "quality_state": state, "quality_note": note,
+            "rows_to_decide": need, "rows_to_decide_state": would}
 
-    baseline is the reference (non-inferior by definition). A technique whose headlines are all identical
-    to baseline's is non-inferior without a test; a lossless technique identical to another reference
-    (speculative vs target_only) takes that reference's state. Every other row with a paired difference
-    is one comparison of the family: its two p-values (difference from 0; non-inferiority at the margin)
-    are Holm-adjusted over the family and read by quality_state(); rows_to_decide is set where the state
-    is inconclusive.
 
-    Returns:
-        the family (technique names tested), in row order.
-    """
+def mlperf_99(rouge_l: Any, reference_rouge_l: Any) -> bool | None:
+    """MLPerf's accuracy check, shown for information: the point estimate reaches 99% of the reference's."""
+    return bool(rouge_l >= 0.99 * reference_rouge_l) if finite(rouge_l) and finite(reference_rouge_l) else None
+
+
+ELIGIBLE_STATES = ("reference", "non-inferior")
+
+
+def resolve_equivalents(rows: list[dict[str, Any]]) -> None:
+    """Give each "equivalent" row its reference's state as `quality_effective` (speculative takes target_only's, with
+    its rows to decide); every other row's effective state is its own. Rows are changed in place."""
     by = {r["technique"]: r for r in rows}
-    family: list[str] = []
     for r in rows:
-        name = r["technique"]
-        if r.get("skipped") or not finite(r.get("rougeL_delta_p")):
-            continue
-        if name == "baseline":
-            r |= {"quality_state": "non-inferior", "quality_basis": "the reference"}
-        elif r.get("baseline_identical") == 1:
-            r |= {"quality_state": "non-inferior", "quality_basis": "identical to baseline"}
-        elif r.get("lossless") and r.get("fidelity") == 1 and r.get("fidelity_reference") not in (None, "baseline", name):
-            r["quality_basis"] = f"identical to {r['fidelity_reference']}"
-        else:
-            family.append(name)
-    p = holm({n: by[n]["rougeL_delta_p"] for n in family})
-    p_ni = holm({n: by[n]["rougeL_delta_p_noninferior"] for n in family})
-    for n in family:
-        r = by[n]
-        state = quality_state(p[n], p_ni[n], r["rougeL_delta"], confidence)
-        r |= {"rougeL_delta_p_holm": p[n], "rougeL_delta_p_noninferior_holm": p_ni[n], "quality_state": state, "comparisons": len(family),
-              "quality_basis": f"paired test, Holm over {len(family)} comparison(s)",
-              "rows_to_decide": rows_to_decide(r["rougeL_delta"], r.get("rougeL_delta_sd"), r["noninferiority_margin"], confidence, len(family))
-              if state == "inconclusive" else None}
-        if state != "worse" and p[n] < 1 - confidence:
-            r["quality_note"] = "significantly above baseline" if r["rougeL_delta"] > 0 else "significantly below baseline, within the margin"
-    for r in rows:  # lossless copies of another technique take its state
-        ref = by.get(r.get("fidelity_reference") or "")
-        if r.get("quality_basis", "").startswith("identical to ") and "quality_state" not in r and ref:
-            r["quality_state"] = ref.get("quality_state")
-    return family
+        r["quality_effective"] = r.get("quality_state")
+    for r in rows:
+        ref = by.get(r.get("quality_reference") or "")
+        if r.get("quality_state") == "equivalent" and ref:
+            r["quality_effective"] = ref.get("quality_state")
+            for k in ("rows_to_decide", "rows_to_decide_state"):
+                if ref.get(k) is not None:
+                    r[k] = ref[k]

@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from headline_bench.analysis.latency import MIN_PROCESSES, distinct_prompts, process_rows, speed_ratio
 from headline_bench.analysis.recommend import ELIGIBLE_DEF, excluded, pareto_front, recommend
 from headline_bench.analysis.rows import Row, headline, usd_per_million
-from headline_bench.analysis.stats import bootstrap_means, clean, finite, interval, paired_ratio
-from headline_bench.analysis.verdicts import apply_verdicts
+from headline_bench.analysis.stats import bootstrap_means, clean, finite, interval
+from headline_bench.analysis.verdicts import resolve_equivalents
 from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_json, read_jsonl, write_json
 from headline_bench.logs import log
 from headline_bench.measure.environment import comparable, describe, fingerprint
 from headline_bench.render.markdown import f, table
-from headline_bench.settings import Params, Score
+from headline_bench.settings import Params
 from headline_bench.settings import Report as ReportSettings
+from headline_bench.settings import Score as ScoreSettings
 
 REPORT, SUMMARY, FOCUS, PLOTS = METRICS / "report.md", METRICS / "summary.json", METRICS / "focus.json", METRICS / "plots"
 
@@ -34,21 +36,26 @@ SPEED_REFERENCE = "kv_cache"  # latency comparisons are paired per row against i
 
 
 def delta(r: Row) -> str:
-    if r["technique"] == "baseline":
-        return "(baseline)"
+    """ΔROUGE-L with the interval its state was decided from, and the state (one rule: analysis/verdicts.py)."""
+    if r.get("quality_state") == "reference":
+        return "(reference)"
+    if r.get("quality_state") == "equivalent":
+        return f"{f(r.get('rougeL_delta'), '+.4f')}: {r['quality_basis']}"
     if not finite(r.get("rougeL_delta")):
         return "—"
-    if r.get("baseline_identical") == 1:
-        return "0 (identical headlines): non-inferior"
-    return f"{r['rougeL_delta']:+.4f} [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}] {r.get('quality_state', '—')}"
+    ci = f" [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}]" if finite(r.get("rougeL_delta_low")) else ""
+    vs = f" vs {r['rougeL_delta_vs']}" if r.get("rougeL_delta_vs") not in (None, "baseline") else ""
+    return f"{r['rougeL_delta']:+.4f}{ci}{vs} {r.get('quality_state', '—')}"
 
 
 def tail(r: Row) -> str:
-    """P99 where there are at least 100 samples; below that the maximum, named as such (a P99 of 12 samples is not one)."""
-    n = r.get("latency_count")
+    """P99 where there are at least 100 samples; below that the maximum, named as such (a P99 of 12 samples is not one).
+    n counts samples (rows x passes); the distinct prompts behind them are named too."""
+    n, k = r.get("latency_count"), r.get("latency_prompts")
+    of = f"n={n}" + (f" of {k} prompts" if finite(k) else "")
     if finite(n) and n < 100:
-        return f"max {f(r.get('latency_s_max'))} (n={n})"
-    return f"{f(r.get('latency_s_p99'))} (n={n})" if finite(n) else f(r.get("latency_s_p99"))
+        return f"max {f(r.get('latency_s_max'))} ({of})"
+    return f"{f(r.get('latency_s_p99'))} ({of})" if finite(n) else f(r.get("latency_s_p99"))
 
 
 def fidelity(r: Row) -> str:
@@ -98,32 +105,52 @@ def results_tables(rows: list[Row], confidence: float, usd_per_hour: float | Non
                         f"ΔROUGE-L: see Quality verdicts. Fidelity: headlines identical to the reference technique's, k/n."])
 
 
-def verdicts(rows: list[Row], family: list[str], confidence: float, n_samples: int, seed: int) -> str:
-    """One line per technique: its state and the numbers behind it."""
+def verdicts(rows: list[Row], confidence: float, score_params: ScoreSettings) -> str:
+    """One line per technique: the state and the interval it was decided from, side by side."""
     body = []
     for r in rows:
-        if r.get("skipped") or r["technique"] == "baseline" or not r.get("quality_state"):
+        state = r.get("quality_state")
+        if r.get("skipped") or not state or state == "reference":
             continue
-        tested = r["technique"] in family
-        diff = f"{r['rougeL_delta']:+.4f} [{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}]" if finite(r.get("rougeL_delta_low")) else "—"
-        body.append([r["technique"], r.get("rougeL_delta_rows", "—"), diff,
-                     f(r.get("noninferiority_margin"), ".4f"), f(r.get("rougeL_delta_p_holm"), ".4f") if tested else "—",
-                     f(r.get("rougeL_delta_p_noninferior_holm"), ".4f") if tested else "—",
-                     f"**{r['quality_state']}**" + (f" ({r['quality_note']})" if r.get("quality_note") else ""),
-                     r.get("rows_to_decide") or "—", r.get("quality_basis", "")])
-    base = next((r for r in rows if r["technique"] == "baseline"), {})
-    margin = base.get("margin_share")
-    header = ["Technique", "Rows", f"ΔROUGE-L [{confidence:.0%} CI]", "Margin", "p (Holm) vs 0", "p (Holm) non-inferiority", "State", "Rows to decide",
+        if state == "equivalent":
+            ref_state = r.get("quality_effective")
+            body.append([r["technique"], "— (lossless)", r.get("rows", "—"), f(r.get("rougeL_delta"), "+.4f"), "—", "—", yes_no(r.get("mlperf_99")),
+                         f"**equivalent** (takes {r['quality_reference']}'s: {ref_state})", need(r), r.get("quality_basis", "")])
+            continue
+        ci = f"[{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}]" if finite(r.get("rougeL_delta_low")) else "—"
+        note = f" ({r['quality_note']})" if r.get("quality_note") else ""
+        body.append([r["technique"], f"{r.get('family')} (k={r.get('comparisons')})", r.get("rougeL_delta_rows", "—"),
+                     f"{f(r.get('rougeL_delta'), '+.4f')} vs {r.get('rougeL_delta_vs', 'baseline')}", ci,
+                     f"{r['interval_level']:.4f}" if finite(r.get("interval_level")) else "—", yes_no(r.get("mlperf_99")), f"**{state}**{note}",
+                     need(r), r.get("quality_basis", "")])
+    s = score_params
+    family, models = s.family, s.model_comparisons
+    ran = {r["technique"] for r in rows if not r.get("skipped")}
+    absent = [n for n in family if n not in ran]
+    header = ["Technique", "Family", "Rows", "ΔROUGE-L", "Simultaneous interval", "Level", "MLPerf 99% (point)", "State", "Rows to decide",
               "Basis"]
     return "\n\n".join([
-        f"Each comparison runs over the rows of data/prepared both techniques have records for ({base.get('rows', '?')} here); a row a technique "
-        "set aside (prompt too long, no prediction) or lacks scores 0 for it. States: **non-inferior** when the lower end of the paired "
-        f"{confidence:.0%} interval of ΔROUGE-L is above -margin (margin = {margin if margin is not None else '?'} x baseline ROUGE-L "
-        f"{f(base.get('rougeL'), '.4f')}, the MLPerf \"99% of the reference\" rule); **worse** when the interval lies below 0; else "
-        "**inconclusive at this n**, with the rows that would decide it at the observed per-row sd (normal approximation). Intervals are "
-        f"paired percentile bootstraps ({n_samples} resamples, score.seed {seed}); the states use bootstrap "
-        f"p-values with Holm's correction over the {len(family)} comparison(s) tested.",
-        table(header, body) if body else "No technique besides baseline has a paired difference."])
+        f"One rule, decided from the interval printed beside it. Each comparison is a paired t interval of per-row ΔROUGE-L over the rows either "
+        f"technique has a record for (a row one of them set aside scores 0), at the **simultaneous** level of its family: 1 - "
+        f"{1 - confidence:.2g} / k (Bonferroni), so a family's intervals cover together with probability >= {confidence:.0%}. Families come "
+        f"from params, not from what ran: lossy (score.family, k = {len(family)}: {', '.join(family) or 'none'}"
+        + (f"; not run here but counted: {', '.join(absent)}" if absent else "") + f") and model comparisons (score.model_comparisons, "
+        f"k = {len(models)}: {', '.join(models) or 'none'}). States: fewer than {s.min_rows} rows: **too few rows**; lower end > "
+        f"-{s.margin} (score.margin, absolute ROUGE-L): **non-inferior** (noted when also significantly below or above); else upper end "
+        "< 0: **worse**; else **inconclusive**. Rows to decide: rows for "
+        f"{s.power:.0%} power if the true difference and per-row sd were the observed ones, with the state they would decide. "
+        "A lossless technique whose token ids all equal its reference's or differ only at near-ties is **equivalent** (no test; it takes the "
+        "reference's state); one with real differences is tested against its reference at the lossy family's level. MLPerf 99%: the point "
+        "estimate reaches 99% of the reference's ROUGE-L (information only; it is not the state).",
+        table(header, body) if body else "No technique besides baseline has a quality comparison."])
+
+
+def yes_no(v: Any) -> str:
+    return "—" if v is None else "yes" if v else "no"
+
+
+def need(r: Row) -> str:
+    return f"{r['rows_to_decide']} ({r.get('rows_to_decide_state') or 'to reach min_rows'})" if r.get("rows_to_decide") else "—"
 
 
 def hardware(rows: list[Row]) -> str:
@@ -162,82 +189,82 @@ def lossless(rows: list[Row]) -> str:
     for r in checked:
         t = r["token_check"]
         rules.add(t["rule"])
+        outcome = "equivalent" if r.get("quality_state") == "equivalent" else f"quality comparison: {r.get('quality_state', '—')}"
         body.append([r["technique"], r["fidelity_reference"], t["compared"], t["identical"], t["near_tie"], t["real_difference"],
-                     t.get("unclassified", 0), f"{r['identical']}/{r['compared']}"])
-        real = [d for d in t.get("differing", []) if d["class"] == "real_difference"]
+                     t.get("unclassified", 0), f"{r['identical']}/{r['compared']}", outcome])
+        real = [d for d in t.get("differing", []) if d["class"] != "near_tie"]
         if real:
-            d = real[0]
-            margin = f"margin {d['margin']:.3g}" if finite(d.get("margin")) else "no margin recorded"
-            notes.append(f"- **{r['technique']}**: {len(real)} real difference(s); first on `{d['id']}` at token {d['step']} ({margin})")
-    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Identical headlines"]
+            rows_text = ", ".join(differing_row(d) for d in real)
+            notes.append(f"- **{r['technique']}**: {len(real)} row(s) differ beyond a near-tie: {rows_text}")
+    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Identical headlines", "Outcome"]
     return "\n\n".join([table(header, body), "Rule: " + "; ".join(sorted(rules)) + ". Unclassified: rows without token ids on one side "
-                        "(compared as strings), or a differing row whose reference recorded no logit margin (an engine without logits).", *(["\n".join(notes)] if notes else [])])
+                        "(compared as strings), or a differing row whose reference recorded no logit margin (an engine without logits). A technique "
+                        "whose rows are all identical or near-ties is equivalent to its reference and outside the quality families; any other row "
+                        "makes it a quality comparison (Quality verdicts).", *(["\n".join(notes)] if notes else [])])
 
 
-def per_row(generations: dict[str, list[Row]], name: str) -> dict[str, tuple[float, float]]:
-    """{row id: (latency_s, new_tokens)} of the rows a technique generated."""
-    return {g["id"]: (g["latency_s"], g["new_tokens"]) for g in generations.get(name, []) if g.get("prediction") is not None and finite(g.get("latency_s"))}
+def differing_row(d: dict[str, Any]) -> str:
+    margin = f"margin {d['margin']:.3g}" if finite(d.get("margin")) else "no margin"
+    return f"`{d['id']}` (token {d['step']}, {margin}, {d['class'].replace('_', ' ')})"
 
 
-def speed_comparisons(rows: list[Row], generations: dict[str, list[Row]], n_samples: int, confidence: float, seed: int) -> None:
-    """Add to each row its mean-latency interval and its paired ratios to kv_cache over the rows both generated:
-    mean latency (latency_ratio_vs_kv_cache) and time per generated token (s_per_token_ratio_vs_kv_cache)."""
-    ref = per_row(generations, SPEED_REFERENCE)
+def speed_comparisons(rows: list[Row], generations: dict[str, list[Row]], perfs: dict[str, dict[str, Any]], n_samples: int, confidence: float,
+                      seed: int, tie: float) -> None:
+    """Add to each row its mean-latency interval over rows and its ms/token ratio to kv_cache over processes and rows
+    (analysis/latency.py: interval, verdict tied / faster / slower / unresolved), plus the distinct prompts behind its percentiles."""
+    ref = process_rows(perfs.get(SPEED_REFERENCE, {}), generations.get(SPEED_REFERENCE, []))
     for r in rows:
-        mine = per_row(generations, r["technique"])
-        if r.get("skipped") or not mine:
+        recs = generations.get(r["technique"], [])
+        mine = process_rows(perfs.get(r["technique"], {}), recs)
+        if r.get("skipped") or not mine or not mine[0]:
             continue
-        lat = [v[0] for v in mine.values()]
+        r["latency_prompts"], r["timed_processes"] = distinct_prompts(recs), len(mine)
+        lat = [g["latency_s"] for g in recs if g.get("prediction") is not None and finite(g.get("latency_s"))]
         r["latency_s_mean_low"], r["latency_s_mean_high"] = interval(bootstrap_means(lat, n_samples, seed)[:, 0], confidence)
-        common = [i for i in mine if i in ref]
-        if not common or r["technique"] == SPEED_REFERENCE:
+        if r["technique"] == SPEED_REFERENCE or not ref:
             continue
-        a, b = [mine[i][0] for i in common], [ref[i][0] for i in common]
-        r["latency_ratio_vs_kv_cache"], r["latency_ratio_vs_kv_cache_low"], r["latency_ratio_vs_kv_cache_high"] = paired_ratio(a, b, n_samples, confidence, seed)
-        r["s_per_token_ratio_vs_kv_cache"], r["s_per_token_ratio_vs_kv_cache_low"], r["s_per_token_ratio_vs_kv_cache_high"] = paired_ratio(
-            a, b, n_samples, confidence, seed, [mine[i][1] for i in common], [ref[i][1] for i in common])
-        r["speed_rows"] = len(common)
+        cmp = speed_ratio(mine, ref, confidence, n_samples, seed, tie)
+        if cmp:
+            r["speed_vs_kv_cache"] = cmp
 
 
-def tie_test(generations: dict[str, list[Row]], n_samples: int, confidence: float, seed: int) -> Any:
-    """tied(a, b): their time per token differs by less than noise: the paired interval of the ratio contains 1,
-    or the ratio is within either technique's run-to-run spread of tokens/s."""
-    def tied(a: Row, b: Row) -> bool:
-        x, y = per_row(generations, b["technique"]), per_row(generations, a["technique"])
-        common = [i for i in x if i in y]
-        spread = max((v for v in (a.get("tokens_per_s_spread"), b.get("tokens_per_s_spread")) if finite(v)), default=0.0)
-        if common:
-            ratio, lo, hi = paired_ratio([x[i][0] for i in common], [y[i][0] for i in common], n_samples, confidence, seed,
-                                         [x[i][1] for i in common], [y[i][1] for i in common])
-        else:
-            ratio = lo = hi = b["s_per_token"] / a["s_per_token"]
-        return bool(lo <= 1 <= hi or abs(ratio - 1) <= spread)
-    return tied
+def speed_tie(generations: dict[str, list[Row]], perfs: dict[str, dict[str, Any]], n_samples: int, confidence: float, seed: int, tie: float) -> Any:
+    """verdict(a, b): the speed verdict of b against a (tied / faster / slower / unresolved, or n/a), for recommendation notes."""
+    def verdict(a: Row, b: Row) -> str:
+        procs = [process_rows(perfs.get(x["technique"], {}), generations.get(x["technique"], [])) for x in (b, a)]
+        cmp = speed_ratio(procs[0], procs[1], confidence, n_samples, seed, tie) if all(p and p[0] for p in procs) else None
+        return cmp["verdict"] if cmp else "n/a: no common rows"
+    return verdict
 
 
-def ratio_text(r: Row, key: str) -> str:
-    if finite(r.get(key)):
-        return f"{r[key]:.2f}× [{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]"
-    return "(reference)" if r["technique"] == SPEED_REFERENCE else "—"
+def ratio_text(r: Row) -> str:
+    c = r.get("speed_vs_kv_cache")
+    if not c:
+        return "(reference)" if r["technique"] == SPEED_REFERENCE else "—"
+    if finite(c.get("low")):
+        return f"{c['ratio']:.2f}× [{c['low']:.2f}, {c['high']:.2f}] **{c['verdict']}** ({c['basis']})"
+    return f"{c['ratio']:.2f}× [{c['rows_low']:.2f}, {c['rows_high']:.2f}] rows only; {c['verdict']}"
 
 
-def latency_table(rows: list[Row], confidence: float) -> str:
+def latency_table(rows: list[Row], confidence: float, tie: float) -> str:
     body = []
     for r in rows:
         if r.get("skipped"):
             continue
         mean = f"{f(r.get('latency_s_mean'))} [{f(r.get('latency_s_mean_low'))}, {f(r.get('latency_s_mean_high'))}]"
-        passes = r.get("repeats") or 1
         spread = f"{r['tokens_per_s_spread']:.1%}" if finite(r.get("tokens_per_s_spread")) else "n/a (1 pass)"
-        body.append([r["technique"], r.get("latency_count", "—"), passes, mean, f(r.get("latency_s_p50")), tail(r), spread,
-                     ratio_text(r, "latency_ratio_vs_kv_cache"), ratio_text(r, "s_per_token_ratio_vs_kv_cache")])
-    header = ["Technique", "n samples", "Passes", f"Mean latency (s) [{confidence:.0%} CI]", "P50 (s)", "P99 / max (s)", "Run-to-run spread of tokens/s",
-              f"Latency vs {SPEED_REFERENCE} [{confidence:.0%} CI]", f"ms/token vs {SPEED_REFERENCE} [{confidence:.0%} CI]"]
+        body.append([r["technique"], f"{r.get('latency_count', '—')} ({r.get('latency_prompts', '—')} prompts)", r.get("timed_processes", "—"),
+                     r.get("repeats") or 1, mean, f(r.get("latency_s_p50")), tail(r), spread, ratio_text(r)])
+    header = ["Technique", "n samples (distinct prompts)", "Processes", "Passes", f"Mean latency (s) [{confidence:.0%} CI over rows]", "P50 (s)",
+              "P99 / max (s)", "Run-to-run spread of tokens/s", f"ms/token vs {SPEED_REFERENCE} [{confidence:.0%} CI], verdict"]
     return "\n\n".join([table(header, body),
-                        f"Ratios are paired per row against {SPEED_REFERENCE} over the rows both generated (ratio of means, bootstrap interval over rows); "
-                        "the ms/token ratio divides each side's latency by its own generated tokens, so shorter headlines gain nothing. Spread: "
-                        "(max - min) / mean of the per-pass tokens/s (generate.repeats timed passes in the technique's own process). Techniques "
-                        "whose ms/token ratio interval contains 1, or whose difference is within that spread, are reported as tied."])
+                        f"Percentiles pool every timed pass, so n samples repeat the same distinct prompts. The ms/token ratio against {SPEED_REFERENCE} "
+                        "divides each side's latency by its own generated tokens (shorter headlines gain nothing); its interval adds the run-to-run "
+                        "variance between timed processes (log ratio per process, t with processes - 1 degrees of freedom) to the row "
+                        f"bootstrap's. Verdicts: **tied** only when the interval lies within [{1 - tie:.2f}, {1 + tie:.2f}] (report.speed_tie, an "
+                        "equivalence test); **faster** / **slower** when it excludes 1; else **unresolved**; n/a with fewer than "
+                        f"{MIN_PROCESSES} timed processes on either side (then only the rows-only interval is shown). Spread: (max - min) / mean "
+                        "of the per-pass tokens/s."])
 
 
 def sample_headlines(generations: dict[str, list[Row]], focus: str, n: int) -> str:
@@ -267,7 +294,7 @@ def recommendations(recs: list[Row], rows: list[Row], confidence: float) -> str:
              for r in recs]
     out = excluded(rows)
     not_eligible = ("Not eligible: " + "; ".join(out) + ".") if out else "Every technique that ran is eligible."
-    return "\n".join([f"Eligible: ran here, and {ELIGIBLE_DEF.format(confidence)}. Skipped techniques are never chosen.", "", *picks, "",
+    return "\n".join([f"Eligible: a technique that ran here and is {ELIGIBLE_DEF}. Skipped techniques are never chosen.", "", *picks, "",
                       not_eligible])
 
 
@@ -330,7 +357,7 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
 
 
 def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]], prepare: dict[str, Any],
-           generations: dict[str, list[Row]], focus: str, settings: ReportSettings, score_settings: Score) -> dict[str, Any]:
+           generations: dict[str, list[Row]], focus: str, settings: ReportSettings, score_settings: ScoreSettings) -> dict[str, Any]:
     """Build every report output from metrics already on disk and write them.
 
     Args:
@@ -339,9 +366,9 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
         prepare: metrics/prepare.json.
         generations: generation records by technique (latency CDF, paired latency ratios, sample headlines).
         focus: params `technique`, the one focus.json and "What changed" describe.
-        settings: params `report` (sample_headlines: example rows to show; balanced_rougeL_within: ROUGE-L
-            tolerance of the balanced recommendation; usd_per_hour: the machine's price, None shows cost as n/a).
-        score_settings: params `score`, used when no score.json has intervals (every technique skipped).
+        settings: params `report` (sample_headlines, balanced_rougeL_within, memory_tie_share, speed_tie, usd_per_hour: None shows
+            cost as n/a).
+        score_settings: params `score` (the declared families, margin, min_rows, power), which the verdicts section states.
 
     The interval level, bootstrap resamples and seed are score's (read from score.json), so the latency
     intervals here use the same settings as the quality ones.
@@ -359,11 +386,13 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
         usd = usd_per_million(r.get("samples_per_s"), usd_per_hour)
         if usd is not None:
             r["usd_per_million_headlines"] = usd
-    family = apply_verdicts(rows, confidence)
-    speed_comparisons(rows, generations, n_samples, confidence, seed)
+    resolve_equivalents(rows)
+    tie = settings.speed_tie
+    speed_comparisons(rows, generations, perfs, n_samples, confidence, seed, tie)
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
-    recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0), tie_test(generations, n_samples, confidence, seed))
+    recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0),
+                     speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share, score_settings.margin)
     from headline_bench.render.charts import write_charts
 
     write_charts(rows, generations, front, PLOTS)
@@ -371,7 +400,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
     sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Quality verdicts", random_note(rows) or verdicts(rows, family, confidence, n_samples, seed), "## Latency", latency_table(rows, confidence),
+                 "## Quality verdicts", random_note(rows) or verdicts(rows, confidence, score_settings), "## Latency", latency_table(rows, confidence, tie),
                  "## Share of the hardware ceiling and energy", hardware(rows),
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, settings.sample_headlines),
                  "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
@@ -388,8 +417,10 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     drop = ("technique", "first_difference", "token_check")
     techniques = {r["technique"]: {k: v for k, v in r.items() if k not in drop}
                   | ({"token_check": {k: v for k, v in r["token_check"].items() if k != "differing"}} if r.get("token_check") else {}) for r in rows}
+    families = {"lossy": score_settings.family, "model comparison": score_settings.model_comparisons}
     summary = {"focus": focus, "env": env, "environments": groups, "environment_warning": environment_warning(groups), "prepare": prepare,
-               "confidence": confidence, "quality_comparisons": family, "pareto_front": front, "recommendations": recs, "excluded": excluded(rows), "techniques": techniques}
+               "confidence": confidence, "quality_families": families, "pareto_front": front, "recommendations": recs, "excluded": excluded(rows),
+               "techniques": techniques}
     write_json(SUMMARY, clean(summary))
     t = by[focus]
     write_json(FOCUS, clean({"technique": focus, "skipped": t["skipped"]} if t.get("skipped") else {"technique": focus} | {k: t.get(k) for k in FOCUS_KEYS}))
@@ -408,4 +439,4 @@ def report_from_disk(params: Params) -> dict[str, Any]:
     perfs = {n: load(TECHNIQUE_METRICS / n / "perf.json", n) for n in names}
     scores = {n: load(TECHNIQUE_METRICS / n / "score.json", n) for n in names}
     gens = {n: read_jsonl(GENERATIONS / f"{n}.jsonl") for n in names if (GENERATIONS / f"{n}.jsonl").exists()}
-    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or Score())
+    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or ScoreSettings())
