@@ -1,42 +1,36 @@
-"""Stage generate: one technique (argv[1]) over data/prepared/test.jsonl, in its own process ->
-data/generations/<technique>.jsonl (per-row predictions and timings) and metrics/techniques/<technique>/perf.json."""
+"""Stage generate: one technique (argv[1]) over data/prepared/timed.jsonl in `generate.processes` fresh timed processes ->
+data/generations/<technique>.jsonl (per-row predictions and latencies) and metrics/techniques/<technique>/perf.json.
+
+`python stages/generate.py <technique>` (as DVC runs it) starts the processes one after another and merges them;
+each is `python stages/generate.py <technique> --process k --out <file>` (tensor parallel: under torchrun)."""
 
 from __future__ import annotations
 
-import sys
+import argparse
+from pathlib import Path
 
-from headline_bench.benchmark import failure, generate, launch_parallel, settle, write_outputs
-from headline_bench.errors import InputError, Skip, fail
-from headline_bench.files import PREPARED, read_jsonl
-from headline_bench.logs import log, setup_logging
+from headline_bench.benchmark import guarded, run_processes, timed_process, write_outputs
+from headline_bench.files import TIMED_ROWS, read_jsonl
+from headline_bench.logs import setup_logging
 from headline_bench.measure import checkpoints
 from headline_bench.settings import load_params
-from headline_bench.techniques import tensor_parallel as tp
 
 
 def main() -> None:
     setup_logging()
-    if len(sys.argv) != 2:
-        fail("usage: python stages/generate.py <technique>")
-    name = sys.argv[1]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("technique")
+    parser.add_argument("--process", type=int, help="run timed process k in this process (started by the stage itself)")
+    parser.add_argument("--out", type=Path, help="where timed process k writes its records and perf")
+    args = parser.parse_args()
+    name = args.technique
     params = load_params(required=["base", "generate", "prompt", "techniques"])
-    try:
-        cfg, device = settle(params, name)
-        if tp.needs_launch(cfg):  # re-run this stage as tp_size ranks under torchrun; rank 0 writes
-            return launch_parallel(name, cfg, device)
-        rows = read_jsonl(PREPARED / "test.jsonl")
-        records, perf = generate(name, params, rows)
-    except InputError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail(f"{name}: interrupted; finished rows are kept under {checkpoints.CHECKPOINTS}/ and the next run resumes after them")
-    except Skip as e:
-        records, perf = [], {"technique": name, "skipped": str(e)}
-    except Exception as e:  # an unsupported kernel, CUDA out of memory...: recorded, and the other techniques still run
-        log.exception("%s failed", name)
-        records, perf = [], failure(name, params, e)
-    if tp.rank() == 0:
+    if args.process is None:
+        records, perf = guarded(name, params, lambda: run_processes(name, params))
         write_outputs(name, records, perf)
+        checkpoints.clear(name)
+        return
+    timed_process(name, params, read_jsonl(TIMED_ROWS), args.process, args.out)
 
 
 if __name__ == "__main__":

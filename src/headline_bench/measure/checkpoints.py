@@ -105,3 +105,8 @@ def clear(name: str) -> None:
     """Delete the technique's checkpoints once its outputs are written (stale keys included)."""
     for path in CHECKPOINTS.glob(f"{name}-*.jsonl"):
         path.unlink(missing_ok=True)
+
+
+def disabled() -> Checkpoint:
+    """No resume and no file: for timed processes after the first, which time every row again."""
+    return Checkpoint(Path(os.devnull), [], 1, writer=False)

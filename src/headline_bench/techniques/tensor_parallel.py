@@ -59,8 +59,8 @@ def needs_launch(cfg: dict[str, Any]) -> bool:
     return cfg.get("engine", "transformers") == "transformers" and tp_size(cfg) > 1 and not under_torchrun()
 
 
-def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[str]:
-    """`python -m torch.distributed.run ... <script> <technique>`; single node unless PET_NNODES says otherwise."""
+def launch_command(technique: str, size: int, script: Path = GENERATE, extra: tuple[str, ...] = ()) -> list[str]:
+    """`python -m torch.distributed.run ... <script> <technique> <extra...>`; single node unless PET_NNODES says otherwise."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     nodes = int(os.environ.get("PET_NNODES", "1"))
     if nodes == 1 and "PET_RDZV_ENDPOINT" not in os.environ:
@@ -69,18 +69,19 @@ def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[s
         if size % nodes:
             raise InputError(f"tp_size {size} is not a multiple of PET_NNODES={nodes}")
         cmd += ["--nproc_per_node", str(size // nodes)]
-    return cmd + [str(script), technique]
+    return cmd + [str(script), technique, *extra]
 
 
-def launch(technique: str, size: int, script: Path = GENERATE) -> int:
+def launch(technique: str, size: int, script: Path = GENERATE, extra: tuple[str, ...] = ()) -> int:
     """Run `script technique` as `size` ranks under torchrun and return torchrun's exit code.
 
     Args:
         technique: the argument each rank's script gets (the technique name).
         size: tensor parallel size (total ranks over all nodes).
         script: the rank entry point; generate.py itself in the pipeline.
+        extra: more arguments for each rank's script (generate.py's `--process k --out file`).
     """
-    cmd = launch_command(technique, size, script)
+    cmd = launch_command(technique, size, script, extra)
     env = dict(os.environ)
     per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))  # share the cores, don't oversubscribe
