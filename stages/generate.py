@@ -25,12 +25,13 @@ def main() -> None:
     args = parser.parse_args()
     name = args.technique
     params = load_params(required=["base", "generate", "prompt", "techniques"])
+    rows = read_jsonl(TIMED_ROWS)
     if args.process is None:
-        records, perf = guarded(name, params, lambda: run_processes(name, params))
+        records, perf = guarded(name, params, lambda: run_processes(name, params, rows))
         write_outputs(name, records, perf)
         checkpoints.clear(name)
         return
-    timed_process(name, params, read_jsonl(TIMED_ROWS), args.process, args.out)
+    timed_process(name, params, rows, args.process, args.out)
 
 
 if __name__ == "__main__":

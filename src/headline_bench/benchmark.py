@@ -152,19 +152,23 @@ def guarded(name: str, params: dict[str, Any], work: Callable[[], tuple[list[dic
 WORKERS = checkpoint.CHECKPOINTS.parent / "processes"  # each timed process's records and perf, until they are merged
 
 
-def run_processes(name: str, params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_processes(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`generate.processes` fresh timed processes of one technique, one after another, merged (runner.merge_processes).
 
     Each is `python stages/generate.py <technique> --process k --out <file>` (tensor parallel: under torchrun, rank 0
     writes), so process-to-process variance (allocator, page cache, CPU frequency, thread placement) is measured, not
-    only pass-to-pass. Only process 1 resumes from and writes the row checkpoint; it is deleted after the last process.
-    A process that is skipped or fails ends the technique with that record.
+    only pass-to-pass. With `processes: 1` the stage's own process is the timed one. Only process 1 resumes from and
+    writes the row checkpoint (the caller deletes it). A process that is skipped or fails ends the technique with that record.
     """
     cfg, device = settle(params, name)
     check_hardware(cfg, device)
-    count = int(params["generate"].get("processes", 3))
+    count = int(params["generate"].get("processes", 1))
     results = []
     for k in range(1, count + 1):
+        if count == 1 and not tp.needs_launch(cfg):
+            records, perf = generate(name, params, rows, keep_checkpoint=True)
+            results.append({"records": records, "perf": perf | {"process": 1, "pid": os.getpid()}})
+            break
         out = WORKERS / f"{name}-{k}.json"
         out.unlink(missing_ok=True)
         extra = ("--process", str(k), "--out", str(out))
@@ -177,11 +181,12 @@ def run_processes(name: str, params: dict[str, Any]) -> tuple[list[dict[str, Any
             code = subprocess.run([sys.executable, str(tp.GENERATE), name, *extra]).returncode
             if code != 0:  # bad input or an interruption: the process said why in one line above
                 raise InputError(f"{name}: timed process {k} of {count} exited with code {code}")
-        result = read_json(out)
+        results.append(read_json(out))
         out.unlink()
-        if "skipped" in result["perf"] or "failed" in result["perf"]:
-            return [], result["perf"]
-        results.append(result)
+        if "skipped" in results[-1]["perf"] or "failed" in results[-1]["perf"]:
+            break
+    if skip := next((r["perf"] for r in results if "skipped" in r["perf"] or "failed" in r["perf"]), None):
+        return [], skip
     records, perf = merge_processes(results)
     gens = [Generation(**{k: r[k] for k in Generation.__dataclass_fields__}) for r in records if "latency_s" in r]
     perf.update(bandwidth(cfg, perf, gens, perf, device))  # from the merged time per token

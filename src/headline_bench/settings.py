@@ -132,7 +132,7 @@ class Generate(Section):
     warmup_runs: NonNegInt = 1
     max_input_tokens: PosInt = 512
     repeats: PosInt = 1             # timed passes over the timed rows in each timed process
-    processes: PosInt = 3           # fresh timed processes per technique (process-to-process variance)
+    processes: PosInt = 1           # timed processes per technique (1: the stage's own; more: fresh ones, process-to-process variance)
     quality_batch_size: PosInt = 8  # prompts per call in the untimed quality pass, where the technique can batch
 
 
