@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from headline_bench.benchmark import guarded, run_processes, timed_process, write_outputs
-from headline_bench.files import TIMED_ROWS, read_jsonl
+from headline_bench.files import TIMED_ROWS
 from headline_bench.logs import setup_logging
 from headline_bench.measure import checkpoints
 from headline_bench.settings import load_params
@@ -25,13 +25,12 @@ def main() -> None:
     args = parser.parse_args()
     name = args.technique
     params = load_params(required=["base", "generate", "prompt", "techniques"])
-    rows = read_jsonl(TIMED_ROWS)
     if args.process is None:
-        records, perf = guarded(name, params, lambda: run_processes(name, params, rows))
+        records, perf = guarded(name, params, lambda: run_processes(name, params, TIMED_ROWS))
         write_outputs(name, records, perf)
         checkpoints.clear(name)
         return
-    timed_process(name, params, rows, args.process, args.out)
+    timed_process(name, params, TIMED_ROWS, args.process, args.out)
 
 
 if __name__ == "__main__":

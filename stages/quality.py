@@ -8,7 +8,7 @@ import sys
 
 from headline_bench.benchmark import guarded, quality_pass, write_quality
 from headline_bench.errors import fail
-from headline_bench.files import QUALITY_ROWS, read_jsonl
+from headline_bench.files import QUALITY_ROWS
 from headline_bench.logs import setup_logging
 from headline_bench.settings import load_params
 
@@ -17,7 +17,7 @@ def main() -> None:
     setup_logging()
     name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/quality.py <technique>")
     params = load_params(required=["base", "generate", "prompt", "techniques"])
-    records, facts = guarded(name, params, lambda: quality_pass(name, params, read_jsonl(QUALITY_ROWS)))
+    records, facts = guarded(name, params, lambda: quality_pass(name, params, QUALITY_ROWS))
     write_quality(name, records, facts)
 
 

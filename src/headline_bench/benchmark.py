@@ -17,7 +17,7 @@ from headline_bench import backends
 from headline_bench.backends.base import Generation
 from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, Skip, fail
-from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, write_json, write_jsonl
+from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
@@ -152,7 +152,7 @@ def guarded(name: str, params: dict[str, Any], work: Callable[[], tuple[list[dic
 WORKERS = checkpoint.CHECKPOINTS.parent / "processes"  # each timed process's records and perf, until they are merged
 
 
-def run_processes(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_processes(name: str, params: dict[str, Any], rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`generate.processes` fresh timed processes of one technique, one after another, merged (runner.merge_processes).
 
     Each is `python stages/generate.py <technique> --process k --out <file>` (tensor parallel: under torchrun, rank 0
@@ -160,13 +160,13 @@ def run_processes(name: str, params: dict[str, Any], rows: list[dict[str, Any]])
     only pass-to-pass. With `processes: 1` the stage's own process is the timed one. Only process 1 resumes from and
     writes the row checkpoint (the caller deletes it). A process that is skipped or fails ends the technique with that record.
     """
-    cfg, device = settle(params, name)
+    cfg, device = settle(params, name)  # an unknown technique is an error before any file is read
     check_hardware(cfg, device)
     count = int(params["generate"].get("processes", 1))
     results = []
     for k in range(1, count + 1):
         if count == 1 and not tp.needs_launch(cfg):
-            records, perf = generate(name, params, rows, keep_checkpoint=True)
+            records, perf = generate(name, params, read_jsonl(rows_path), keep_checkpoint=True)
             results.append({"records": records, "perf": perf | {"process": 1, "pid": os.getpid()}})
             break
         out = WORKERS / f"{name}-{k}.json"
@@ -193,9 +193,9 @@ def run_processes(name: str, params: dict[str, Any], rows: list[dict[str, Any]])
     return records, perf
 
 
-def timed_process(name: str, params: dict[str, Any], rows: list[dict[str, Any]], k: int, out: Path) -> None:
-    """One timed process (`generate.py <technique> --process k`): generate(), then its records and perf to `out`."""
-    records, perf = guarded(name, params, lambda: generate(name, params, rows, resume=k == 1, keep_checkpoint=True))
+def timed_process(name: str, params: dict[str, Any], rows_path: Path, k: int, out: Path) -> None:
+    """One timed process (`generate.py <technique> --process k`): generate() over the rows, then its records and perf to `out`."""
+    records, perf = guarded(name, params, lambda: generate(name, params, read_jsonl(rows_path), resume=k == 1, keep_checkpoint=True))
     if tp.rank() == 0:
         write_json(out, {"records": records, "perf": perf | {"process": k, "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
@@ -213,7 +213,7 @@ def quality_batch_size(cfg: dict[str, Any], params: dict[str, Any]) -> int:
     return int(params["generate"].get("quality_batch_size", 8))
 
 
-def quality_pass(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def quality_pass(name: str, params: dict[str, Any], rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate every quality row once, untimed, batched where the technique can batch (MLPerf's accuracy mode).
 
     Lossless techniques (a `reference`) are not run: the score stage gives them their reference's quality once their
@@ -221,6 +221,7 @@ def quality_pass(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) 
     `quality.json` records the batch size, rows and wall time. Resumes like the timed pass (checkpoint `<name>.quality`).
     """
     cfg, device = settle(params, name)
+    rows = read_jsonl(rows_path)
     facts: dict[str, Any] = {"technique": name, "rows": len(rows)}
     if cfg["reference"]:
         return [], facts | {"not_run": f"lossless (reference {cfg['reference']}): it takes its reference's quality once its token ids "
