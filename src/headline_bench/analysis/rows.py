@@ -13,7 +13,7 @@ Row = dict[str, Any]
 PERF_KEYS = ("device", "samples", "weight_mb", "latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99", "latency_s_max",
              "latency_count", "ttft_s_p50", "tpot_s_p50", "samples_per_s", "tokens_per_s", "new_tokens_mean", "load_s", "acceptance_rate",
              "compile_s", "sparsity_overall", "sparsity_all_params", "sparsity_layers", "draft_weight_mb", "weight_format", "tp_size",
-             "repeats", "tokens_per_s_spread", "latency_s_mean_spread", "rss_reset", "dtype", "quality",
+             "repeats", "process_count", "tokens_per_s_spread", "latency_s_mean_spread", "rss_reset", "dtype", "quality",
              "achieved_bandwidth_gbs", "bandwidth_share", "peak_bandwidth_gbs", "peak_bandwidth_source", "bytes_per_step_mb",
              "energy_j_per_headline", "energy_j_per_token", "energy_source", "recompiles_in_timed_run", "compile_mode",
              "sparse_kernels", "device_used_mb", "memory_note", "speculative_used")

@@ -224,16 +224,17 @@ def latency_table(rows: list[Row], confidence: float) -> str:
         if r.get("skipped"):
             continue
         mean = f"{f(r.get('latency_s_mean'))} [{f(r.get('latency_s_mean_low'))}, {f(r.get('latency_s_mean_high'))}]"
-        passes = r.get("repeats") or 1
-        spread = f"{r['tokens_per_s_spread']:.1%}" if finite(r.get("tokens_per_s_spread")) else "n/a (1 pass)"
+        passes = f"{r.get('process_count') or 1} x {r.get('repeats') or 1}"
+        spread = f"{r['tokens_per_s_spread']:.1%}" if finite(r.get("tokens_per_s_spread")) else "n/a (1 run)"
         body.append([r["technique"], r.get("latency_count", "—"), passes, mean, f(r.get("latency_s_p50")), tail(r), spread,
                      ratio_text(r, "latency_ratio_vs_kv_cache"), ratio_text(r, "s_per_token_ratio_vs_kv_cache")])
-    header = ["Technique", "n samples", "Passes", f"Mean latency (s) [{confidence:.0%} CI]", "P50 (s)", "P99 / max (s)", "Run-to-run spread of tokens/s",
+    header = ["Technique", "n samples", "Processes x passes", f"Mean latency (s) [{confidence:.0%} CI]", "P50 (s)", "P99 / max (s)", "Run-to-run spread of tokens/s",
               f"Latency vs {SPEED_REFERENCE} [{confidence:.0%} CI]", f"ms/token vs {SPEED_REFERENCE} [{confidence:.0%} CI]"]
     return "\n\n".join([table(header, body),
                         f"Ratios are paired per row against {SPEED_REFERENCE} over the rows both generated (ratio of means, bootstrap interval over rows); "
                         "the ms/token ratio divides each side's latency by its own generated tokens, so shorter headlines gain nothing. Spread: "
-                        "(max - min) / mean of the per-pass tokens/s (generate.repeats timed passes in the technique's own process). Techniques "
+                        "(max - min) / mean of the tokens/s of the technique's generate.processes fresh timed processes (of its generate.repeats "
+                        "passes when it ran in one process). Techniques "
                         "whose ms/token ratio interval contains 1, or whose difference is within that spread, are reported as tied."])
 
 
