@@ -81,7 +81,7 @@ def test_report_md_has_table_rows_skips_and_sections(built: Path) -> None:
     assert "Not eligible: quant8: inconclusive at n=12 (~" in md and "; prune_l1: worse." in md
     assert "| kv_cache | baseline | 12 | 12 | 0 | 0 | 0 | 12/12 |" in md  # lossless by token ids
     assert "max " in md and "(n=12)" in md and "numpy linear interpolation" in md  # no "P99" of 12 samples
-    assert "| 2 | " in md and "4.0%" in md  # passes and run-to-run spread
+    assert "| 1 x 2 | " in md and "4.0%" in md  # processes x passes and run-to-run spread
     assert "multi-GPU: none** (none: this machine has 0 GPU(s)" in md
     assert "![Latency vs ROUGE-L](plots/pareto.png)" in md
     assert "sha256 " + "ab" * 32 in md
