@@ -1,10 +1,11 @@
-"""Stage prepare: params `prepare` -> data/prepared/test.jsonl (a clean, deterministic sample) and metrics/prepare.json."""
+"""Stage prepare: params `prepare` -> data/prepared/quality.jsonl (a clean, deterministic sample of prepare.n rows),
+data/prepared/timed.jsonl (its first prepare.timed_rows rows) and metrics/prepare.json."""
 
 from __future__ import annotations
 
 from headline_bench.data.prepare import prepare, read_source
 from headline_bench.errors import InputError, fail
-from headline_bench.files import METRICS, PREPARED, write_json, write_jsonl
+from headline_bench.files import METRICS, QUALITY_ROWS, TIMED_ROWS, write_json, write_jsonl
 from headline_bench.logs import log, setup_logging
 from headline_bench.settings import load_params
 
@@ -19,9 +20,14 @@ def main() -> None:
                                  source=p.source, id_column=p.id_column, dedupe=p.dedupe)
     except InputError as e:
         fail(str(e))
-    write_jsonl(PREPARED / "test.jsonl", sample)
-    write_json(METRICS / "prepare.json", {"source": p.source, **counts})
-    log.info("prepare: %s -> %s (%s)", p.source, PREPARED / "test.jsonl", counts)
+    wanted = p.timed_rows
+    timed = sample[:wanted]  # a prefix: the timed rows' lossless check pairs up with the quality scores
+    if len(timed) < wanted:
+        log.warning("prepare: prepare.timed_rows is %d but the quality set has %d rows: timing all of them", wanted, len(sample))
+    write_jsonl(QUALITY_ROWS, sample)
+    write_jsonl(TIMED_ROWS, timed)
+    write_json(METRICS / "prepare.json", {"source": p.source, **counts, "quality_rows": len(sample), "timed_rows": len(timed)})
+    log.info("prepare: %s -> %s (%d rows), %s (%d rows) (%s)", p.source, QUALITY_ROWS, len(sample), TIMED_ROWS, len(timed), counts)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from headline_bench.errors import InputError, fail
-from headline_bench.files import PREPARED, SERVED, SERVING_METRICS, read_jsonl, write_json, write_jsonl
+from headline_bench.files import SERVED, SERVING_METRICS, TIMED_ROWS, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log, setup_logging
 from headline_bench.serving.run import resolve_entry, serve
 from headline_bench.settings import load_params
@@ -20,7 +20,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs the Server's stop, like Ctrl-C
     try:
         entry = resolve_entry(params, name)
-        rows = read_jsonl(PREPARED / "test.jsonl")
+        rows = read_jsonl(TIMED_ROWS)
         result, records = serve(name, entry, params, rows)
     except InputError as e:
         fail(f"serve {name}: {e}")

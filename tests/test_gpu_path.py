@@ -35,7 +35,7 @@ def stage_dir(tmp_path: Path, models_dir: Path, params: dict[str, Any]) -> Path:
     """A folder laid out like the repo for running generate.main() in-process."""
     work = tmp_path / "work"
     (work / "data" / "prepared").mkdir(parents=True)
-    files.write_jsonl(work / "data" / "prepared" / "test.jsonl", ROWS)
+    files.write_jsonl(work / "data" / "prepared" / "timed.jsonl", ROWS)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     return work
 

@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` in a temporary copy of the repo with tiny models and two rows, then an experiment
+"""End to end: `dvc repro` in a temporary copy of the repo with tiny models, three quality rows of which two are timed
+in two processes each, then an experiment
 focused on kv_cache and `dvc metrics diff` against the committed baseline."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def committed_params() -> dict:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git+DVC copy of the project with tiny models, 2 rows and three techniques, reproduced once."""
+    """A git+DVC copy of the project with tiny models, 3 quality rows (2 timed) and three techniques, reproduced once."""
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"
     repo.mkdir()
@@ -45,8 +46,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = committed_params()
     params["models"] = {"tiny": {"path": str(make_tiny_llama(tmp / "tiny"))}, "tiny_target": {"path": str(make_tiny_llama(tmp / "tiny_target", seed=3))}}
     params["base"].update(model="tiny", target="tiny_target")
-    params["prepare"]["n"] = 2
-    params["generate"].update(max_new_tokens=4, warmup_runs=1, max_input_tokens=1000)  # byte-level tiny tokenizer: long prompts
+    params["prepare"].update(source="data/sample/news_sample.jsonl", summary_column="summary", id_column="id", shuffle=False, n=3, timed_rows=2)
+    params["generate"].update(max_new_tokens=4, warmup_runs=1, max_input_tokens=1000, processes=2, quality_batch_size=2)  # byte-level tiny tokenizer: long prompts
     params["score"]["bootstrap_samples"] = 100
     params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
     params["technique"] = "baseline"  # whatever an experiment applied to the workspace
@@ -67,12 +68,19 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
         assert name in report
         perf = json.loads((repo / f"metrics/techniques/{name}/perf.json").read_text())
         score = json.loads((repo / f"metrics/techniques/{name}/score.json").read_text())
-        assert perf["samples"] == 2 and perf["latency_s_p50"] > 0 and score["samples"] == 2
+        assert perf["samples"] == 2 and perf["latency_s_p50"] > 0 and perf["process_count"] == 2 and len(perf["processes"]) == 2
+        assert score["samples"] == 3 and score["timed_rows"] == 2  # quality over the 3 quality rows, the lossless check on the 2 timed ones
     kv = json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())
-    assert kv["fidelity"] == 1.0 and kv["quality_state"] == "equivalent"  # lossless: outside the families, no test
+    assert kv["fidelity"] == 1.0 and kv["quality_source"] == "reference" and kv["quality_set"] == "data/quality/baseline.jsonl"
+    assert kv["quality_state"] == "equivalent"  # lossless: outside the families, no test
+    assert "not_run" in json.loads((repo / "metrics/techniques/kv_cache/quality.json").read_text())
     target = json.loads((repo / "metrics/techniques/target_only/score.json").read_text())
+    assert target["quality_source"] == "quality pass" and target["quality_set"] == "data/quality/target_only.jsonl"
     assert target["quality_state"] == "too few rows" and target["family"] == "model comparison" and target["rows_to_decide"] >= 30
     assert json.loads((repo / "metrics/summary.json").read_text())["techniques"]["target_only"]["quality_state"] == "too few rows"
+    assert target["batched_vs_timed"]["quality_batch_size"] == 2 and target["batched_vs_timed"]["compared"] == 2
+    quality = [json.loads(x) for x in (repo / "data/quality/target_only.jsonl").read_text().splitlines()]
+    assert len(quality) == 3 and "latency_s" not in quality[0] and quality[0]["token_ids"]
     assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
     served = json.loads((repo / "metrics/serving/hf_serve_cb/serve.json").read_text())
     assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2] and "## Online serving" in report

@@ -90,7 +90,7 @@ def stage_repo(tmp: Path, tiny: Path, techniques: dict[str, Any]) -> dict[str, A
     shutil.copytree(tiny, tmp / "data/models/tiny")
     (tmp / "data/models/tiny/source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
     (tmp / "data/prepared").mkdir(parents=True)
-    (tmp / "data/prepared/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp / "data/prepared/timed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     params = copy.deepcopy(BASE_PARAMS) | {"techniques": techniques}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     return params
@@ -120,6 +120,28 @@ def test_stage_killed_after_k_rows_then_rerun(tiny_llama: Path, tmp_path: Path) 
     perf = json.loads((tmp_path / "metrics/techniques/kv_cache/perf.json").read_text())
     assert perf["resume"]["sessions"] == 2 and perf["resume"]["resumed_ids"] == ["r0", "r1"]
     assert list((tmp_path / ".cache/checkpoints").glob("*.jsonl")) == []
+
+
+def test_three_timed_processes_resume_in_the_first_and_record_each(tiny_llama: Path, tmp_path: Path) -> None:
+    """generate.processes: 3 starts three fresh processes; an interruption in process 1 resumes there, and perf.json
+    keeps each process's pid and per-row latencies, the records each row's latency in every process."""
+    params = stage_repo(tmp_path, tiny_llama, {"kv_cache": {}})
+    params["generate"]["processes"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_generate(tmp_path, "kv_cache", **{checkpoint.STOP_AFTER: "2"}).returncode != 0
+    out = run_generate(tmp_path, "kv_cache")
+    assert out.returncode == 0, out.stderr
+    perf = json.loads((tmp_path / "metrics/techniques/kv_cache/perf.json").read_text())
+    procs = perf["processes"]
+    assert perf["process_count"] == 3 and [p["process"] for p in procs] == [1, 2, 3] and len({p["pid"] for p in procs}) == 3
+    assert procs[0]["resume"]["resumed_rows"] == 2 and procs[1]["resume"]["resumed_rows"] == 0
+    assert perf["row_ids"] == [r["id"] for r in ROWS] and all(len(p["latency_s"]) == 5 for p in procs)
+    assert perf["latency_count"] == 15 and perf["token_ids_differ_across_processes"] == []
+    records = [json.loads(x) for x in (tmp_path / "data/generations/kv_cache.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        assert r["latency_s_processes"] == [p["latency_s"][i] for p in procs]
+        assert r["latency_s"] == pytest.approx(sum(r["latency_s_processes"]) / 3)
+    assert list((tmp_path / ".cache").rglob("*.json*")) == []  # checkpoint and process files are gone
 
 
 def test_a_technique_that_raises_is_a_recorded_failure(tiny_llama: Path, tmp_path: Path) -> None:

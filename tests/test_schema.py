@@ -82,7 +82,7 @@ def test_unknown_keys_are_rejected_with_the_allowed_ones() -> None:
     params["techniques"]["kv_cache"] = {"refrence": "baseline"}
     params["scores"] = {}
     problems = check(params)
-    assert "prepare.sumary_column: unknown key; allowed: dedupe, encoding, header, headline_column, id_column, n, shuffle, source, split, summary_column" in problems
+    assert "prepare.sumary_column: unknown key; allowed: dedupe, encoding, header, headline_column, id_column, n, shuffle, source, split, summary_column, timed_rows" in problems
     assert any(p.startswith("techniques.quant4.quantize.bitz: unknown key; allowed: bits,") for p in problems)
     assert any(p.startswith("techniques.kv_cache.refrence: unknown key; allowed: batch_size, compile,") for p in problems)
     assert any(p.startswith("scores: unknown key; allowed: base,") for p in problems)

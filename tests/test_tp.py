@@ -161,7 +161,7 @@ def test_generate_stage_relaunches_itself_under_torchrun(tiny_llama: Path, tmp_p
     (tmp_path / "data/models/tiny/source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
     rows = [{"id": f"r{i}", "summary": s, "reference": "council vote"} for i, s in enumerate(["the city council vote", "a new budget for the city"])]
     (tmp_path / "data/prepared").mkdir(parents=True)
-    (tmp_path / "data/prepared/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "data/prepared/timed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = {
         "base": {"seed": 1, "model": "tiny", "target": "tiny", "dtype": "float32", "device": "cpu"},
         "prompt": {"template": "headline for: {summary}", "few_shot": []},

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,13 +17,13 @@ from headline_bench import backends
 from headline_bench.backends.base import Generation
 from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, Skip, fail
-from headline_bench.files import GENERATIONS, TECHNIQUE_METRICS, read_json, write_json, write_jsonl
+from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
 from headline_bench.measure.records import Perf, assemble, join
 from headline_bench.measure.roofline import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
-from headline_bench.measure.runner import run_repeats
+from headline_bench.measure.runner import merge_processes, run, run_repeats
 from headline_bench.measure.trackers import device_used_mb
 from headline_bench.models.ref import model_path, model_source
 from headline_bench.settings import Params
@@ -55,10 +61,15 @@ def perf_ranks(perf: dict[str, Any]) -> int:
     return int(perf.get("tp_size") or 1)
 
 
-def generate(name: str, params: Params, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run one technique over the rows. Returns generation records and the perf metrics.
+def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool = True,
+             keep_checkpoint: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run one technique over the rows in this process (one timed process). Returns generation records and the perf metrics.
 
     A technique that this machine cannot run returns no records and {"skipped": reason}.
+
+    Args:
+        resume: continue from the technique's checkpoint and write one (the first timed process); False: neither.
+        keep_checkpoint: leave the checkpoint for the caller to delete (run_processes does, once every process is done).
     """
     cfg, device = settle(params, name)
     env = env_info(cfg.engine)
@@ -78,7 +89,7 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]]) -> tuple[lis
     warmup = params.generate.warmup_runs
     if cfg.compile and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
-    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0)
+    ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0) if resume else checkpoint.disabled()
     gens, numbers = run_repeats(generate_fn, prompts, cfg.batch_size, warmup, device, params.generate.repeats,
                                 after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
@@ -87,7 +98,7 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]]) -> tuple[lis
         numbers["device_used_mb"] = device_used_mb()
         numbers["memory_note"] = "engine in its own process: NVML memory in use on the GPU(s) after the run, all processes, preallocated KV pool included"
     records = [{**row, **asdict(g)} for row, g in zip(kept, gens)] + too_long
-    if ckpt.writer:
+    if ckpt.writer and not keep_checkpoint:
         checkpoint.clear(name)  # every row is in `records` now
     # tensor parallel: memory and weight bytes summed over ranks (a deliberate replacement); a no-op in a single process
     measured = tp.merge_ranks(join(info, numbers))
@@ -144,15 +155,121 @@ def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]
                  perf["latency_s_p50"], perf["tokens_per_s"], GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json")
 
 
-def launch_parallel(name: str, cfg: ResolvedTechnique, device: str) -> None:
-    """Start tensor parallel ranks under torchrun; a technique they cannot run becomes a recorded skip, a failed
-    launch a recorded failure, so the rest of the pipeline goes on."""
-    base = {"technique": name, "config": cfg.record(), "env": env_info(cfg.engine), "device": device}
+def guarded(name: str, params: Params, work: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run a stage's work on one technique: bad input and interruptions stop the stage with one line; a technique
+    this machine cannot run is a recorded skip, and one that raises a recorded failure, so the other techniques still run."""
     try:
-        check_hardware(cfg, device)
+        return work()
+    except InputError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"{name}: interrupted; finished rows are kept under {checkpoint.CHECKPOINTS}/ and the next run resumes after them")
     except Skip as e:
-        write_outputs(name, [], assemble(Perf, base, {"skipped": str(e)}))
-        return
-    code = tp.launch(name, cfg.tp_size, env={checkpoint.LOCK_HELD: name})
-    if code != 0:
-        write_outputs(name, [], assemble(Perf, base, {"failed": f"tensor parallel ranks failed (torchrun exit code {code}; the stage log has the error)"}))
+        log.warning("%s: skipped: %s", name, e)
+        return [], {"technique": name, "skipped": str(e)}
+    except Exception as e:  # an unsupported kernel, CUDA out of memory...
+        log.exception("%s failed", name)
+        return [], failure(name, params, e)
+
+
+WORKERS = checkpoint.CHECKPOINTS.parent / "processes"  # each timed process's records and perf, until they are merged
+
+
+def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`generate.processes` fresh timed processes of one technique, one after another, merged (runner.merge_processes).
+
+    Each is `python stages/generate.py <technique> --process k --out <file>` (tensor parallel: under torchrun, rank 0
+    writes), so process-to-process variance (allocator, page cache, CPU frequency, thread placement) is measured, not
+    only pass-to-pass. With `processes: 1` the stage's own process is the timed one. Only process 1 resumes from and
+    writes the row checkpoint (the caller deletes it). A process that is skipped or fails ends the technique with that record.
+    """
+    cfg, device = settle(params, name)  # an unknown technique is an error before any file is read
+    check_hardware(cfg, device)
+    count = params.generate.processes
+    results = []
+    for k in range(1, count + 1):
+        if count == 1 and not tp.needs_launch(cfg):
+            records, perf = generate(name, params, read_jsonl(rows_path), keep_checkpoint=True)
+            results.append({"records": records, "perf": perf | {"process": 1, "pid": os.getpid()}})
+            break
+        out = WORKERS / f"{name}-{k}.json"
+        out.unlink(missing_ok=True)
+        extra = ("--process", str(k), "--out", str(out))
+        log.info("%s: timed process %d of %d", name, k, count)
+        if tp.needs_launch(cfg):
+            code = tp.launch(name, cfg.tp_size, env={checkpoint.LOCK_HELD: name}, extra=extra)
+            if code != 0:
+                raise RuntimeError(f"tensor parallel ranks of timed process {k} failed (torchrun exit code {code}; the stage log has the error)")
+        else:
+            code = subprocess.run([sys.executable, str(tp.GENERATE), name, *extra], env=os.environ | {checkpoint.LOCK_HELD: name}).returncode
+            if code != 0:  # bad input or an interruption: the process said why in one line above
+                raise InputError(f"{name}: timed process {k} of {count} exited with code {code}")
+        results.append(read_json(out))
+        out.unlink()
+        if "skipped" in results[-1]["perf"] or "failed" in results[-1]["perf"]:
+            break
+    if skip := next((r["perf"] for r in results if "skipped" in r["perf"] or "failed" in r["perf"]), None):
+        return [], skip
+    records, perf = merge_processes(results)
+    gens = [Generation(**{k: r[k] for k in Generation.__dataclass_fields__}) for r in records if "latency_s" in r]
+    perf.update(bandwidth(cfg, perf, gens, perf, device))  # from the merged time per token
+    return records, perf
+
+
+def timed_process(name: str, params: Params, rows_path: Path, k: int, out: Path) -> None:
+    """One timed process (`generate.py <technique> --process k`): generate() over the rows, then its records and perf to `out`."""
+    records, perf = guarded(name, params, lambda: generate(name, params, read_jsonl(rows_path), resume=k == 1, keep_checkpoint=True))
+    if tp.rank() == 0:
+        write_json(out, {"records": records, "perf": perf | {"process": k, "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+
+
+# generation record fields that are timings: left out of quality-pass records, which are not timed
+TIMING_FIELDS = ("latency_s", "ttft_s", "tpot_s", "latency_s_passes", "latency_s_processes")
+
+
+def quality_batch_size(cfg: ResolvedTechnique, params: Params) -> int:
+    """Prompts per call in the quality pass: `generate.quality_batch_size` where the technique can batch; 1 for
+    llama.cpp (one prompt at a time here) and assisted decoding (transformers drafts for one row per call)."""
+    assisted = cfg.speculative or cfg.generate.prompt_lookup_num_tokens
+    if cfg.engine == "llama_cpp" or assisted:
+        return 1
+    return params.generate.quality_batch_size
+
+
+def quality_pass(name: str, params: Params, rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate every quality row once, untimed, batched where the technique can batch (MLPerf's accuracy mode).
+
+    Lossless techniques (a `reference`) are not run: the score stage gives them their reference's quality once their
+    token ids equal the reference's on the timed rows. Records carry no timings (the timed pass measures speed);
+    `quality.json` records the batch size, rows and wall time. Resumes like the timed pass (checkpoint `<name>.quality`).
+    """
+    cfg, device = settle(params, name)
+    rows = read_jsonl(rows_path)
+    facts: dict[str, Any] = {"technique": name, "rows": len(rows)}
+    if cfg.reference:
+        return [], facts | {"not_run": f"lossless (reference {cfg.reference}): it takes its reference's quality once its token ids "
+                                       "equal the reference's on the timed rows (score.json)", "reference": cfg.reference}
+    if tp.needs_launch(cfg):
+        raise Skip("the quality pass does not start torchrun; tensor parallel techniques are scored on their timed rows")
+    cfg = cfg.model_copy(update={"batch_size": quality_batch_size(cfg, params)})
+    check_hardware(cfg, device)
+    source = model_source(cfg.model_name)
+    if source.get("random"):
+        raise Skip("random weights: quality is n/a")
+    generate_fn, tokenizer, info = backends.setup(cfg, params, device)
+    prompts, kept, too_long = prompts_for(rows, tokenizer, params.prompt, info.get("max_input_tokens", 10**9))
+    ckpt = checkpoint.open_checkpoint(f"{name}.quality", cfg, params, kept, Generation, env_info(cfg.engine))
+    log.info("%s: quality pass over %d rows (%d resumed), batch %d, on %s", name, len(prompts), len(ckpt.done), cfg.batch_size, device)
+    gens, numbers = run(generate_fn, prompts, cfg.batch_size, 0, device, done=ckpt.done, on_batch=ckpt.append)
+    records = [{**row, **{k: v for k, v in asdict(g).items() if k not in TIMING_FIELDS}} for row, g in zip(kept, gens)] + too_long
+    checkpoint.clear(f"{name}.quality")
+    return records, facts | {"device": device, "batch_size": cfg.batch_size, "samples": len(gens), "rows_too_long": len(too_long),
+                             "wall_s": numbers["wall_s"], "wall_note": "this session's generation time, untimed pass (no warm-up; compile included)",
+                             "dtype": info.get("dtype"), "model": source, "config": cfg.record(), "resume": ckpt.facts()}
+
+
+def write_quality(name: str, records: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+    write_jsonl(QUALITY / f"{name}.jsonl", records)
+    write_json(TECHNIQUE_METRICS / name / "quality.json", facts)
+    log.info("%s: quality pass %s -> %s", name, next((facts[k] for k in ("not_run", "skipped", "failed") if k in facts), f"{len(records)} rows"),
+             QUALITY / f"{name}.jsonl")

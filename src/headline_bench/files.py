@@ -17,12 +17,15 @@ PARAMS = Path("params.yaml")
 
 
 PREPARED = Path("data/prepared")
+QUALITY_ROWS = PREPARED / "quality.jsonl"  # prepare.n rows: generated once per lossy technique and scored
+TIMED_ROWS = PREPARED / "timed.jsonl"      # the first prepare.timed_rows of them: timed in every technique's processes
 
 
 MODELS = Path("data/models")
 
 
-GENERATIONS = Path("data/generations")
+GENERATIONS = Path("data/generations")  # the timed pass's records (data/prepared/timed.jsonl)
+QUALITY = Path("data/quality")          # the quality pass's records (data/prepared/quality.jsonl)
 
 
 METRICS = Path("metrics")

@@ -65,7 +65,8 @@ class Prepare(Section):
     summary_column: Column = "summary"
     headline_column: Column = "headline"
     id_column: Column | None = None
-    n: PosInt
+    n: PosInt                # rows in the quality set (generated once per lossy technique and scored)
+    timed_rows: PosInt = 12  # the first rows of the quality set, timed in every technique's processes
     shuffle: bool = False
     encoding: str = "utf-8"
     dedupe: bool = False
@@ -142,7 +143,9 @@ class Generate(Section):
     batch_size: PosInt = 1
     warmup_runs: NonNegInt = 1
     max_input_tokens: PosInt = 512
-    repeats: PosInt = 1
+    repeats: PosInt = 1             # timed passes over the timed rows in each timed process
+    processes: PosInt = 1           # timed processes per technique (1: the stage's own; more: fresh ones, process-to-process variance)
+    quality_batch_size: PosInt = 8  # prompts per call in the untimed quality pass, where the technique can batch
 
 
 class Score(Section):

@@ -34,6 +34,10 @@ def process_rows(perf: dict[str, Any], records: list[dict[str, Any]]) -> list[di
     for g in records:
         if g.get("prediction") is None or not finite(g.get("latency_s")) or not finite(g.get("new_tokens")):
             continue
+        if g.get("latency_s_processes"):  # fresh timed processes (generate.processes): each one's mean over its passes
+            for k, v in enumerate(g["latency_s_processes"]):
+                out[k][g["id"]] = (v, g["new_tokens"])
+            continue
         lats = g.get("latency_s_passes") or [g["latency_s"]]
         by: dict[Any, list[float]] = defaultdict(list)
         for i, v in enumerate(lats):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 from tqdm import tqdm
@@ -96,45 +96,86 @@ def spread(values: list[float]) -> float | None:
 def run_repeats(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str, repeats: int,
                 after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
                 on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
-    """`repeats` timed passes over all prompts in this process (warm-up before the first only).
+    """`repeats` timed passes over all prompts in this process (warm-up before the first only), merged by merge_runs.
 
-    The first pass's generations are kept (greedy passes give the same text); each row's latency becomes
-    its mean over the passes (every pass's value kept in latency_s_passes), and the latency percentiles
-    cover every row of every pass. perf.json gets each pass's numbers and their run-to-run spread. Only the first
-    pass resumes from `done` and feeds the checkpoint (`on_batch`); later passes time every row again.
+    Only the first pass resumes from `done` and feeds the checkpoint (`on_batch`); later passes time every row again.
     """
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the order techniques ran in, across processes
     passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup, done, on_batch)]
     passes += [run(generate_fn, prompts, batch_size, 0, device) for _ in range(repeats - 1)]
-    gens, perf = passes[0]
-    if repeats == 1:
-        return gens, perf | {"repeats": 1, "started_at": started, "passes": [pass_numbers(perf)]}
-    every = [g for pass_gens, _ in passes for g in pass_gens]
+    gens, perf = merge_runs(passes, "passes")
+    return gens, perf | {"repeats": repeats, "started_at": started}
+
+
+def merge_runs(runs: list[tuple[list[Generation], dict[str, Any]]], label: str) -> tuple[list[Generation], dict[str, Any]]:
+    """Timed runs over the same prompts, merged: passes in one process (`label` "passes") or processes ("processes").
+
+    The first run's generations are kept (greedy runs give the same text); with more than one run each row's
+    latency becomes its mean over the runs (every run's value kept in `latency_s_<label>`), and the latency
+    percentiles cover every row of every run. perf gets each run's numbers (`<label>`) and their run-to-run spread.
+    """
+    gens, perf = runs[0]
+    numbers = [pass_numbers(p) for _, p in runs]
+    if len(runs) == 1:
+        return gens, perf | {label: numbers}
+    every = [g for run_gens, _ in runs for g in run_gens]
     for i, g in enumerate(gens):
-        g.latency_s_passes = [pass_gens[i].latency_s for pass_gens, _ in passes]
-        g.latency_s = sum(g.latency_s_passes) / repeats
-        times = [(p[i].ttft_s, p[i].tpot_s) for p, _ in passes]
-        g.ttft_s = sum(t for t, _ in times) / repeats if all(t is not None for t, _ in times) else None
-        g.tpot_s = sum(t for _, t in times) / repeats if all(t is not None for _, t in times) else None
-    busy = sum(len(p_gens) / p["samples_per_s"] for p_gens, p in passes)
+        values = [run_gens[i].latency_s for run_gens, _ in runs]
+        setattr(g, f"latency_s_{label}", values)
+        g.latency_s = sum(values) / len(runs)
+        times = [(r[i].ttft_s, r[i].tpot_s) for r, _ in runs]
+        g.ttft_s = sum(t for t, _ in times) / len(runs) if all(t is not None for t, _ in times) else None
+        g.tpot_s = sum(t for _, t in times) / len(runs) if all(t is not None for _, t in times) else None
+    busy = sum(len(r_gens) / p["samples_per_s"] for r_gens, p in runs)
     merged = {
         **Latency.from_values([g.latency_s for g in every]).to_dict("latency"),
         **Latency.from_values([g.ttft_s for g in every if g.ttft_s is not None]).to_dict("ttft"),
         **Latency.from_values([g.tpot_s for g in every if g.tpot_s is not None]).to_dict("tpot"),
         "samples_per_s": len(every) / busy,
         "tokens_per_s": sum(g.new_tokens for g in every) / busy,
-        "wall_s": sum(p["wall_s"] for _, p in passes),
-        "rss_reset": all(p["rss_reset"] for _, p in passes),
+        "wall_s": sum(p["wall_s"] for _, p in runs),
+        "rss_reset": all(p["rss_reset"] for _, p in runs),
     }
     for key in ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb"):
         if key in perf:
-            merged[key] = max(p[key] for _, p in passes)
-    numbers = [pass_numbers(p) for _, p in passes]
+            merged[key] = max(p[key] for _, p in runs)
     return gens, perf | merged | {
-        "repeats": repeats, "started_at": started, "passes": numbers,
+        label: numbers,
         "tokens_per_s_spread": spread([n["tokens_per_s"] for n in numbers]),
         "latency_s_mean_spread": spread([n["latency_s_mean"] for n in numbers]),
     }
+
+
+# perf.json numbers that belong to one timed process (kept per process in `processes`, not merged)
+PROCESS_KEYS = ("process", "pid", "started_at", "finished_at", "warmup_s", "compile_s", "load_s", "repeats", "passes", "resume",
+                "recompiles_in_timed_run", "acceptance_rate", "rss_reset", "peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "wall_s",
+                "latency_s_mean", "latency_s_p50", "latency_s_max", "tokens_per_s", "samples_per_s", "tokens_per_s_spread", "latency_s_mean_spread")
+
+
+def merge_processes(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A technique's timed processes (each {"records", "perf"} from one `generate.py <technique> --process k`), merged.
+
+    The records are process 1's (its predictions), each timed row with its latency in every process
+    (`latency_s_processes`) and their mean (`latency_s`); the top-level numbers cover every row of every process
+    (merge_runs). perf.json keeps each process's pid, start time, per-row latencies (`latency_s`, in `row_ids`
+    order) and own numbers under `processes`, and the rows whose token ids differ between processes (greedy
+    decoding in a fresh process should repeat itself exactly; a differing row is reported, never hidden).
+    """
+    names = {f.name for f in fields(Generation)}
+    runs = [([Generation(**{k: r[k] for k in names if k in r}) for r in res["records"] if "latency_s" in r], res["perf"]) for res in results]
+    first = results[0]["records"]
+    timed = [r for r in first if "latency_s" in r]
+    ids = [r["id"] for r in timed]
+    processes = [{**{k: p[k] for k in PROCESS_KEYS if k in p}, "latency_s": [g.latency_s for g in gens],
+                  **({"latency_s_passes": [g.latency_s_passes for g in gens]} if (p.get("repeats") or 1) > 1 else {})} for gens, p in runs]
+    differ = sorted({i for gens, _ in runs[1:] for i, g, h in zip(ids, runs[0][0], gens) if g.token_ids != h.token_ids})
+    if any(len(gens) != len(runs[0][0]) for gens, _ in runs):
+        raise RuntimeError(f"timed processes generated different numbers of rows: {[len(gens) for gens, _ in runs]}")
+    gens, perf = merge_runs(runs, "processes")
+    records = [{**{k: v for k, v in row.items() if k not in names}, **asdict(g)} for row, g in zip(timed, gens)]
+    perf = {k: v for k, v in perf.items() if k not in ("passes", "process", "pid", "finished_at")}
+    return records + [r for r in first if "latency_s" not in r], perf | {
+        "processes": processes, "process_count": len(processes), "row_ids": ids, "token_ids_differ_across_processes": differ}
 
 
 def pass_numbers(perf: dict[str, Any]) -> dict[str, Any]:

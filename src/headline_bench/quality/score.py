@@ -10,11 +10,12 @@ import numpy as np
 from headline_bench.analysis.stats import bootstrap_means, interval
 from headline_bench.analysis.verdicts import compare, family_of, mlperf_99
 from headline_bench.errors import InputError
-from headline_bench.files import GENERATIONS, TECHNIQUE_METRICS, read_json, read_jsonl
+from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl
 from headline_bench.measure.records import assemble
 from headline_bench.quality.fidelity import equivalence, fidelity, near_tie_threshold, token_check
 from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
+from headline_bench.techniques.config import resolve
 
 if TYPE_CHECKING:
     from headline_bench.settings import Params
@@ -85,6 +86,57 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
     return result | fidelity(records, reference) | {"token_check": check}
 
 
+def quality_records(name: str) -> list[dict[str, Any]]:
+    """The technique's quality-pass records; empty when its quality pass did not run (lossless, skipped, failed, no stage)."""
+    path = QUALITY / f"{name}.jsonl"
+    records = read_jsonl(path) if path.exists() else []
+    return records if any(r.get("prediction") is not None for r in records) else []
+
+
+def quality_owner(params: Params, name: str) -> str:
+    """The technique whose quality pass stands for `name`: itself, or the end of its chain of `reference`s."""
+    seen = [name]
+    while (ref := params.entry(seen[-1]).reference) and ref not in seen:
+        seen.append(ref)
+    return seen[-1]
+
+
+def scored_set(name: str, params: Params, timed: list[dict[str, Any]], check: dict[str, Any]) -> tuple[list, list, dict[str, Any]]:
+    """Which records are scored for quality, against which baseline records, and why (recorded in score.json).
+
+    A lossy technique is scored on its own quality pass (data/quality/<technique>.jsonl) against baseline's. A
+    lossless one takes its reference's quality pass once every timed row's token ids equal the reference's (the
+    lossless check on the timed rows, `check`); one whose ids differ, or a technique without a quality pass, is
+    scored on its timed rows against baseline's timed rows, and score.json says so.
+    """
+    owner = quality_owner(params, name)
+    lossless = owner != name
+    matches = check["compared"] > 0 and check["identical"] == check["compared"] == sum(r.get("prediction") is not None for r in timed)
+    records, baseline = quality_records(owner), quality_records("baseline")
+    if records and baseline and (not lossless or matches):
+        facts = {"quality_set": str(QUALITY / f"{owner}.jsonl"), "quality_source": "reference" if lossless else "quality pass"}
+        return records, baseline, facts | ({"quality_taken_from": owner} if lossless else {})
+    why = (f"token ids differ from {params.entry(name).reference} on {check['compared'] - check['identical']} of {check['compared']} timed rows, "
+           "so the reference's quality is not taken" if lossless and not matches
+           else f"no quality-pass records for {owner if not records else 'baseline'}")
+    base_path = GENERATIONS / "baseline.jsonl"
+    return timed, read_jsonl(base_path) if base_path.exists() else [], {
+        "quality_set": str(GENERATIONS / f"{name}.jsonl"), "quality_source": "timed rows", "quality_note": f"scored on the timed rows: {why}"}
+
+
+def batch_consistency(name: str, timed: list[dict[str, Any]], params: Params) -> dict[str, Any] | None:
+    """How many of the technique's quality-pass outputs (batched) equal its timed outputs (batch 1 mostly) on the timed rows,
+    by token ids: the share of rows where batching (padding, other kernels) leaves the output as it is. None without a quality pass."""
+    path = TECHNIQUE_METRICS / name / "quality.json"
+    records = quality_records(name)
+    if not records or not path.exists():
+        return None
+    facts = read_json(path)
+    same = fidelity(timed, records, "token_ids")
+    return {"quality_batch_size": facts.get("batch_size"), "timed_batch_size": resolve(params, name).batch_size, "share": same["fidelity"],
+            "identical": same["identical"], "compared": same["compared"], "first_difference": same["first_difference"]}
+
+
 def score_technique(name: str, params: Params) -> dict[str, Any]:
     """score.json of one technique: its outcome when it was skipped or failed; token-level fidelity only for random
     weights (ROUGE of noise says nothing); else score() against baseline and its reference, with the quality state
@@ -107,7 +159,12 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
         scored = [r for r in records if r.get("token_ids")]
         return assemble(Score, head, {"quality": perf["quality"], "samples": len(scored)}, fidelity(scored, reference, "token_ids"),
                         {"token_check": token_check(scored, reference, threshold, rule)})
-    baseline = read_jsonl(GENERATIONS / "baseline.jsonl")
+    check = token_check(records, reference, threshold, rule)  # the lossless check: timed rows, batch 1
+    scored, baseline, source = scored_set(name, params, records, check)
     family = None if name == "baseline" else family_of(name, params.techniques, s)
-    result = score(records, baseline, reference, s, family, token_check(records, reference, threshold, rule), lossless_reference, perf.get("dtype"))
-    return assemble(Score, head, {"confidence": s.confidence}, result)
+    paired = (quality_records(lossless_reference) or reference) if lossless_reference else []
+    result = score(scored, baseline, paired, s, family, check, lossless_reference, perf.get("dtype"))
+    for key in ("fidelity", "identical", "compared", "first_difference", "token_check"):  # stated once, on the timed rows
+        result.pop(key, None)
+    timed = fidelity(records, reference) | {"token_check": check, "timed_rows": len(records)}
+    return assemble(Score, head, {"confidence": s.confidence}, source, result, timed, {"batched_vs_timed": batch_consistency(name, records, params)})

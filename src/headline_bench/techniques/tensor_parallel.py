@@ -71,8 +71,8 @@ def single_node() -> bool:
     return int(os.environ.get("PET_NNODES", "1")) == 1 and "PET_RDZV_ENDPOINT" not in os.environ
 
 
-def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[str]:
-    """`python -m torch.distributed.run ... <script> <technique>`; single node unless PET_NNODES says otherwise.
+def launch_command(technique: str, size: int, script: Path = GENERATE, extra: tuple[str, ...] = ()) -> list[str]:
+    """`python -m torch.distributed.run ... <script> <technique> <extra...>`; single node unless PET_NNODES says otherwise.
 
     On one node the rendezvous is torchrun's static one on 127.0.0.1 and a free port (`--master-addr/--master-port`),
     not `--standalone`: that one is the c10d dynamic rendezvous, whose agents unpickle the rendezvous state they read
@@ -85,7 +85,7 @@ def launch_command(technique: str, size: int, script: Path = GENERATE) -> list[s
         if size % nodes:
             raise InputError(f"tp_size {size} is not a multiple of PET_NNODES={nodes}")
         cmd += ["--nproc_per_node", str(size // nodes)]
-    return cmd + [str(script), technique]
+    return cmd + [str(script), technique, *extra]
 
 
 def launch_env(per_node: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -100,7 +100,7 @@ def launch_env(per_node: int, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
-def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, str] | None = None) -> int:
+def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> int:
     """Run `script technique` as `size` ranks under torchrun and return torchrun's exit code.
 
     Args:
@@ -108,8 +108,9 @@ def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, st
         size: tensor parallel size (total ranks over all nodes).
         script: the rank entry point; generate.py itself in the pipeline.
         env: extra environment for the ranks (the checkpoint lock the launcher holds).
+        extra: more arguments for each rank's script (generate.py's `--process k --out file`).
     """
-    cmd = launch_command(technique, size, script)
+    cmd = launch_command(technique, size, script, extra)
     per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
     log.info("%s: tensor parallel over %d ranks: %s", technique, size, " ".join(cmd))
     return subprocess.run(cmd, env=launch_env(per_node, env)).returncode
