@@ -90,4 +90,5 @@ def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str
         raise Skip("vllm not installed: pip install vllm (CUDA only)")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host, "--port", str(port),
             "--dtype", dtype, "--seed", str(seed), *(str(a) for a in entry.get("args", []))]
-    return ServerSpec(argv, "/health", str(model), entry.get("threads") or 1, {"model_path": str(model), "dtype": dtype})
+    # vLLM's /v1/completions takes a list of token ids as the prompt: the offline (transformers) ids are sent as they are
+    return ServerSpec(argv, "/health", str(model), entry.get("threads") or 1, {"model_path": str(model), "dtype": dtype}, token_prompts=True)
