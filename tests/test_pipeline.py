@@ -71,7 +71,8 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
     assert json.loads((repo / "metrics/techniques/kv_cache/score.json").read_text())["fidelity"] == 1.0
     assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
     served = json.loads((repo / "metrics/serving/hf_serve_cb/serve.json").read_text())
-    assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2] and "## Online serving" in report
+    assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2, 2] and "## Online serving" in report
+    assert [lv["run"] for lv in served["levels"]] == [1, 2, None] and len(served["sustainable_rate"]["runs"]) == 2   # two rate searches, then concurrency
 
 
 def test_second_repro_does_nothing(repo: Path) -> None:

@@ -285,7 +285,8 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
         return {"level": f"{kind} {value:g}", "kind": kind, kind: value, "run": 1 if kind == "rate" else None, "sent": n, "ok": n, "errors": 0, "timeouts": 0,
                 "good": round(n * share), "empty": 0, "wall_s": 5.0, "request_throughput": 2.0, "output_token_throughput": 40.0, "goodput": 2.0 * share,
                 "goodput_share": share, "goodput_share_interval": wilson(round(n * share), n, 0.95), "ttft_s": summarize([ttft] * n),
-                "tpot_s": summarize([0.05] * n), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * n)}
+                "tpot_s": summarize([0.05] * n), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * n),
+                "verdict": verdict({"goodput_share_interval": wilson(round(n * share), n, 0.95)}, 0.9)}
 
     def result(engine, shares, rows_identical=10):
         levels = [lv("rate", r, s) for r, s in shares.items()] + [lv("concurrency", 1, 1.0)]
