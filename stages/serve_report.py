@@ -16,7 +16,7 @@ def main() -> None:
     names = list(params.serving)
     results = {n: read_json(SERVING_METRICS / n / "serve.json") if (SERVING_METRICS / n / "serve.json").exists()
                else {"entry": n, "skipped": "serve.json missing (stage not run)"} for n in names}
-    summary = summarize(names, results, params.serve.slo.model_dump())
+    summary = summarize(names, results, params.serve)
     SERVING_REPORT.mkdir(parents=True, exist_ok=True)
     write_charts(summary["entries"], summary["slo"], SERVING_REPORT)
     write_json(SERVING_REPORT / "summary.json", summary)

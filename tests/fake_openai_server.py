@@ -1,21 +1,27 @@
 """A scripted OpenAI-compatible streaming server for the serving tests (stdlib only, 127.0.0.1).
 
-Usage: python fake_openai_server.py PORT [--fail-start] [--die-after N] [--stall] [--child]
+Usage: python fake_openai_server.py PORT [--fail-start] [--die-after N] [--stall] [--child] [--text T] [--fast]
 Each completion streams "Hello", " world", "\n", " tail" with GAP seconds between chunks after a FIRST-second
 wait, then a usage chunk and [DONE]. --die-after N exits the process when request N+1 arrives; --stall never
-answers completions; --child starts a grandchild (sleep) in the same process group; --fail-start exits 3 at once.
+answers completions; --child starts a grandchild (sleep) in the same process group and prints its pid;
+--fail-start exits 3 at once; --text T streams the words of T instead (T "" finishes with no text: an engine that
+honours the stop before any output; "zzz zzz\n" is garbage); --fast answers at once (no waits). The usage chunk
+reports the prompt's length (a token-id list: its length; text: its words). A port already taken makes the bind
+fail with "Address already in use", as a real server's does.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FIRST, GAP = 0.2, 0.1
 args = sys.argv[1:]
+FIRST, GAP = (0.0, 0.0) if "--fast" in args else (0.2, 0.1)
+TEXT = args[args.index("--text") + 1] if "--text" in args else None
 port = int(args[0])
 die_after = int(args[args.index("--die-after") + 1]) if "--die-after" in args else None
 served = 0
@@ -53,13 +59,16 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("prompt") == "cut":  # a stream cut short: text, then the connection closes with no finish_reason
             self.wfile.write(b'data: {"choices": [{"index": 0, "text": "Hel", "finish_reason": null}]}\n\n')
             return
-        for i, text in enumerate(["Hello", " world", "\n", " tail"]):
+        pieces = ["Hello", " world", "\n", " tail"] if TEXT is None else re.findall(r"[^\S\n]*\S+|\n", TEXT)
+        for i, text in enumerate(pieces):
             if i:
                 time.sleep(GAP)
             chunk = {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
-        usage = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 4}}
+        prompt = body.get("prompt")
+        n_prompt = len(prompt) if isinstance(prompt, list) else len(str(prompt).split())
+        usage = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}], "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(pieces)}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
 
@@ -67,5 +76,6 @@ if "--fail-start" in args:
     print("boom: cannot load model")
     sys.exit(3)
 if "--child" in args:
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(f"child pid {child.pid}", flush=True)
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()

@@ -83,7 +83,8 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
     assert len(quality) == 3 and "latency_s" not in quality[0] and quality[0]["token_ids"]
     assert json.loads((repo / "metrics/focus.json").read_text())["technique"] == "baseline"
     served = json.loads((repo / "metrics/serving/hf_serve_cb/serve.json").read_text())
-    assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2] and "## Online serving" in report
+    assert "failed" not in served and [lv["ok"] for lv in served["levels"]] == [2, 2, 2] and "## Online serving" in report
+    assert [lv["run"] for lv in served["levels"]] == [1, 2, None] and len(served["sustainable_rate"]["runs"]) == 2   # two rate searches, then concurrency
 
 
 def test_second_repro_does_nothing(repo: Path) -> None:

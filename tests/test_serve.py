@@ -12,13 +12,23 @@ import numpy as np
 import pytest
 
 from headline_bench.serving import run as serve
-from headline_bench.serving.goodput import level_summary, next_rate, summarize, sustainable_rate
+from headline_bench.serving.goodput import (
+    combine_runs,
+    level_summary,
+    next_rate,
+    passes,
+    requests_needed,
+    summarize,
+    sustainable_rate,
+    verdict,
+    wilson,
+)
 from headline_bench.serving.loadgen import poisson_arrivals, run_concurrency, run_rate, stream_request
-from headline_bench.serving.server import Server, ServerError, free_port, group_alive
-from headline_bench.settings import parse
+from headline_bench.serving.server import PortTaken, Server, ServerError, free_port, group_alive
+from headline_bench.settings import Serve, parse
 
 FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
-SLO = {"ttft_s": 2.0, "tpot_s": 0.1, "share": 0.99}
+SLO = {"ttft_s": 2.0, "tpot_s": 0.1, "share": 0.9, "confidence": 0.95}
 
 
 def fake_server(tmp_path: Path, *flags: str) -> Server:
@@ -54,7 +64,7 @@ def test_poisson_schedule_is_bounded_in_count_and_duration():
 
 def req(ttft: float, tpot: float | None, error: str | None = None, timed_out: bool = False) -> dict:
     return {"ttft_s": None if error else ttft, "tpot_s": tpot, "e2e_s": None if error else ttft + 10 * (tpot or 0), "itl_s": [tpot or 0] * 10,
-            "tokens": 11, "error": error, "timed_out": timed_out}
+            "tokens": 11, "error": error, "timed_out": timed_out, "headline": "" if error else "A headline"}
 
 
 def test_goodput_counts_errors_and_timeouts_as_misses():
@@ -73,29 +83,56 @@ def test_summaries_show_max_instead_of_p99_below_100_samples():
     assert summarize([]) == {"n": 0}
 
 
-def levels(shares: dict[float, float]) -> list[dict]:
-    return [{"rate": r, "goodput_share": s} for r, s in shares.items()]
+def levels(shares: dict[float, float], n: int = 100) -> list[dict]:
+    """Rate levels of n requests each with the given good shares (and their Wilson intervals at 95%)."""
+    return [{"rate": r, "goodput_share": s, "goodput_share_interval": wilson(round(s * n), n, 0.95)} for r, s in shares.items()]
 
 
 def test_rate_search_bisects_the_pass_fail_bracket():
     measured = levels({1: 1.0, 2: 1.0, 4: 0.5})
-    assert next_rate(measured, 0.99, min_gap=0.15) == 3
+    assert next_rate(measured, 0.9, min_gap=0.15) == 3
     measured += levels({3: 1.0})
-    assert next_rate(measured, 0.99, min_gap=0.15) == 3.5     # bracket 3..4 is still 25% wide
-    assert next_rate(measured, 0.99, min_gap=0.3) is None      # narrow enough
-    sr = sustainable_rate(measured, 0.99)
+    assert next_rate(measured, 0.9, min_gap=0.15) == 3.5     # bracket 3..4 is still 25% wide
+    assert next_rate(measured, 0.9, min_gap=0.3) is None      # narrow enough
+    sr = sustainable_rate(measured, 0.9)
     assert sr["rate"] == 3 and sr["bound"] == "measured" and sr["bracket"] == [3, 4]
-    assert sr["interpolated"] == pytest.approx(3 + (1.0 - 0.99) / (1.0 - 0.5))
+    assert sr["interpolated"] == pytest.approx(3 + (1.0 - 0.9) / (1.0 - 0.5))
 
 
 def test_rate_search_edges():
-    assert sustainable_rate(levels({1: 1.0, 2: 1.0}), 0.99)["bound"] == "at least"
-    assert next_rate(levels({1: 1.0, 2: 1.0}), 0.99, 0.15) is None
+    assert sustainable_rate(levels({1: 1.0, 2: 1.0}), 0.9)["bound"] == "at least"
+    assert next_rate(levels({1: 1.0, 2: 1.0}), 0.9, 0.15) is None
     none_pass = levels({1: 0.5, 2: 0.0})
-    assert sustainable_rate(none_pass, 0.99) | {} == {"rate": None, "bound": "below", "bracket": [None, 1], "interpolated": None, "share": 0.99}
-    assert next_rate(none_pass, 0.99, 0.15) == 0.5              # halve below the lowest failure
-    assert sustainable_rate(levels({1: 1.0, 2: 0.5, 3: 1.0}), 0.99)["rate"] == 1   # a pass above a failure is not trusted
-    assert sustainable_rate([{"concurrency": 1, "goodput_share": 1.0}], 0.99)["bound"] == "not measured"
+    assert sustainable_rate(none_pass, 0.9) | {} == {"rate": None, "bound": "below", "bracket": [None, 1], "interpolated": None, "share": 0.9}
+    assert next_rate(none_pass, 0.9, 0.15) == 0.5              # halve below the lowest failure
+    assert sustainable_rate(levels({1: 1.0, 2: 0.5, 3: 1.0}), 0.9)["rate"] == 1   # a pass above a failure is not trusted
+    assert sustainable_rate([{"concurrency": 1, "goodput_share": 1.0}], 0.9)["bound"] == "not measured"
+
+
+def test_the_slo_share_is_claimed_only_as_far_as_n_shows_it():
+    lo, hi = wilson(9, 10, 0.95)                                 # Wilson (1927), z = 1.645 (a 90% two-sided interval)
+    assert (lo, hi) == (pytest.approx(0.6523, abs=1e-4), pytest.approx(0.9774, abs=1e-4))
+    assert requests_needed(0.9, 0.95) == 25 and requests_needed(0.99, 0.95) == 268 and requests_needed(1.0, 0.95) is None
+    assert wilson(25, 25, 0.95)[0] >= 0.9 > wilson(24, 24, 0.95)[0]   # 25 all good is the fewest that shows 90%
+    ten_good = {"goodput_share": 1.0, "goodput_share_interval": wilson(10, 10, 0.95)}
+    assert not passes(ten_good, 0.9) and verdict(ten_good, 0.9) == "undecided"  # 10/10 is no proof of 90%
+    one_late = {"goodput_share": 24 / 25, "goodput_share_interval": wilson(24, 25, 0.95)}
+    assert not passes(one_late, 0.9) and verdict(one_late, 0.9) == "undecided"
+    bad = {"goodput_share": 0.2, "goodput_share_interval": wilson(5, 25, 0.95)}
+    assert verdict(bad, 0.9) == "fail"
+    assert passes({"goodput_share_interval": wilson(25, 25, 0.95)}, 0.9)
+    lv = level_summary([req(0.5, 0.05)] * 25, 10.0, SLO)
+    assert lv["good"] == 25 and lv["goodput_share_interval"][0] == pytest.approx(25 / (25 + 1.6448536 ** 2))
+
+
+def test_the_sustainable_rate_comes_from_independent_runs_with_their_spread():
+    run1 = sustainable_rate(levels({1: 1.0, 2: 1.0, 4: 0.3}), 0.9) | {"run": 1}
+    run2 = sustainable_rate(levels({1: 1.0, 2: 0.5}), 0.9) | {"run": 2}
+    both = combine_runs([run1, run2])
+    assert both["rate"] == 1 and both["spread"] == [1, 2] and [r["run"] for r in both["runs"]] == [1, 2] and both["bound"] == "measured"
+    never = combine_runs([run1, sustainable_rate(levels({1: 0.2}), 0.9)])
+    assert never["rate"] is None and never["bound"] == "below"
+    assert combine_runs([])["bound"] == "not measured"
 
 
 # --- client-side timing from a scripted stream -------------------------------------------------------------------
@@ -167,29 +204,41 @@ def test_stop_kills_the_whole_process_group(tmp_path):
     assert gone(server)                                          # the grandchild (sleep 120) went with it
 
 
-def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    port = free_port()
+def fake_entry(monkeypatch, *flags: str, token_prompts: bool = True, serve_settings: dict | None = None, first_port: int | None = None):
+    """serve.serve wired to fake servers (a new one, on a new port, per start) and two rows; returns (params, rows, servers)."""
+    from headline_bench.backends.base import ServerSpec
+
     servers: list[Server] = []
 
     def fake_server_for(entry, params, log_path):
-        servers.append(Server([sys.executable, str(FAKE), str(port), "--die-after", "7"], port, "/health", log_path))
-        return servers[0], "fake", {"engine": "fake"}
+        port = first_port if first_port and not servers else free_port()
+        servers.append(Server([sys.executable, str(FAKE), str(port), *flags], port, "/health", log_path))
+        return servers[-1], ServerSpec([], "/health", "fake", 1, token_prompts=token_prompts), {"engine": "fake", "port": port}
+
+    def fake_payloads(rows, params, entry, spec):
+        return [{"prompt": [1, 2, 3] if spec.token_prompts else "x"}] * 2, rows, [[1, 2, 3], [1, 2, 3]], [False, False]
 
     rows = [{"id": f"r{i}", "summary": "s", "reference": "Hello world"} for i in range(2)]
     monkeypatch.setattr(serve, "server_for", fake_server_for)
-    monkeypatch.setattr(serve, "payloads_for", lambda rows, params, entry, name: ([{"prompt": "x"}] * 2, rows, [5, 5]))
+    monkeypatch.setattr(serve, "payloads_for", fake_payloads)
     monkeypatch.setattr(serve, "env_info", lambda: {})
-    monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
     params = parse({"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
-              "serve": {"rates": [20, 40], "overload_share": 0.5, "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5, "warmup_requests": 1,
-                        "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "slo": SLO | {"tpot_s": 0.5}}})
+              "serve": {"rates": [20, 40], "overload_share": 0.5, "runs": 1, "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5,
+                        "warmup_requests": 1, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "min_identical_share": 0.9,
+                        "slo": SLO | {"tpot_s": 0.5}} | (serve_settings or {})})
+    return params, rows, servers
+
+
+def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params, rows, servers = fake_entry(monkeypatch, "--die-after", "7")
+    monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
-    assert result["failed"].startswith("ServerError: server exited with code 7 during rate 40")
-    assert [lv["level"] for lv in result["levels"]] == ["rate 20", "rate 40"]      # what was measured is kept
+    assert result["failed"].startswith("ServerError: server exited with code 7 during run 1 rate 40")
+    assert [lv["level"] for lv in result["levels"]] == ["run 1 rate 20", "run 1 rate 40"]      # what was measured is kept
     assert result["levels"][0]["ok"] == 4 and result["levels"][1]["errors"] >= 1   # 1 warm-up + 6 served, then it died
     assert len(records) == 8 and gone(servers[0])
-    assert result["sustainable_rate"]["rate"] == 20
+    assert result["sustainable_rate"]["runs"][0]["bracket"] == [None, 20]   # 4 good of 4 do not show 90%: no rate passed
 
 
 def test_unknown_entry_or_engine_is_an_input_error():
@@ -214,13 +263,14 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
     entry = {"engine": "transformers", "continuous_batching": cb, "cb": {"num_blocks": 4, "max_batch_tokens": 256}, "reference": "none"}
     params = parse({"base": {"seed": 1, "model": "tiny", "device": "cpu", "dtype": "float32"}, "models": {"tiny": {"path": str(tiny_llama)}},
               "prompt": {"template": "Headline for: {summary}", "few_shot": []}, "generate": {"max_new_tokens": 6, "max_input_tokens": 256},
-              "serving": {"e": entry}, "serve": {"rates": [4], "overload_share": 0.5, "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
+              "serving": {"e": entry}, "serve": {"rates": [4], "overload_share": 0.5, "runs": 1, "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
                                                  "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}})
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
     assert "failed" not in result, result.get("failed")
     assert [lv["ok"] for lv in result["levels"]] == [2, 2] and len(records) == 4
     assert ("--continuous-batching" in result["server"]["argv"]) == cb and result["server"]["exit_code"] is not None
-    assert result["prompt_tokens_match"] == [2, 2]                 # the server tokenized the offline prompt to as many tokens
+    assert result["prompt_check"]["server_counts_match"] == [2, 2]  # the server tokenized the offline prompt to as many tokens
+    assert result["prompt_check"]["identical_ids"] == 2 and result["prompt_check"]["mode"].startswith("text")
     assert all(r["prediction"] is not None and r["ttft_s"] > 0 for r in records)
     assert len({r["prediction"] for r in records if r["id"] == "r0"}) == 1   # greedy: one headline per row
     assert (tmp_path / "metrics" / "serving" / "e" / "server.log").stat().st_size > 0
@@ -232,25 +282,156 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
     from headline_bench.render import serving as serve_report
     from headline_bench.serving import summary as serving_summary
 
-    def lv(kind, value, share, ttft=0.2):
-        return {"level": f"{kind} {value:g}", "kind": kind, kind: value, "sent": 10, "ok": 10, "errors": 0, "timeouts": 0, "good": round(10 * share),
-                "wall_s": 5.0, "request_throughput": 2.0, "output_token_throughput": 40.0, "goodput": 2.0 * share, "goodput_share": share,
-                "ttft_s": summarize([ttft] * 10), "tpot_s": summarize([0.05] * 10), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * 10)}
+    def lv(kind, value, share, ttft=0.2, n=30):
+        return {"level": f"{kind} {value:g}", "kind": kind, kind: value, "run": 1 if kind == "rate" else None, "sent": n, "ok": n, "errors": 0, "timeouts": 0,
+                "good": round(n * share), "empty": 0, "wall_s": 5.0, "request_throughput": 2.0, "output_token_throughput": 40.0, "goodput": 2.0 * share,
+                "goodput_share": share, "goodput_share_interval": wilson(round(n * share), n, 0.95), "ttft_s": summarize([ttft] * n),
+                "tpot_s": summarize([0.05] * n), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * n),
+                "verdict": verdict({"goodput_share_interval": wilson(round(n * share), n, 0.95)}, 0.9)}
 
-    def result(engine, shares):
+    def result(engine, shares, rows_identical=10):
         levels = [lv("rate", r, s) for r, s in shares.items()] + [lv("concurrency", 1, 1.0)]
-        return {"config": {"engine": engine, "reference": "kv_cache"}, "levels": levels, "sustainable_rate": sustainable_rate(levels, 0.99),
-                "quality": {"rougeL": 0.2, "identical_to_offline": 9, "compared_to_offline": 10,
+        return {"config": {"engine": engine, "reference": "kv_cache"}, "levels": levels, "load": {"requests": 30}, "requests_needed": 25,
+                "sustainable_rate": combine_runs([sustainable_rate(levels, 0.9) | {"run": 1}]),
+                "prompt_check": {"mode": "token ids", "rows": 10, "identical_ids": 10, "differing_rows": []},
+                "quality": {"rougeL": 0.2, "identical_to_offline": 3 * rows_identical, "compared_to_offline": 30, "rows_identical": rows_identical, "rows_compared": 10,
                             "first_difference": {"id": "r1", "level": "rate 1", "served": "A", "offline": "B"}}}
 
     results = {"fast": result("transformers", {1: 1.0, 2: 1.0, 4: 0.2}), "slow": result("llama_cpp_python", {1: 1.0, 2: 0.5}),
+               "garbage": result("transformers", {1: 1.0, 2: 1.0, 4: 1.0}, rows_identical=0),
                "gpu": {"config": {"engine": "vllm"}, "skipped": "vLLM needs a CUDA GPU"},
                "dead": {"config": {"engine": "transformers"}, "failed": "ServerError: exited", "levels": []}}
-    summary = serving_summary.summarize(list(results), results, SLO)
-    assert summary["recommendation"]["choice"] == "fast" and summary["recommendation"]["runner_up"] == "slow"
+    summary = serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO, min_identical_share=0.9))
+    assert summary["recommendation"]["choice"] == "fast" and summary["recommendation"]["runner_up"] == "slow"   # garbage is fastest, never picked
+    assert summary["entries"][2]["ineligible"].startswith("served headlines equal its offline reference on 0/10 rows")
     text = serve_report.render(summary, "serving_report/")
     assert "**Online serving: fast** (2 req/s (fails at 4" in text and "skipped: vLLM needs a CUDA GPU" in text and "failed: ServerError" in text
-    assert "max 0.200 (n=10)" in text and "9/10 vs kv_cache" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
+    assert "max 0.200 (n=30)" in text and "10/10 (30/30) vs kv_cache" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
+    assert "30/30 = 1.00 [0.92, 1.00] pass" in text and "spread 2–2 req/s" in text and "10/10 (ids sent)" in text and "no: served headlines" in text
+    assert "Indicative" not in text
+    results["fast"]["load"]["requests"] = 10
+    assert "**Indicative only**: 10 requests per level cannot show it" in serve_report.render(serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO, min_identical_share=0.9)))
     serve_report.write_charts(summary["entries"], SLO, tmp_path)
     assert all((tmp_path / name).stat().st_size > 0 for name in (*serve_report.CHARTS, "latency_vs_load.json", "goodput_vs_rate.json"))
-    assert serving_summary.recommend_online([summary["entries"][2]])["choice"] is None
+    assert serving_summary.recommend_online([summary["entries"][3]])["choice"] is None
+
+
+# --- issue 18 probes: garbage, empty answers, a port someone else holds, grandchildren, control strings -----------
+
+@pytest.mark.parametrize("text, headline", [("zzz zzz\n", "zzz zzz"), ("\n", ""), ("", "")], ids=["garbage", "newline", "empty"])
+def test_goodput_counts_only_real_headlines_and_garbage_is_never_picked(tmp_path, monkeypatch, text, headline):
+    """A server that streams garbage at once is fast but ineligible; newline-only or empty streams are empty
+    headlines (not errors) and never good."""
+    from headline_bench.serving import summary as serving_summary
+
+    monkeypatch.chdir(tmp_path)
+    params, rows, _ = fake_entry(monkeypatch, "--fast", "--text", text, serve_settings={"rates": [20], "requests": 25, "concurrency": []})
+    offline = [{"id": r["id"], "prediction": "Hello world"} for r in rows]
+    monkeypatch.setattr(serve, "read_jsonl", lambda path: offline)
+    (tmp_path / "data" / "generations").mkdir(parents=True)
+    (tmp_path / "data" / "generations" / "ref.jsonl").write_text("")
+    monkeypatch.setattr(serve, "GENERATIONS", tmp_path / "data" / "generations")
+    monkeypatch.setattr(serve, "quality", lambda records, off, seed: real_quality(records, off))
+    params.serving["e"] = params.serving["e"].model_copy(update={"reference": "ref"})
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
+    lv = result["levels"][0]
+    assert "failed" not in result and lv["errors"] == 0 and lv["ok"] == 25        # an empty finished stream is not an error
+    assert {r["prediction"] for r in records} == {headline}
+    assert lv["good"] == (25 if headline else 0) and lv["empty"] == (0 if headline else 25)
+    entry = serving_summary.entry_row("e", result)
+    entry["ineligible"] = serving_summary.eligibility(entry, 0.9)
+    assert entry["rows_identical"] == 0 and entry["ineligible"].startswith("served headlines equal its offline reference on 0/2 rows")
+    assert serving_summary.recommend_online([entry])["choice"] is None
+
+
+def real_quality(records, offline):
+    """serve.quality without ROUGE (the metric module is not what these probes test)."""
+    import headline_bench.quality.rouge as rouge_module
+
+    original = rouge_module.rouge
+    rouge_module.rouge = lambda preds, refs, seed: {"rougeL": 0.0}
+    try:
+        return QUALITY(records, offline, 0)
+    finally:
+        rouge_module.rouge = original
+
+
+QUALITY = serve.quality
+
+
+def test_a_port_taken_by_another_process_is_detected_and_retried_on_a_new_port(tmp_path, monkeypatch):
+    """Another process answers the health check on the server's port first: the start is refused (its socket is
+    not the server's) and the stage retries on a new port, so the served text is the server's own."""
+    monkeypatch.chdir(tmp_path)
+    squatter_port = free_port()
+    squatter = Server([sys.executable, str(FAKE), str(squatter_port), "--fast", "--text", "zzz zzz\n"], squatter_port, "/health", tmp_path / "squat.log")
+    with squatter:
+        squatter.start(30)
+        ours = Server([sys.executable, str(FAKE), str(squatter_port)], squatter_port, "/health", tmp_path / "ours.log")
+        with pytest.raises(PortTaken), ours:
+            ours.start(30)
+        assert gone(ours)
+        # the first start lands on the squatter's port
+        params, rows, servers = fake_entry(monkeypatch, serve_settings={"rates": [5], "concurrency": []}, first_port=squatter_port)
+        monkeypatch.setattr(serve, "quality", lambda records, offline, seed: {"served": len(records)})
+        result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
+    assert "failed" not in result and result["server"]["port_attempts"] == 2 and result["server"]["port"] != squatter_port
+    assert {r["raw"] for r in records} == {"Hello world\n"} and all(gone(s) for s in servers)
+
+
+def test_a_killed_stage_leaves_no_grandchild(tmp_path):
+    """SIGKILL of the stage: the group leader ends the server and the process the server started."""
+    import os
+    import re
+    import signal
+    import subprocess
+
+    port = free_port()
+    stage = tmp_path / "stage.py"
+    stage.write_text(f"""import sys, time
+from headline_bench.serving.server import Server
+s = Server([sys.executable, {str(FAKE)!r}, '{port}', '--child'], {port}, '/health', __import__('pathlib').Path({str(tmp_path / 'server.log')!r}))
+s.start(30)
+print(s.proc.pid, flush=True)
+time.sleep(120)
+""")
+    proc = subprocess.Popen([sys.executable, str(stage)], stdout=subprocess.PIPE, text=True)
+    leader = int(proc.stdout.readline())
+    child = int(re.search(r"child pid (\d+)", (tmp_path / "server.log").read_text()).group(1))
+    assert os.getpgid(child) == leader                          # the grandchild is in the leader's group
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and group_alive(leader):
+        time.sleep(0.1)
+    assert not group_alive(leader)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_served_prompts_equal_offline_prompts_by_token_ids(tiny_llama, tmp_path, monkeypatch):
+    """A summary holding `</s>`: sent as ids it reaches the server as the offline ids; sent as text to an engine
+    that parses special tokens it becomes EOS, and the row is found, marked and never counted as identical."""
+    from headline_bench.backends.base import ServerSpec
+    from headline_bench.backends.transformers import serve_tokenize
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    (tmp_path / "data" / "models" / "tiny").symlink_to(tiny_llama)
+    rows = [{"id": "clean", "summary": "A town votes.", "reference": "r"}, {"id": "eos", "summary": "A town </s> votes.", "reference": "r"}]
+    params = parse({"base": {"model": "tiny"}, "prompt": {"template": "Headline for: {summary}", "few_shot": []},
+                    "generate": {"max_new_tokens": 6, "max_input_tokens": 256}, "serving": {"e": {"engine": "transformers"}}})
+    entry = serve.resolve_entry(params, "e")
+    text_spec = ServerSpec([], "/health", "m", 1, token_prompts=False, text_ids=serve_tokenize(tiny_llama))
+    bodies, kept, ids, differs = serve.payloads_for(rows, params, entry, text_spec)
+    assert differs == [False, True] and all(isinstance(b["prompt"], str) for b in bodies)
+    assert 2 in text_spec.text_ids(bodies[1]["prompt"]) and 2 not in ids[1]   # the server would see EOS; offline saw the bytes
+    id_spec = ServerSpec([], "/health", "m", 1, token_prompts=True)
+    bodies, _, ids2, differs = serve.payloads_for(rows, params, entry, id_spec)
+    assert differs == [False, False] and [b["prompt"] for b in bodies] == ids2 == ids
+    records = [{"id": r, "level": "rate 1", "prediction": "Same", "reference": "r", "prompt_differs": r == "eos"} for r in ("clean", "eos")]
+    monkeypatch.setattr("headline_bench.quality.rouge.rouge", lambda preds, refs, seed: {"rougeL": 0.0})
+    q = serve.quality(records, [{"id": "clean", "prediction": "Same"}, {"id": "eos", "prediction": "Same"}], 0)
+    assert (q["identical_to_offline"], q["rows_identical"], q["rows_compared"], q["prompt_differs_rows"]) == (1, 1, 2, ["eos"])
+    check = serve.prompt_check(text_spec, ids, [False, True], kept, [])
+    assert check["identical_ids"] == 1 and check["differing_rows"] == ["eos"]

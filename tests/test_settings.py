@@ -19,7 +19,7 @@ from headline_bench.settings import Params, load_params, parse
 from headline_bench.techniques.config import resolve
 
 PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
-SERVE_KEYS = "concurrency, max_duration_s, overload_share, rates, requests, search_min_gap, search_steps, slo, startup_timeout_s, timeout_s, warmup_requests"
+SERVE_KEYS = "concurrency, max_duration_s, min_identical_share, overload_share, rates, requests, runs, search_min_gap, search_steps, slo, startup_timeout_s, timeout_s, warmup_requests"
 ENTRY_KEYS = "args, binary, cb, compile, continuous_batching, dtype, engine, interrupt_requests, model, parallel, reference, request, server, threads"
 
 

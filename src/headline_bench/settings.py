@@ -287,6 +287,7 @@ class SLO(Section):
     ttft_s: PosFloat
     tpot_s: PosFloat
     share: Annotated[float, Field(gt=0, le=1)]
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # one-sided level of the Wilson bound that must clear `share`
 
 
 class Serve(Section):
@@ -294,6 +295,7 @@ class Serve(Section):
 
     rates: Annotated[list[PosFloat], Field(min_length=1)]
     overload_share: Share = 0.5
+    runs: PosInt = 2  # independent rate searches; the sustainable rate is the lowest, with the spread
     concurrency: list[PosInt] = []
     requests: PosInt = 10
     max_duration_s: PosFloat = 15
@@ -302,6 +304,7 @@ class Serve(Section):
     search_steps: NonNegInt = 2
     search_min_gap: Annotated[float, Field(gt=0, lt=1)] = 0.15
     startup_timeout_s: PosFloat = 240
+    min_identical_share: Share = 0.9  # eligibility for the online-serving pick: served headlines equal to the offline reference on this share of rows
     slo: SLO
 
 

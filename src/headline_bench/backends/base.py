@@ -12,13 +12,23 @@ import torch
 @dataclass
 class ServerSpec:
     """How to start an engine's OpenAI-compatible server: the command, the health path that answers once the model
-    is loaded, the model name requests carry, its thread count and the facts serve.json records."""
+    is loaded, the model name requests carry, its thread count and the facts serve.json records.
+
+    How its prompts reach it, so that served prompts equal offline prompts by token ids: `prompt_ids` gives a
+    prompt's offline ids for this engine (None: the transformers ids the generate stage built, Prompt.ids).
+    With `token_prompts` the server takes those ids as the request's `prompt`; otherwise it takes text, and
+    `text_ids` says which ids the server makes of a text (special tokens parsed, BOS as it adds it), so that rows
+    whose text re-tokenizes differently are found and marked.
+    """
 
     argv: list[str]
     health_path: str
     model_name: str
     threads: int
     info: dict[str, Any] = field(default_factory=dict)
+    token_prompts: bool = False
+    prompt_ids: Callable[[Any], list[int]] | None = None
+    text_ids: Callable[[str], list[int]] | None = None
 
 
 def missing(*modules: str) -> list[str]:

@@ -124,13 +124,13 @@ def llama_cpp_python_command(entry: ServingEntry, gguf: Path, port: int, device:
 
 def llama_server_command(entry: ServingEntry, gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:
     """llama.cpp's own llama-server: continuous batching over `parallel` slots (the context is split among them)."""
-    binary = shutil.which(entry.binary)
+    binary = shutil.which(entry.binary) or shutil.which(entry.binary, path=str(Path(sys.executable).parent))
     if binary is None:
-        raise Skip("no llama-server binary on PATH: Debian 12 has no llama.cpp package and no well-kept pip package ships it; "
-                   "build llama.cpp's server (cmake --build build --target llama-server) and set serving.<entry>.binary")
+        raise Skip("no llama-server binary: run scripts/build-llama-server (builds it from the llama.cpp source that "
+                   "llama-cpp-python's sdist carries into .venv/bin) or set serving.<entry>.binary")
     slots = entry.parallel
-    return [binary, "-m", str(gguf), "--host", host, "--port", str(port), "-c", str(n_ctx * slots), "-np", str(slots),
-            "-t", str(threads), "--seed", str(seed), "-ngl", "99" if device.startswith("cuda") else "0"]
+    return [binary, "-m", str(gguf), "--host", host, "--port", str(port), "-c", str(n_ctx * slots), "-np", str(slots), "--cont-batching",
+            "-t", str(threads), "-tb", str(threads), "--seed", str(seed), "-ngl", "99" if device.startswith("cuda") else "0", "--no-webui"]
 
 
 SERVERS = {"llama_cpp_python": (llama_cpp_python_command, "/v1/models"), "llama_server": (llama_server_command, "/health")}
@@ -151,6 +151,36 @@ def server(entry: ServingEntry, params: Params, port: int, device: str, host: st
     gguf = gguf_of(entry.model, params)
     n_ctx = params.generate.max_input_tokens + params.generate.max_new_tokens
     threads = entry.threads or torch.get_num_threads()
-    command, health = SERVERS[entry.server]
+    kind = entry.server
+    command, health = SERVERS[kind]
     argv = command(entry, gguf, port, device, n_ctx, params.base.seed, threads, host)
-    return ServerSpec(argv, health, str(gguf), threads, {"gguf": str(gguf), "n_ctx": n_ctx, "threads": threads})
+    vocab = gguf_vocab(gguf)
+    return ServerSpec(argv, health, str(gguf), threads, {"gguf": str(gguf), "n_ctx": n_ctx, "threads": threads},
+                      token_prompts=kind == "llama_server", prompt_ids=lambda prompt: offline_ids(vocab, prompt),
+                      text_ids=None if kind == "llama_server" else lambda text: completion_ids(vocab, text))
+
+
+def gguf_vocab(gguf: Path) -> Any:
+    """The GGUF file's tokenizer alone (llama.cpp's vocab_only load: no weights)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    atexit.register(llm.close)
+    return llm
+
+
+def offline_ids(llm: Any, prompt: Any) -> list[int]:
+    """The ids llamacpp_generate feeds for a prompt: llama.cpp's tokenizer, the summary as plain text, no BOS added."""
+    return safe_ids(getattr(prompt, "parts", [(prompt, True)]), lambda text, special: llm.tokenize(text.encode(), add_bos=False, special=special),
+                    getattr(prompt, "controls", ()))
+
+
+def completion_ids(llm: Any, text: str) -> list[int]:
+    """The ids llama-cpp-python's server makes of a text prompt (Llama._create_completion without suffix): BOS when the
+    model adds one, the text with special tokens parsed, EOS/SEP when the model adds one. Its server takes only text
+    (CreateCompletionRequest.prompt is str | list[str])."""
+    model = llm._model
+    bos = [llm.token_bos()] if model.add_bos_token() and llm.token_bos() != -1 else []
+    sep = model.token_sep()
+    eos = [] if not model.add_eos_token() and sep == -1 else [sep if sep != -1 else llm.token_eos()]
+    return bos + llm.tokenize(text.encode(), add_bos=False, special=True) + eos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -172,4 +173,13 @@ def server(entry: ServingEntry, params: Params, port: int, device: str, host: st
         flag = f"cb-{key.replace('_', '-')}"
         argv += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     threads = entry.threads or torch.get_num_threads()
-    return ServerSpec(argv, "/health", str(path), threads, {"model_path": str(path), "dtype": dtype})
+    return ServerSpec(argv, "/health", str(path), threads, {"model_path": str(path), "dtype": dtype}, token_prompts=False, text_ids=serve_tokenize(path))
+
+
+def serve_tokenize(path: Any) -> Callable[[str], list[int]]:
+    """The ids `transformers serve` makes of a completions prompt: its `tokenizer(prompt)` parses special tokens and
+    adds the tokenizer's BOS/EOS (transformers/cli/serving/completion.py). It takes only text (a list is HTTP 400)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return lambda text: tokenizer(text)["input_ids"]

@@ -95,4 +95,5 @@ def server(entry: ServingEntry, params: Params, port: int, device: str, host: st
         raise Skip("vllm not installed: pip install vllm (CUDA only)")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host, "--port", str(port),
             "--dtype", dtype, "--seed", str(seed), *(str(a) for a in entry.args)]
-    return ServerSpec(argv, "/health", str(model), entry.threads or 1, {"model_path": str(model), "dtype": dtype})
+    # vLLM's /v1/completions takes a list of token ids as the prompt: the offline (transformers) ids are sent as they are
+    return ServerSpec(argv, "/health", str(model), entry.threads or 1, {"model_path": str(model), "dtype": dtype}, token_prompts=True)

@@ -23,6 +23,31 @@ def dist(d: dict[str, Any] | None, spec: str = ".3f") -> str:
     return f"{fmt(d.get('mean'), spec)} / {fmt(d.get('p50'), spec)} / {fmt(d.get('p90'), spec)} / {top} (n={d['n']})"
 
 
+def runs_text(sr: dict[str, Any] | None) -> str:
+    """The sustainable rate over the independent runs: the lowest, then each run's rate and the spread."""
+    if not sr or not sr.get("runs"):
+        return rate_text(sr)
+    each = ", ".join(f"run {r.get('run')}: {rate_text(r)}" for r in sr["runs"])
+    spread = f"; spread {fmt(sr['spread'][0], 'g')}–{fmt(sr['spread'][1], 'g')} req/s" if sr.get("spread") else ""
+    return f"{rate_text(sr)} [{each}{spread}]"
+
+
+def share_text(lv: dict[str, Any]) -> str:
+    """good/sent = share [Wilson interval], the level's verdict."""
+    iv = lv.get("goodput_share_interval")
+    interval = f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
+    return f"{lv.get('good')}/{lv.get('sent')} = {fmt(lv.get('goodput_share'), '.2f')}{interval} {lv.get('verdict', '')}".strip()
+
+
+def prompt_text(r: dict[str, Any]) -> str:
+    pc = r.get("prompt_check") or {}
+    if not pc.get("rows"):
+        return "—"
+    how = "ids sent" if str(pc.get("mode", "")).startswith("token ids") else "text, re-tokenized"
+    listed = f"; differ: {', '.join(map(str, pc['differing_rows'][:5]))}" if pc.get("differing_rows") else ""
+    return f"{pc['identical_ids']}/{pc['rows']} ({how}{listed})"
+
+
 def rate_text(sr: dict[str, Any] | None) -> str:
     if not sr or sr.get("bound") == "not measured":
         return "—"
@@ -38,36 +63,49 @@ def rate_text(sr: dict[str, Any] | None) -> str:
 def render(summary: dict[str, Any], link_prefix: str = "") -> str:
     """The serving section as markdown; `link_prefix` points the chart links at metrics/serving_report/ from where the text lives."""
     slo, rows, rec = summary["slo"], summary["entries"], summary["recommendation"]
-    head = ["Entry", "Engine (knobs)", "Sustainable rate", "P50 TTFT / TPOT at lowest rate (s)", "Max goodput (req/s)", "Max output tok/s",
-            "Served ROUGE-L", "Identical to offline"]
+    head = ["Entry", "Engine (knobs)", "Sustainable rate (lowest run) [each run; spread]", "P50 TTFT / TPOT at lowest rate (s)", "Max goodput (req/s)",
+            "Max output tok/s", "Served ROUGE-L", "Prompt ids = offline", "Identical to offline: rows (requests)", "Eligible"]
     body = []
     for r in rows:
         if r.get("status") != "ran" and not r.get("levels"):
-            body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", f"{r['status']}: {r.get('reason')}"] + ["—"] * 5)
+            body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", f"{r['status']}: {r.get('reason')}"] + ["—"] * 7)
             continue
-        same = f"{r['identical_to_offline']}/{r['compared_to_offline']} vs {r['offline_reference']}" if r.get("compared_to_offline") else "—"
+        same = (f"{r['rows_identical']}/{r['rows_compared']} ({r['identical_to_offline']}/{r['compared_to_offline']}) vs {r['offline_reference']}"
+                if r.get("rows_compared") else "—")
         status = "" if r["status"] == "ran" else f" ({r['status']}: {r.get('reason')})"
-        body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", rate_text(r.get("sustainable_rate")) + status,
+        body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", runs_text(r.get("sustainable_rate")) + status,
                      f"{fmt(r.get('ttft_s_p50_low'))} / {fmt(r.get('tpot_s_p50_low'), '.4f')} @ {fmt(r.get('low_rate'), 'g')}",
-                     fmt(r.get("max_goodput"), ".2f"), fmt(r.get("max_output_token_throughput"), ".1f"), fmt(r.get("rougeL"), ".4f"), same])
+                     fmt(r.get("max_goodput"), ".2f"), fmt(r.get("max_output_token_throughput"), ".1f"), fmt(r.get("rougeL"), ".4f"), prompt_text(r), same,
+                     "yes" if r["status"] == "ran" and not r.get("ineligible") else f"no: {r.get('ineligible') or r['status']}"])
     pick = (f"**Online serving: {rec['choice']}** ({rate_text(next(r for r in rows if r['entry'] == rec['choice'])['sustainable_rate'])}"
             + (f"; runner-up {rec['runner_up']}" if rec.get("runner_up") else "") + f"). Rule: {rec['rule']}."
             if rec.get("choice") else "**Online serving: none.**") + (f" Note: {rec['note']}." if rec.get("note") else "")
-    parts = [f"SLO: TTFT ≤ {slo['ttft_s']:g} s and TPOT ≤ {slo['tpot_s'] * 1000:g} ms per request, met by at least {slo['share']:.0%} of the "
-             "requests sent (errors and time-outs count as misses). TTFT: request sent to first streamed text; TPOT: (E2E − TTFT) / "
-             "(chunks − 1), MLPerf's definition; ITL: every gap between text chunks. Percentiles: numpy linear; below 100 samples the "
-             "maximum is shown instead of P99.", table(head, body), pick]
+    conf = slo.get("confidence", 0.95)
+    needed = next((r.get("requests_needed") for r in rows if r.get("requests_needed")), None)
+    per_level = next((r.get("requests_per_level") for r in rows if r.get("requests_per_level")), None)
+    claim = (f"A level passes when the lower end of the Wilson interval of its good share (a one-sided {conf:.0%} bound) clears "
+             f"{slo['share']:.0%}; that needs at least {needed} requests, every one good." if needed else "")
+    if needed and per_level and per_level < needed:
+        claim += f" **Indicative only**: {per_level} requests per level cannot show it, so no level can pass (raise serve.requests)."
+    parts = [f"SLO: a request is good when it returns a non-empty headline with TTFT ≤ {slo['ttft_s']:g} s and TPOT ≤ {slo['tpot_s'] * 1000:g} ms "
+             f"(errors, time-outs and empty headlines count as misses); the SLO asks {slo['share']:.0%} of the requests sent to be good. {claim} "
+             "The sustainable rate is searched in independent runs (own arrival schedules); the lowest is reported, with each run's and the "
+             f"spread. An entry is eligible for the pick only when its served headlines equal its offline reference on at least "
+             f"{summary.get('min_identical_share', 0):.0%} of rows; rows whose served prompt differs from the offline prompt by token ids never "
+             "count as identical. TTFT: request sent to first streamed text; TPOT: (E2E − TTFT) / (chunks − 1), MLPerf's definition; ITL: every "
+             "gap between text chunks. Percentiles: numpy linear; below 100 samples the maximum is shown instead of P99.", table(head, body), pick]
     for r in rows:
         if not r.get("levels"):
             continue
         lv_rows = [[lv["level"], f"{lv['ok']}/{lv['sent']}", f"{lv['errors']}/{lv['timeouts']}", dist(lv.get("ttft_s")), dist(lv.get("itl_s"), ".4f"),
                     dist(lv.get("tpot_s"), ".4f"), dist(lv.get("e2e_s")), fmt(lv["request_throughput"], ".2f"), fmt(lv["output_token_throughput"], ".1f"),
-                    fmt(lv["goodput"], ".2f"), fmt(lv["goodput_share"], ".2f")] for lv in r["levels"]]
+                    fmt(lv["goodput"], ".2f"), str(lv.get("empty", "—")), share_text(lv)] for lv in r["levels"]]
         parts += [f"### {r['entry']}", table(["Level", "OK/sent", "Errors/time-outs", "TTFT s: mean / P50 / P90 / P99", "ITL s", "TPOT s", "E2E s",
-                                              "Req/s", "Tok/s", "Goodput req/s", "Goodput share"], lv_rows)]
+                                              "Req/s", "Tok/s", "Goodput req/s", "Empty headlines", f"Good share [Wilson, {conf:.0%} one-sided ends]"], lv_rows)]
         if r.get("first_difference"):
             d = r["first_difference"]
-            parts.append(f"First served headline that differs from {r['offline_reference']} (`{d['id']}`, {d['level']}): "
+            why = " (its served prompt differs from the offline prompt by token ids)" if d.get("prompt_differs") else ""
+            parts.append(f"First served headline that differs from {r['offline_reference']} (`{d['id']}`, {d['level']}){why}: "
                          f"\"{d['served']}\" vs \"{d['offline']}\".")
     parts += [f"![Latency vs load]({link_prefix}{CHARTS[0]})", f"![Goodput vs rate]({link_prefix}{CHARTS[1]})"]
     return "\n\n".join(parts)

@@ -5,11 +5,17 @@ Definitions (stated in the report):
 - TTFT: request sent -> first streamed chunk with text. E2E: request sent -> last chunk.
 - ITL: every gap between consecutive text chunks; a chunk that carries several tokens is one gap.
 - TPOT per request: (E2E - TTFT) / (output tokens - 1), MLPerf's definition; none for one-token outputs.
-- Goodput: requests that finished without error and met every SLO (TTFT <= ttft_s, TPOT <= tpot_s), per second
-  of the level's wall time; goodput share: those requests over all requests sent (errors and time-outs count)."""
+- Goodput: requests that finished without error, returned a non-empty cleaned headline and met every SLO
+  (TTFT <= ttft_s, TPOT <= tpot_s), per second of the level's wall time; goodput share: those requests over all
+  requests sent (errors, time-outs and empty headlines count as misses).
+- The share is a binomial proportion of n requests: it is reported with a Wilson interval whose ends are one-sided
+  bounds at slo.confidence, and a level passes only when the lower bound clears slo.share, so a claim never rests
+  on fewer requests than can show it (requests_needed)."""
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -43,9 +49,29 @@ def tpot(e2e_s: float | None, ttft_s: float | None, tokens: int) -> float | None
     return (e2e_s - ttft_s) / (tokens - 1)
 
 
+def wilson(successes: int, n: int, confidence: float) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial share; each end is a one-sided bound at `confidence`."""
+    if n <= 0:
+        return None
+    z = NormalDist().inv_cdf(confidence)
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def requests_needed(share: float, confidence: float) -> int | None:
+    """The fewest requests whose Wilson lower bound can clear `share` at all (every request good: n / (n + z^2));
+    None for a share of 1, which no finite sample shows."""
+    if share >= 1:
+        return None
+    z2 = NormalDist().inv_cdf(confidence) ** 2
+    return math.ceil(share * z2 / (1 - share) - 1e-9)
+
+
 def meets_slo(request: dict[str, Any], slo: dict[str, float]) -> bool:
-    """A request counts toward goodput when it finished without error and met both latency targets."""
-    if request.get("error") or request.get("ttft_s") is None:
+    """A request counts toward goodput when it finished without error, returned a non-empty headline (garbage
+    newlines are not an answer) and met both latency targets."""
+    if request.get("error") or request.get("ttft_s") is None or not request.get("headline"):
         return False
     t = request.get("tpot_s")
     return request["ttft_s"] <= slo["ttft_s"] and (t is None or t <= slo["tpot_s"])
@@ -57,7 +83,7 @@ def level_summary(requests: list[dict[str, Any]], wall_s: float, slo: dict[str, 
     Args:
         requests: one dict per request sent (ttft_s, e2e_s, tpot_s, itl_s list, tokens, error, timed_out).
         wall_s: from the level's start to the last request's end.
-        slo: {ttft_s, tpot_s, share}.
+        slo: {ttft_s, tpot_s, share, confidence}.
     """
     ok = [r for r in requests if not r.get("error")]
     good = [r for r in requests if meets_slo(r, slo)]
@@ -68,6 +94,8 @@ def level_summary(requests: list[dict[str, Any]], wall_s: float, slo: dict[str, 
         "timeouts": sum(bool(r.get("timed_out")) for r in requests), "good": len(good), "wall_s": wall_s,
         "request_throughput": len(ok) / wall, "output_token_throughput": tokens / wall,
         "goodput": len(good) / wall, "goodput_share": len(good) / len(requests) if requests else None,
+        "goodput_share_interval": wilson(len(good), len(requests), slo["confidence"]), "confidence": slo["confidence"],
+        "empty": sum(not r.get("error") and not r.get("headline") for r in requests),
         "ttft_s": summarize([r.get("ttft_s") for r in ok]), "tpot_s": summarize([r.get("tpot_s") for r in ok]),
         "itl_s": summarize([g for r in ok for g in r.get("itl_s") or []]), "e2e_s": summarize([r.get("e2e_s") for r in ok]),
         "output_tokens": summarize([r.get("tokens") for r in ok]),
@@ -75,7 +103,17 @@ def level_summary(requests: list[dict[str, Any]], wall_s: float, slo: dict[str, 
 
 
 def passes(level: Level, share: float) -> bool:
-    return level.get("goodput_share") is not None and level["goodput_share"] >= share
+    """The level showed the SLO share: the lower end of its interval clears it (n too small to show it is no pass)."""
+    interval = level.get("goodput_share_interval")
+    return interval is not None and interval[0] >= share
+
+
+def verdict(level: Level, share: float) -> str:
+    """pass (lower bound clears the share), fail (upper bound below it) or undecided (the interval straddles it)."""
+    interval = level.get("goodput_share_interval")
+    if interval is None:
+        return "not measured"
+    return "pass" if interval[0] >= share else "fail" if interval[1] < share else "undecided"
 
 
 def bracket(levels: list[Level], share: float) -> tuple[float | None, float | None]:
@@ -105,7 +143,7 @@ def next_rate(levels: list[Level], share: float, min_gap: float) -> float | None
 
 
 def sustainable_rate(levels: list[Level], share: float) -> dict[str, Any]:
-    """The highest measured rate whose goodput share met `share`, with its bracket and an interpolated estimate.
+    """The highest measured rate whose goodput share showed `share`, with its bracket and an interpolated estimate.
 
     Returns:
         {"rate": measured rate or None, "bound": "measured" | "at least" (nothing failed) | "below" (nothing
@@ -123,3 +161,18 @@ def sustainable_rate(levels: list[Level], share: float) -> dict[str, Any]:
     else:
         bound = "at least" if hi is None else "below" if lo is None else "measured"
     return {"rate": lo, "bound": bound, "bracket": [lo, hi], "interpolated": interp, "share": share}
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sustainable rate over independent rate searches: the lowest run's rate (what every run showed), the
+    spread of the runs' rates, and each run's own result. A run that showed no rate makes the combined rate None."""
+    if not runs:
+        return {"rate": None, "bound": "not measured", "runs": [], "spread": None}
+    rates = [r["rate"] for r in runs]
+    bounds = {r["bound"] for r in runs}
+    if any(r is None for r in rates):
+        bound = "not measured" if bounds == {"not measured"} else "below"
+        return {"rate": None, "bound": bound, "runs": runs, "spread": None, "bracket": [None, min((r["bracket"][1] for r in runs if r["bracket"][1]), default=None)]}
+    worst = min(runs, key=lambda r: r["rate"])
+    return {"rate": worst["rate"], "bound": "at least" if bounds == {"at least"} else "measured", "bracket": worst["bracket"],
+            "interpolated": worst.get("interpolated"), "runs": runs, "spread": [min(rates), max(rates)], "share": worst.get("share")}

@@ -5,8 +5,9 @@ Each request is POSTed to `/v1/completions` with `stream: true`, and every serve
 text is stamped on arrival. The client stops reading at the first newline (the task's stop), so engines that
 ignore `stop` (transformers' continuous batching) are timed to the same point; the headline is the text up to
 there. Output tokens are the text chunks received, one per decode step on these servers. Errors and time-outs
-are recorded with the request, never dropped; so is a stream that ends without a finish_reason (cut short).
-Only localhost is ever addressed."""
+are recorded with the request, never dropped; so is a stream that ends without a finish_reason (cut short). A stream
+that finishes without text (an engine that honours the stop before any output) is an empty headline, not an error:
+goodput counts it as a miss, as it does a headline that cleans to nothing. Only localhost is ever addressed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from headline_bench.data.prompts import clean_headline
 from headline_bench.serving.goodput import tpot
 
 
@@ -33,6 +35,7 @@ class RequestResult:
     usage_tokens: int | None = None  # completion_tokens when the server reported them before the stream ended
     prompt_tokens: int | None = None
     text: str = ""
+    headline: str = ""              # the text cleaned as offline (clean_headline): empty when the answer holds no headline
     finish_reason: str | None = None
     error: str | None = None
     timed_out: bool = False
@@ -41,13 +44,14 @@ class RequestResult:
         return asdict(self)
 
 
-def poisson_arrivals(rate: float, n: int, seed: int, max_duration_s: float) -> list[float]:
+def poisson_arrivals(rate: float, n: int, seed: int | tuple[int, ...], max_duration_s: float) -> list[float]:
     """Send times (s from the level's start) of at most `n` requests arriving as a Poisson process.
 
     Gaps are exponential with mean 1/rate from a generator seeded by (seed, rate), so every engine sees the
-    same schedule at the same rate. Arrivals after `max_duration_s` are not sent.
+    same schedule at the same rate; a tuple seed (base seed, run) gives each independent run its own schedule.
+    Arrivals after `max_duration_s` are not sent.
     """
-    rng = np.random.default_rng([seed, round(rate * 1000)])
+    rng = np.random.default_rng([*(seed if isinstance(seed, tuple) else (seed,)), round(rate * 1000)])
     times = np.cumsum(rng.exponential(1.0 / rate, size=n))
     return [float(t) for t in times if t <= max_duration_s]
 
@@ -116,10 +120,11 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
         res.error, res.timed_out = f"timed out after {timeout_s:g} s", True
     except Exception as e:  # connection refused or reset, bad JSON: recorded with the request
         res.error = f"{type(e).__name__}: {str(e)[:200]}"
-    if res.error is None and not stamps:
-        res.error = "no text received"
-    elif res.error is None and res.finish_reason is None:  # e.g. llama-cpp-python cutting a stream when the next request arrives
+    if res.error is None and res.finish_reason is None:  # e.g. llama-cpp-python cutting a stream when the next request arrives
         res.error = "stream ended without a finish_reason (cut short)"
+    res.headline = clean_headline(res.text)
+    if res.error is None and not stamps:  # finished with no text: an empty headline, timed to the stream's end
+        res.e2e_s = time.perf_counter() - start
     if stamps:
         res.ttft_s, res.e2e_s = stamps[0] - start, stamps[-1] - start
         res.itl_s = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -136,7 +141,7 @@ def new_session(timeout_s: float) -> Any:
                                  connector=aiohttp.TCPConnector(limit=0))
 
 
-async def run_rate(url: str, payloads: list[dict[str, Any]], rate: float, n: int, seed: int, max_duration_s: float,
+async def run_rate(url: str, payloads: list[dict[str, Any]], rate: float, n: int, seed: int | tuple[int, ...], max_duration_s: float,
                    timeout_s: float) -> tuple[list[RequestResult], float]:
     """Open loop: requests leave on a seeded Poisson schedule whether or not earlier ones have finished.
 
