@@ -45,7 +45,8 @@ def bandwidth(cfg: dict[str, Any], info: dict[str, Any], gens: list[Generation],
     peak = peak_bandwidth(device)
     if device.startswith("cuda") and perf_ranks(info) > 1 and peak["peak_bandwidth_gbs"]:  # TP: every GPU streams its shard at once
         peak = {"peak_bandwidth_gbs": peak["peak_bandwidth_gbs"] * perf_ranks(info), "peak_bandwidth_source": f"{peak['peak_bandwidth_source']} x {perf_ranks(info)} GPUs"}
-    share = bandwidth_share(info["weight_mb"] * 2**20, kv, context, cfg["batch_size"], numbers.get("tpot_s_p50"), peak["peak_bandwidth_gbs"])
+    share = bandwidth_share(info["weight_mb"] * 2**20, kv, context, cfg["batch_size"], numbers.get("tpot_s_p50"), peak["peak_bandwidth_gbs"],
+                            info.get("untied_embedding_bytes", 0), info.get("embedding_row_bytes", 0))
     return {**peak, "kv_bytes_per_token": kv, "mean_context_tokens": context, **share, "bandwidth_formula": MBU_FORMULA}
 
 

@@ -176,6 +176,12 @@ class Compile(Section):  # transformers' CompileConfig
     options: dict[str, Any] | None = None
 
 
+class DecodeLoop(Section):  # backends/compiled_loop.py: the gpt-fast style loop on transformers' model + StaticCache
+    mode: CompileMode | dict[Literal["cpu", "cuda"], CompileMode] = {"cpu": "default", "cuda": "reduce-overhead"}
+    bucket: PosInt = 64  # cache slots: prompt + new tokens rounded up to a multiple of this (one compiled frame per bucket)
+    coordinate_descent_tuning: bool = False  # inductor's per-kernel launch tuning (gpt-fast turns it on)
+
+
 class Speculative(Section):
     num_assistant_tokens: PosInt = 4
     num_assistant_tokens_schedule: Literal["constant", "heuristic", "heuristic_transient"] | None = None
@@ -203,6 +209,7 @@ class Technique(Section):
     max_memory: dict[str | int, str | int] | None = None
     only_on: Literal["cpu", "cuda"] | None = None
     vllm: dict[str, Any] | None = None  # vLLM engine arguments
+    decode_loop: DecodeLoop | None = None  # the compiled decode loop instead of generate() (compiled_loop)
 
     @field_validator("generate")
     @classmethod

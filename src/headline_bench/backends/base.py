@@ -42,6 +42,7 @@ class Generation:
     draft_proposed: int | None = None  # assisted decoding: draft tokens proposed / accepted for this row
     draft_accepted: int | None = None
     latency_s_passes: list[float] | None = None  # with generate.repeats > 1: this row's latency in each timed pass
+    timing_gap: float | None = None  # |latency - (TTFT + (n-1) x TPOT)| / latency of this row's call (trackers.timing_gap)
 
 
 def count_new_tokens(new_ids: torch.Tensor, pad_id: int | None, eos_ids: set[int]) -> int:

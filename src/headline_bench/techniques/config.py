@@ -24,7 +24,7 @@ def resolve(params: dict[str, Any], name: str) -> dict[str, Any]:
     if name not in techniques:
         raise InputError(f"unknown technique '{name}'; params.yaml defines: {', '.join(sorted(techniques))}")
     entry = copy.deepcopy(techniques[name] or {})
-    unknown = set(entry) - set(DEFAULTS) - {"quantize", "prune", "compile", "speculative", "device_map", "max_memory", "parallel", "threads", "dtype", "only_on", "vllm"}
+    unknown = set(entry) - set(DEFAULTS) - {"quantize", "prune", "compile", "speculative", "device_map", "max_memory", "parallel", "threads", "dtype", "only_on", "vllm", "decode_loop"}
     if unknown:
         raise InputError(f"technique '{name}': unknown setting(s) {sorted(unknown)}")
     section = params["generate"]
