@@ -17,7 +17,7 @@ from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
 from headline_bench.measure.roofline import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
 from headline_bench.measure.runner import run_repeats
-from headline_bench.measure.trackers import device_used_mb
+from headline_bench.measure.trackers import device_used_mb, timing_check
 from headline_bench.models.ref import model_path, model_source
 from headline_bench.techniques import tensor_parallel as tp
 from headline_bench.techniques.config import check_hardware, pick_device, resolve
@@ -92,6 +92,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
         perf["quality"] = "n/a (random weights)"
     perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
     perf.update(bandwidth(cfg, perf, gens, numbers, device))
+    perf.update(timing_check([g.timing_gap for g in gens[len(ckpt.done):]]))  # TTFT + (n-1) x TPOT vs end-to-end, per call
     if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s

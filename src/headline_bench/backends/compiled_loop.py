@@ -92,7 +92,7 @@ class DecodeLoop:
                 "ids": torch.zeros(batch, steps, dtype=torch.long, device=d),
                 "margins": torch.zeros(batch, steps, dtype=torch.float32, device=d),
             }
-            for name, value in state.items():
+            for value in state.values():
                 if isinstance(value, torch.Tensor):
                     torch._dynamo.mark_static_address(value)
             self._state[key] = state

@@ -40,9 +40,11 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     from transformers import AutoTokenizer
 
     from headline_bench.data.prompts import clean_headline
+    from headline_bench.models.convert import ensure_weights
     from headline_bench.models.ref import model_source
 
     path = model_path(cfg["model_name"])
+    ensure_weights(path)  # a random-weight model has no checkpoint until a loader that reads from disk needs one
     max_new = cfg["generate"]["max_new_tokens"]
     settings = {"gpu_memory_utilization": 0.5, "max_model_len": params["generate"]["max_input_tokens"] + max_new, **(cfg.get("vllm") or {})}
     start = time.perf_counter()

@@ -1,0 +1,49 @@
+"""The GPU check's planner: skips written in-process (no subprocess per skipped technique) and a clean-state order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from headline_bench import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_planner_writes_skips_without_a_subprocess(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_process(*a: object, **k: object) -> None:
+        raise AssertionError("the planner started a process")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"].update(model="tiny", target="tiny", device="cpu")
+    wanted = ["quant4", "prune_l1", "compiled_loop", "vllm", "kv_cache", "layer_split_balanced", "static_compile", "baseline"]
+    params["techniques"] = {name: params["techniques"][name] for name in wanted}
+    params["techniques"]["cuda_only"] = {"only_on": "cuda"}
+    work = tmp_path / "work"
+    work.mkdir()
+    run, skips = gpu_check.plan(params, work)
+    assert run == ["kv_cache", "baseline", "compiled_loop", "static_compile", "prune_l1", "quant4"]
+    assert set(skips) == {"vllm", "layer_split_balanced", "cuda_only"}
+    for name, reason in skips.items():
+        perf = json.loads((work / "metrics" / "techniques" / name / "perf.json").read_text())
+        assert perf["skipped"] == reason and perf["device"] == "cpu"
+        assert (work / "data" / "generations" / f"{name}.jsonl").read_text() == ""
+    assert not (work / "metrics" / "techniques" / "kv_cache").exists()  # run ones are the worker's to write
+    assert Path.cwd() != work
+
+
+def test_pass_keys_are_not_params_overlays() -> None:
+    spec = yaml.safe_load((ROOT / "src" / "headline_bench" / "gpu_check.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, entry in spec["passes"].items():
+        overlay = {k: v for k, v in entry.items() if k not in gpu_check.PASS_KEYS}
+        out = gpu_check.pass_params(params, spec["common"], overlay, None)
+        assert set(out) == set(params), name
+        assert set(entry.get("row_caps") or {}) <= set(out["techniques"]), name
+        assert entry.get("solo_check") in (None, *out["techniques"]), name
