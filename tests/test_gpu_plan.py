@@ -47,3 +47,20 @@ def test_pass_keys_are_not_params_overlays() -> None:
         assert set(out) == set(params), name
         assert set(entry.get("row_caps") or {}) <= set(out["techniques"]), name
         assert entry.get("solo_check") in (None, *out["techniques"]), name
+
+
+def test_bench_decode_summary_pairs_rows_and_gives_intervals() -> None:
+    """scripts/bench-decode's numbers: rows both techniques timed, tokens/s = tokens / seconds, paired TPOT ratio."""
+    from headline_bench.decode_bench import markdown, summarize
+
+    fast = [{"id": i, "new_tokens": 10, "latency_s": 0.5 + 0.01 * i, "tpot_s": 0.02 + 0.001 * i} for i in range(6)]
+    slow = [{"id": i, "new_tokens": 10, "latency_s": 1.0, "tpot_s": 0.04 + 0.002 * i} for i in range(5)]  # row 5 missing
+    slow.append({"id": 5, "new_tokens": 0, "latency_s": 1.0, "tpot_s": None})
+    out = summarize({"compiled_loop_cpu": fast, "llamacpp": slow}, samples=2000)
+    assert out["rows"] == 5
+    tps = out["techniques"]["compiled_loop_cpu"]["tokens_per_s"]
+    assert tps[0] == pytest.approx(50 / sum(0.5 + 0.01 * i for i in range(5))) and tps[1] <= tps[0] <= tps[2]
+    ratio = out["tpot_ratio"]["ratio"]
+    assert ratio[0] == pytest.approx(0.5) and ratio[1] <= 0.5 <= ratio[2]
+    text = markdown(out, {"command": "scripts/bench-decode --rows 5"})
+    assert "| llamacpp |" in text and "TPOT ratio compiled_loop_cpu / llamacpp: 0.500" in text
