@@ -74,7 +74,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg["model_name"])
     after_run, after_warmup = info.pop("after_run", dict), info.pop("after_warmup", lambda: None)
     warmup = params["generate"]["warmup_runs"]
-    if cfg.get("compile") and device.startswith("cuda"):
+    if (cfg.get("compile") or cfg.get("decode_loop")) and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
     ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, writer=tp.rank() == 0)
     gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)),
@@ -93,7 +93,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
     perf.update(bandwidth(cfg, perf, gens, numbers, device))
     perf.update(timing_check([g.timing_gap for g in gens[len(ckpt.done):]]))  # TTFT + (n-1) x TPOT vs end-to-end, per call
-    if cfg.get("compile") and numbers["warmup_s"]:
+    if (cfg.get("compile") or cfg.get("decode_loop")) and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
     return records, perf
