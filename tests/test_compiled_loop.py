@@ -201,3 +201,25 @@ def test_mbu_reads_one_row_of_an_untied_embedding(model_tok: tuple[Any, Any]) ->
     assert read["bytes_per_step_mb"] * 2**20 == pytest.approx(16.06e9 - embedding + row)
     assert read["bandwidth_share"] < whole["bandwidth_share"]
     assert bandwidth_share(16.06e9, 0, 0, 2, 0.005, 4800, embedding, row)["bytes_per_step_mb"] * 2**20 == pytest.approx(16.06e9 - embedding + 2 * row)
+
+
+def test_prewarm_compiles_every_cache_shape_before_the_timed_run(tiny_llama: Path, models_dir: Path) -> None:
+    """Prompts in two cache buckets: the hook run before the warm-up traces both shapes, the timed calls trace none."""
+    from torch._dynamo.utils import counters
+
+    from headline_bench.backends.transformers import setup
+
+    params = {"base": {"model": "tiny", "dtype": "float32"}, "generate": {"max_new_tokens": 6, "max_input_tokens": 900}}
+    cfg = {"name": "compiled_loop", "model_name": "tiny", "dtype": "float32", "batch_size": 1, "generate": {"max_new_tokens": 6},
+           "decode_loop": {"mode": "default", "bucket": 16}}
+    torch._dynamo.reset()
+    generate_fn, _, info = setup(cfg, params, "cpu")
+    prompts = ["news", "a much longer summary of the news of the day, in many more words", "more news"]
+    before = counters["stats"]["unique_graphs"]
+    info["before_warmup"](prompts)
+    assert [s[1] for s in info["decode_loop"]["compiled_shapes"]] == [16, 80] and info["compile_s"] > 0
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled - before == 2
+    gens = [g for p in prompts for g in generate_fn([p])]
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert all(g.ttft_s and g.tpot_s and g.timing_gap is not None and len(g.margins) == g.new_tokens for g in gens)

@@ -77,6 +77,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     if (cfg.get("compile") or cfg.get("decode_loop")) and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
     ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, writer=tp.rank() == 0)
+    info.pop("before_warmup", lambda rest: None)(prompts[len(ckpt.done) :])  # decode_loop: compile every cache shape first
     gens, numbers = run_repeats(generate_fn, prompts, cfg["batch_size"], warmup, device, int(params["generate"].get("repeats", 1)),
                                 after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
@@ -93,7 +94,7 @@ def generate(name: str, params: dict[str, Any], rows: list[dict[str, Any]]) -> t
     perf = tp.merge_ranks(perf)  # tensor parallel: memory and weight bytes summed over ranks; a no-op in a single process
     perf.update(bandwidth(cfg, perf, gens, numbers, device))
     perf.update(timing_check([g.timing_gap for g in gens[len(ckpt.done):]]))  # TTFT + (n-1) x TPOT vs end-to-end, per call
-    if (cfg.get("compile") or cfg.get("decode_loop")) and numbers["warmup_s"]:
+    if cfg.get("compile") and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         perf["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
     return records, perf

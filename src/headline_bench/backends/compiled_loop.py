@@ -123,6 +123,15 @@ class DecodeLoop:
         s["pos"].add_(1)
         self._pick(out.logits[:, -1], s, suppress_eos)
 
+    def shape(self, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[int, int, int]:
+        """The (batch, cache slots, steps) a call compiles for: one frame and one cache per shape (the cache tensors
+        are static addresses, which dynamo guards by identity, so a new shape is a new frame)."""
+        batch, length = input_ids.shape
+        slots = round_up(length + max_new_tokens, self.bucket)
+        if self.limit:
+            slots = min(slots, max(self.limit, length + max_new_tokens))
+        return batch, slots, max_new_tokens
+
     # -- a call --------------------------------------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, suppress_eos: bool) -> dict[str, Any]:
         """Reset the buffers for this batch and run the prompt eagerly; the first token lands in column 0.
@@ -131,11 +140,8 @@ class DecodeLoop:
             input_ids: [B, S] left-padded prompts.
             attention_mask: [B, S], 0 on padding.
         """
-        batch, length = input_ids.shape
-        slots = round_up(length + max_new_tokens, self.bucket)
-        if self.limit:
-            slots = min(slots, max(self.limit, length + max_new_tokens))
-        s = self._buffers(batch, slots, max_new_tokens)
+        length = input_ids.shape[1]
+        s = self._buffers(*self.shape(input_ids, max_new_tokens))
         s["cache"].reset()
         s["keep"].fill_(True)
         s["keep"][:, :length].copy_(attention_mask.bool())

@@ -182,7 +182,10 @@ def setup(cfg: dict[str, Any], params: dict[str, Any], device: str) -> tuple[Gen
     info["max_input_tokens"] = min(params["generate"]["max_input_tokens"], context - cfg["generate"]["max_new_tokens"])
 
     if cfg.get("decode_loop"):
-        return loop_setup(model, tokenizer, cfg, gen_kwargs, device), tokenizer, info | loop_facts(cfg, device)
+        generate_fn, loop = loop_setup(model, tokenizer, cfg, gen_kwargs, device)
+        info |= loop_facts(cfg, device)
+        info["before_warmup"] = prewarm(loop, generate_fn, tokenizer, cfg["batch_size"], device, gen_kwargs["max_new_tokens"], info)
+        return generate_fn, tokenizer, info
 
     def generate_fn(prompts: list[str]) -> list[Generation]:
         before = (acceptance.proposed, acceptance.accepted)
@@ -205,9 +208,12 @@ def loop_facts(cfg: dict[str, Any], device: str) -> dict[str, Any]:
     return {"decode_loop": {**(cfg["decode_loop"] or {}), "mode": loop_mode(cfg, device)}, "compile_mode": loop_mode(cfg, device)}
 
 
-def loop_setup(model: Any, tokenizer: Any, cfg: dict[str, Any], gen_kwargs: dict[str, Any], device: str) -> GenerateFn:
+def loop_setup(model: Any, tokenizer: Any, cfg: dict[str, Any], gen_kwargs: dict[str, Any], device: str) -> tuple[GenerateFn, Any]:
     """Bind the compiled decode loop (backends/compiled_loop.py) to the model: same stop ids and output length as
-    generate() would use, fixed length (no stop check at all) when min_new_tokens reaches max_new_tokens."""
+    generate() would use, fixed length (no stop check at all) when min_new_tokens reaches max_new_tokens.
+
+    Returns:
+        the generate function and the DecodeLoop behind it."""
     from headline_bench.backends.compiled_loop import DecodeLoop
 
     settings = cfg["decode_loop"] or {}
@@ -224,7 +230,27 @@ def loop_setup(model: Any, tokenizer: Any, cfg: dict[str, Any], gen_kwargs: dict
     n = gen_kwargs["max_new_tokens"]
     fixed = gen_kwargs.get("min_new_tokens", 0) >= n
     eos = set(gen_kwargs["eos_token_id"])
-    return lambda prompts: loop_generate(loop, tokenizer, prompts, device, n, not fixed, eos)
+    return lambda prompts: loop_generate(loop, tokenizer, prompts, device, n, not fixed, eos), loop
+
+
+def prewarm(loop: Any, generate_fn: GenerateFn, tokenizer: Any, batch_size: int, device: str, max_new_tokens: int,
+            facts: dict[str, Any]) -> Callable[[list[Any]], None]:
+    """A hook for before the warm-up: one untimed call per cache shape the run will need (one compile each), so that
+    no prompt of the timed run lands in a bucket that has not been compiled yet. Records the shapes and seconds."""
+    import time
+
+    def warm(prompts: list[Any]) -> None:
+        start, seen = time.perf_counter(), {}
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            shape = loop.shape(encode(tokenizer, batch, device)["input_ids"], max_new_tokens)
+            if shape not in seen:
+                seen[shape] = batch
+        for batch in seen.values():
+            generate_fn(batch)
+        facts["decode_loop"]["compiled_shapes"] = [list(k) for k in seen]  # (batch, cache slots, steps)
+        facts["compile_s"] = round(time.perf_counter() - start, 2)  # compiling, plus one untimed call per shape
+    return warm
 
 
 def server(entry: dict[str, Any], params: dict[str, Any], port: int, device: str, host: str) -> ServerSpec:
