@@ -103,7 +103,7 @@ class DecodeLoop:
         """Write the next token of every row, its margin and the done flags into the state buffers (in place)."""
         logits = logits.float()
         if suppress_eos:  # generate()'s MinNewTokensLengthLogitsProcessor: EOS cannot win before min_new_tokens
-            logits = logits.index_fill(1, s["eos_guard"], float("-inf"))
+            logits = logits.index_fill(1, self.eos, float("-inf"))
         nxt, margin = logits.argmax(dim=-1), relative_margin(logits)
         nxt = torch.where(s["done"], self.pad_id, nxt)
         s["ids"].index_copy_(1, s["t"], nxt[:, None])
@@ -149,8 +149,6 @@ class DecodeLoop:
         for name in ("done", "all_done", "t", "margins", "ids"):
             s[name].zero_()
         s["pos"].fill_(length)
-        if suppress_eos:
-            s["eos_guard"] = self.eos
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=s["cache"],
                          use_cache=True, logits_to_keep=1)
@@ -172,7 +170,7 @@ class DecodeLoop:
         for i in range(1, max_new_tokens):
             if stop_on_eos and self._read_flag(flags, events, (i - 1) % 2):
                 break
-            self.step_fn(s, "eos_guard" in s)
+            self.step_fn(s, not stop_on_eos)  # a fixed-length run suppresses EOS, as min_new_tokens does in generate()
             self.forwards += 1
             produced += 1
             mark()
