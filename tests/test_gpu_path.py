@@ -227,7 +227,8 @@ def gpu_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    "models": {"small-random": {"config": str(small), "tokenizer_from": "unused", "seed": 0},
                               "large-random": {"config": str(large), "tokenizer_from": "unused", "seed": 1}}},
         "passes": {"small": {"base": {"model": "small-random", "target": "large-random"},
-                             "techniques": ["kv_cache", "baseline", "speculative", "vllm"]},
+                             "techniques": ["kv_cache", "baseline", "speculative", "vllm"], "row_caps": {"speculative": 1},
+                             "solo_check": "kv_cache"},
                    "large": {"base": {"model": "large-random", "target": "large-random"}, "techniques": ["kv_cache", "baseline"]}},
     }
     (tmp / "passes.yaml").write_text(yaml.safe_dump(spec))
@@ -244,6 +245,10 @@ def test_gpu_check_runs_the_pipeline_on_random_weights(gpu_check: Path) -> None:
     out = gpu_check / "out" / "cpu"
     small = json.loads((out / "small" / "summary.json").read_text())["techniques"]
     assert list(small) == ["kv_cache", "baseline", "speculative", "vllm"]
+    run = json.loads((out / "small" / "run.json").read_text())
+    assert run["order"] == ["kv_cache", "baseline", "speculative"] and "vLLM needs a CUDA GPU" in run["skips"]["vllm"]
+    assert run["solo_check"]["shared_tpot_s_p50"] > 0 and run["solo_check"]["solo_tpot_s_p50"] > 0
+    assert small["speculative"]["samples"] == 1  # its row cap
     kv = small["kv_cache"]
     assert kv["quality"] == "n/a (random weights)" and "rougeL" not in kv
     assert kv["fidelity"] == 1.0 and kv["fidelity_reference"] == "baseline"  # token ids equal the no-cache run's
@@ -265,4 +270,7 @@ def test_gpu_check_runs_the_pipeline_on_random_weights(gpu_check: Path) -> None:
     assert large["kv_cache"]["fidelity"] == 1.0 and large["kv_cache"]["weight_mb"] > kv["weight_mb"]
     built = sorted(p.name for p in (gpu_check / "work" / "models").iterdir())
     assert built == ["large-random", "small-random"]  # built once, shared by both passes
+    assert not list((gpu_check / "work" / "models" / "small-random").glob("*.safetensors"))  # built from the seed, never written
+    shared = json.loads((gpu_check / "work" / "small" / "metrics" / "techniques" / "baseline" / "perf.json").read_text())["shared_process"]
+    assert shared["shared"] and shared["techniques_before_in_process"] == 1
     assert "| small | kv_cache |" in (gpu_check / "stdout.txt").read_text()

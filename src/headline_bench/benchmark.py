@@ -24,7 +24,7 @@ from headline_bench.measure.environment import env_info
 from headline_bench.measure.records import Perf, assemble, join
 from headline_bench.measure.roofline import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
 from headline_bench.measure.runner import merge_processes, run, run_repeats
-from headline_bench.measure.trackers import device_used_mb
+from headline_bench.measure.trackers import device_used_mb, timing_check
 from headline_bench.models.ref import model_path, model_source
 from headline_bench.settings import Params
 from headline_bench.techniques import tensor_parallel as tp
@@ -53,7 +53,8 @@ def bandwidth(cfg: ResolvedTechnique, info: dict[str, Any], gens: list[Generatio
     peak = peak_bandwidth(device)
     if device.startswith("cuda") and perf_ranks(info) > 1 and peak["peak_bandwidth_gbs"]:  # TP: every GPU streams its shard at once
         peak = {"peak_bandwidth_gbs": peak["peak_bandwidth_gbs"] * perf_ranks(info), "peak_bandwidth_source": f"{peak['peak_bandwidth_source']} x {perf_ranks(info)} GPUs"}
-    share = bandwidth_share(info["weight_mb"] * 2**20, kv, context, cfg.batch_size, numbers.get("tpot_s_p50"), peak["peak_bandwidth_gbs"])
+    share = bandwidth_share(info["weight_mb"] * 2**20, kv, context, cfg.batch_size, numbers.get("tpot_s_p50"), peak["peak_bandwidth_gbs"],
+                            info.get("untied_embedding_bytes", 0), info.get("embedding_row_bytes", 0))
     return {**peak, "kv_bytes_per_token": kv, "mean_context_tokens": context, **share, "bandwidth_formula": MBU_FORMULA}
 
 
@@ -87,9 +88,10 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg.model_name)
     after_run, after_warmup = info.pop("after_run", dict), info.pop("after_warmup", lambda: None)
     warmup = params.generate.warmup_runs
-    if cfg.compile and device.startswith("cuda"):
+    if (cfg.compile or cfg.decode_loop) and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
     ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0) if resume else checkpoint.disabled()
+    info.pop("before_warmup", lambda rest: None)(prompts[len(ckpt.done) :])  # decode_loop: compile every cache shape first
     gens, numbers = run_repeats(generate_fn, prompts, cfg.batch_size, warmup, device, params.generate.repeats,
                                 after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
@@ -103,6 +105,7 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool
     # tensor parallel: memory and weight bytes summed over ranks (a deliberate replacement); a no-op in a single process
     measured = tp.merge_ranks(join(info, numbers))
     extra: dict[str, Any] = {"quality": "n/a (random weights)"} if source.get("random") else {}
+    extra |= timing_check([g.timing_gap for g in gens[len(ckpt.done) :]])  # TTFT + (n-1) x TPOT vs end-to-end, per call
     if cfg.compile and numbers["warmup_s"]:
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         extra["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s

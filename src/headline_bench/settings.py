@@ -198,6 +198,12 @@ class Compile(Section):  # transformers' CompileConfig
     options: dict[str, Any] | None = None
 
 
+class DecodeLoop(Section):  # backends/compiled_loop.py: the gpt-fast style loop on transformers' model + StaticCache
+    mode: CompileMode | dict[Literal["cpu", "cuda"], CompileMode] = {"cpu": "default", "cuda": "reduce-overhead"}
+    bucket: PosInt = 64  # cache slots: prompt + new tokens rounded up to a multiple of this (one compiled frame per bucket)
+    coordinate_descent_tuning: bool = False  # inductor's per-kernel launch tuning (gpt-fast turns it on)
+
+
 class Speculative(Section):
     """Set on the draft's generation config (transformers reads them there); None: the draft's own value."""
 
@@ -279,6 +285,7 @@ class Technique(Section):
     max_memory: dict[str | int, str | int] | None = None
     only_on: Literal["cpu", "cuda"] | None = None
     vllm: Vllm | None = None  # vLLM engine arguments
+    decode_loop: DecodeLoop | None = None  # the compiled decode loop instead of generate() (compiled_loop)
 
 
 class SLO(Section):

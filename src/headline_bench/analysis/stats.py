@@ -81,6 +81,18 @@ def paired_t(d: Any, level: float) -> dict[str, Any]:
     return {"delta": mean, "low": mean - half, "high": mean + half, "sd": sd, "rows": n, "level": level}
 
 
+def paired_ratio(a: list[float], b: list[float], n_samples: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """Ratio of means mean(a) / mean(b) over the same rows with a paired bootstrap interval (rows resampled together).
+
+    Returns:
+        (ratio, lower bound, upper bound); NaNs when there are no rows.
+    """
+    if not len(a):
+        return float("nan"), float("nan"), float("nan")
+    point, dist = np.asarray([a, b], dtype=float).mean(axis=1), bootstrap_means([a, b], n_samples, seed)
+    return (float(point[0] / point[1]), *interval(dist[:, 0] / dist[:, 1], confidence))
+
+
 def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

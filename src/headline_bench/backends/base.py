@@ -53,6 +53,7 @@ class Generation:
     draft_accepted: int | None = None
     latency_s_passes: list[float] | None = None  # with generate.repeats > 1: this row's latency in each timed pass
     latency_s_processes: list[float] | None = None  # with generate.processes > 1: this row's latency in each timed process
+    timing_gap: float | None = None  # |latency - (TTFT + (n-1) x TPOT)| / latency of this row's call (trackers.timing_gap)
 
 
 def count_new_tokens(new_ids: torch.Tensor, pad_id: int | None, eos_ids: set[int]) -> int:

@@ -11,11 +11,14 @@ from transformers import LogitsProcessorList
 
 from headline_bench.backends.base import GenerateFn, Generation, ServerSpec, count_new_tokens, missing
 from headline_bench.data.prompts import clean_headline
-from headline_bench.errors import Skip
+from headline_bench.errors import InputError, Skip
 from headline_bench.measure.trackers import (
     AcceptanceTracker,
     LatencyTracker,
     TokenTimer,
+    step_clock,
+    timing_gap,
+    ttft_tpot,
 )
 from headline_bench.models.ref import model_path
 from headline_bench.techniques.load import build_model
@@ -36,6 +39,35 @@ def newline_ids(tokenizer: Any) -> set[int]:
     return {i for i, text in enumerate(texts) if "\n" in text}
 
 
+def encode(tokenizer: Any, prompts: list[Any], device: str) -> Any:
+    """A left-padded batch: token ids as built by prompts.Prompt where present, else the tokenized strings."""
+    if all(getattr(p, "ids", None) for p in prompts):  # prompts.Prompt: ids with the summary as plain text
+        return tokenizer.pad({"input_ids": [p.ids for p in prompts]}, padding=True, return_tensors="pt").to(device)
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+def generations(tokenizer: Any, new: torch.Tensor, attention_mask: torch.Tensor, eos: set[int], latency_s: float,
+                seconds: list[float] | None, margins: Callable[[int, int], list[float] | None]) -> list[Generation]:
+    """One Generation per row of a batch's new tokens [B, T], cut after the first EOS and without padding.
+
+    Args:
+        seconds: each decoding step's time since the synced start (None: no per-token times, e.g. assisted decoding).
+        margins: (row, n) -> that row's first n relative top-2 margins.
+    """
+    ttft, tpot = ttft_tpot(seconds or [])
+    gap = timing_gap(latency_s, seconds or [])
+    results = []
+    for b, (row, mask) in enumerate(zip(new, attention_mask)):
+        n = count_new_tokens(row, tokenizer.pad_token_id, eos)
+        ids = row[:n].tolist()
+        # a random-weight model keeps its architecture's vocabulary (e.g. Llama's 128,256) while borrowing a smaller
+        # tokenizer: ids the tokenizer lacks are left out of the text (the token ids keep them)
+        raw = tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
+        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency_s, ttft, tpot, token_ids=ids,
+                                  margins=margins(b, n), timing_gap=gap))
+    return results
+
+
 def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per_token: bool = True, **gen_kwargs: Any) -> list[Generation]:
     """Greedy generation of one batch with transformers, timed end to end and per token.
 
@@ -48,11 +80,7 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
             tokens per step, so per-step stamps are not per-token times there.
         gen_kwargs: generate() kwargs from the technique (use_cache, assistant_model, ...).
     """
-    if all(getattr(p, "ids", None) for p in prompts):  # prompts.Prompt: ids with the summary as plain text
-        inputs = tokenizer.pad({"input_ids": [p.ids for p in prompts]}, padding=True, return_tensors="pt").to(device)
-    else:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    # input_ids: [B, S]
+    inputs = encode(tokenizer, prompts, device)  # input_ids: [B, S]
     vocab = getattr(model.get_output_embeddings(), "out_features", None)  # logits width (quantized heads keep it)
     timer, latency = TokenTimer(device, vocab), LatencyTracker(device)
     timer.reset()
@@ -62,20 +90,24 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], device: str, per
             pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, **gen_kwargs,
         )
     # out: [B, S + T]
-    new = out[:, inputs["input_ids"].shape[1] :]
-    eos = set(gen_kwargs.get("eos_token_id") or eos_ids(model))
-    results = []
     start = inputs["input_ids"].shape[1]
-    for b, (row, mask) in enumerate(zip(new, inputs["attention_mask"])):
-        n = count_new_tokens(row, tokenizer.pad_token_id, eos)
-        ids = row[:n].tolist()
-        # a random-weight model keeps its architecture's vocabulary (e.g. Llama's 128,256) while borrowing a smaller
-        # tokenizer: ids the tokenizer lacks are left out of the text (the token ids keep them)
-        raw = tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
-        ttft, tpot = (timer.ttft(), timer.tpot()) if per_token else (None, None)
-        results.append(Generation(clean_headline(raw), raw, int(mask.sum()), n, latency.values[0], ttft, tpot,
-                                  token_ids=row[:n].tolist(), margins=timer.margins(b, start, n)))
-    return results
+    eos = set(gen_kwargs.get("eos_token_id") or eos_ids(model))
+    return generations(tokenizer, out[:, start:], inputs["attention_mask"], eos, latency.values[0],
+                       timer.seconds() if per_token else None, lambda b, n: timer.margins(b, start, n))
+
+
+def loop_generate(loop: Any, tokenizer: Any, prompts: list[str], device: str, max_new_tokens: int, stop_on_eos: bool,
+                  eos: set[int]) -> list[Generation]:
+    """Greedy generation of one batch with the compiled decode loop (backends/compiled_loop.py), timed like hf_generate:
+    a clock mark per token (CUDA events on a GPU), margins copied to the host once per call."""
+    inputs = encode(tokenizer, prompts, device)
+    clock, latency = step_clock(device), LatencyTracker(device)
+    clock.start()
+    with latency.track():
+        out = loop(inputs["input_ids"], inputs["attention_mask"], max_new_tokens, stop_on_eos, clock.mark)
+    margins = out.margins.tolist()
+    return generations(tokenizer, out.ids, inputs["attention_mask"], eos, latency.values[0], clock.seconds(),
+                       lambda b, n: [float(f"{m:.6g}") for m in margins[b][:n]])
 
 
 def configure_draft(draft: Any, settings: Speculative) -> dict[str, Any]:
@@ -102,10 +134,13 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
         the bound generate function, the tokenizer (for prompts) and load facts; `info["after_run"]`
         gives the numbers only known after the timed run (acceptance rate).
     """
+    from headline_bench.measure.roofline import embedding_read
     from headline_bench.measure.weights import weight_bytes
 
     model, tokenizer, info = build_model(cfg, device)
     info["weight_mb"] = weight_bytes(model) / 2**20
+    info.update(embedding_read(model))  # the MBU's bytes per step leave out an untied embedding but one row
+    info.update(embedding_read(model))  # the MBU's bytes per step leave out an untied embedding but one row
     info.update(getattr(model, "compression_facts", {}))
     if info.get("random_weights"):
         # Random weights never write a meaningful newline or EOS: a fixed output length (vLLM's --ignore-eos,
@@ -146,6 +181,12 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     context = getattr(model.config.get_text_config(), "max_position_embeddings", 10**9)
     info["max_input_tokens"] = min(params.generate.max_input_tokens, context - cfg.generate.max_new_tokens)
 
+    if cfg.decode_loop:
+        generate_fn, loop = loop_setup(model, tokenizer, cfg, gen_kwargs, device)
+        info |= loop_facts(cfg, device)
+        info["before_warmup"] = prewarm(loop, generate_fn, tokenizer, cfg.batch_size, device, gen_kwargs["max_new_tokens"], info)
+        return generate_fn, tokenizer, info
+
     def generate_fn(prompts: list[str]) -> list[Generation]:
         before = (acceptance.proposed, acceptance.accepted)
         gens = hf_generate(model, tokenizer, prompts, device, per_token=not assisted, **gen_kwargs)
@@ -154,6 +195,63 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
         return gens
 
     return generate_fn, tokenizer, info
+
+
+def loop_mode(cfg: ResolvedTechnique, device: str) -> str:
+    """The decode loop's torch.compile mode on this device kind (a dict in params picks by cpu / cuda)."""
+    mode = cfg.decode_loop.mode if cfg.decode_loop else {"cpu": "default", "cuda": "reduce-overhead"}
+    return mode["cuda" if device.startswith("cuda") else "cpu"] if isinstance(mode, dict) else mode
+
+
+def loop_facts(cfg: ResolvedTechnique, device: str) -> dict[str, Any]:
+    """What perf.json records about the decode loop: its compile mode and knobs."""
+    knobs = cfg.decode_loop.model_dump(mode="json") if cfg.decode_loop else {}
+    return {"decode_loop": {**knobs, "mode": loop_mode(cfg, device)}, "compile_mode": loop_mode(cfg, device)}
+
+
+def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: dict[str, Any], device: str) -> tuple[GenerateFn, Any]:
+    """Bind the compiled decode loop (backends/compiled_loop.py) to the model: same stop ids and output length as
+    generate() would use, fixed length (no stop check at all) when min_new_tokens reaches max_new_tokens.
+
+    Returns:
+        the generate function and the DecodeLoop behind it."""
+    from headline_bench.backends.compiled_loop import DecodeLoop
+
+    settings = cfg.decode_loop
+    clash = [k for k in ("compile", "speculative", "parallel", "device_map") if getattr(cfg, k)]
+    if clash or gen_kwargs.get("prompt_lookup_num_tokens") or cfg.generate.use_cache is False:
+        raise InputError(f"{cfg.name}: decode_loop runs its own greedy loop with a static cache; it does not combine "
+                         f"with {clash or ['prompt lookup / use_cache: false']}")
+    if settings and settings.coordinate_descent_tuning:
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True  # gpt-fast's setting: tune each generated kernel's launch config
+    loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device),
+                      settings.bucket if settings else 64)
+    n = gen_kwargs["max_new_tokens"]
+    fixed = gen_kwargs.get("min_new_tokens", 0) >= n
+    eos = set(gen_kwargs["eos_token_id"])
+    return lambda prompts: loop_generate(loop, tokenizer, prompts, device, n, not fixed, eos), loop
+
+
+def prewarm(loop: Any, generate_fn: GenerateFn, tokenizer: Any, batch_size: int, device: str, max_new_tokens: int,
+            facts: dict[str, Any]) -> Callable[[list[Any]], None]:
+    """A hook for before the warm-up: one untimed call per cache shape the run will need (one compile each), so that
+    no prompt of the timed run lands in a bucket that has not been compiled yet. Records the shapes and seconds."""
+    import time
+
+    def warm(prompts: list[Any]) -> None:
+        start, seen = time.perf_counter(), {}
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            shape = loop.shape(encode(tokenizer, batch, device)["input_ids"], max_new_tokens)
+            if shape not in seen:
+                seen[shape] = batch
+        for batch in seen.values():
+            generate_fn(batch)
+        facts["decode_loop"]["compiled_shapes"] = [list(k) for k in seen]  # (batch, cache slots, steps)
+        facts["compile_s"] = round(time.perf_counter() - start, 2)  # compiling, plus one untimed call per shape
+    return warm
 
 
 def server(entry: ServingEntry, params: Params, port: int, device: str, host: str) -> ServerSpec:

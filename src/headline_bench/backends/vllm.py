@@ -44,10 +44,12 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     from transformers import AutoTokenizer
 
     from headline_bench.data.prompts import clean_headline
+    from headline_bench.models.convert import ensure_weights
     from headline_bench.models.ref import model_source
     from headline_bench.settings import Vllm
 
     path = model_path(cfg.model_name)
+    ensure_weights(path)  # a random-weight model has no checkpoint until a loader that reads from disk needs one
     max_new = cfg.generate.max_new_tokens
     settings = (cfg.vllm or Vllm()).model_dump()
     settings["max_model_len"] = settings["max_model_len"] or params.generate.max_input_tokens + max_new

@@ -1,7 +1,9 @@
 """What the machine can do, for the bandwidth roofline: peak memory bandwidth and the bytes a decode step reads.
 
 MBU (model bandwidth utilisation, as in ../shared/ANCHORS.md) = bytes read per decode step / TPOT / peak bandwidth,
-with bytes per step = weight bytes + KV-cache bytes (every sequence of the batch reads its own cache). On a GPU the
+with bytes per step = weight bytes + KV-cache bytes (every sequence of the batch reads its own cache), where a decode
+step reads one row per sequence of an input embedding that is not tied to the output head, not all of it (gpt-fast
+and torchao leave it out too; for Llama-3.1-8B that is 1.05 GB of 16 GB). A tied embedding is read whole by the head. On a GPU the
 peak comes from the card's datasheet (the table below); on a CPU it is measured, since no table fits every socket."""
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ CARD_BANDWIDTH = [
 ]
 
 
-MBU_FORMULA = "MBU = (weight bytes + KV-cache bytes per step) / TPOT / peak bandwidth; KV bytes = 2 x layers x KV heads x head dim x dtype bytes x tokens in context x batch"
+MBU_FORMULA = ("MBU = (weight bytes - untied input embedding + one embedding row per sequence + KV-cache bytes per step) / TPOT / "
+               "peak bandwidth; KV bytes = 2 x layers x KV heads x head dim x dtype bytes x tokens in context x batch")
 
 
 def card_bandwidth(name: str) -> tuple[str, float] | None:
@@ -73,8 +76,35 @@ def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
+def embedding_read(model: Any) -> dict[str, int]:
+    """Bytes of the input embedding that a decode step does not read: all of it but one row per sequence, when the
+    output head has its own weights; 0 when they share storage (the head then reads every row each step).
+
+    Returns:
+        {"untied_embedding_bytes", "embedding_row_bytes"} (both 0 when the model has no plain embedding).
+    """
+    from headline_bench.measure.weights import _tensor_bytes
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    weight = getattr(emb, "weight", None)
+    if weight is None or weight.ndim != 2:
+        return {"untied_embedding_bytes": 0, "embedding_row_bytes": 0}
+    size = _tensor_bytes(weight, set())
+    head_weight = getattr(head, "weight", None)
+    tied = head_weight is not None and head_weight.device.type != "meta" and _shares_storage(weight, head_weight)
+    return {"untied_embedding_bytes": 0 if tied else size, "embedding_row_bytes": size // weight.shape[0]}
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (quantized head): not the embedding's storage
+        return a is b
+
+
 def bandwidth_share(weight_bytes: float, kv_bytes_per_token: float, context_tokens: float, batch: int, tpot_s: float | None,
-                    peak_gbs: float | None) -> dict[str, float | None]:
+                    peak_gbs: float | None, untied_embedding_bytes: float = 0, embedding_row_bytes: float = 0) -> dict[str, float | None]:
     """Achieved bandwidth and its share of the peak (MBU) for one technique's decode steps.
 
     Args:
@@ -85,10 +115,12 @@ def bandwidth_share(weight_bytes: float, kv_bytes_per_token: float, context_toke
         batch: sequences per step.
         tpot_s: seconds per decode step.
         peak_gbs: the machine's peak bandwidth, GB/s.
+        untied_embedding_bytes, embedding_row_bytes: embedding_read(); the step reads `batch` rows of the former.
     """
     if not tpot_s or tpot_s <= 0:
         return {"achieved_bandwidth_gbs": None, "bandwidth_share": None}
-    step_bytes = weight_bytes + kv_bytes_per_token * context_tokens * batch
+    embedding = embedding_row_bytes * batch if untied_embedding_bytes else 0
+    step_bytes = weight_bytes - untied_embedding_bytes + embedding + kv_bytes_per_token * context_tokens * batch
     achieved = step_bytes / tpot_s / 1e9
     return {"bytes_per_step_mb": step_bytes / 2**20, "achieved_bandwidth_gbs": achieved,
             "bandwidth_share": achieved / peak_gbs if peak_gbs else None}

@@ -209,16 +209,108 @@ def device_used_mb() -> float | None:
     return sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles) / 2**20
 
 
+def relative_margin(logits: torch.Tensor) -> torch.Tensor:
+    """(top1 - top2) / max(1, |top1|) [B] of float32 logits [B, V], computed on their device.
+
+    Relative, so margins compare with a dtype's machine epsilon (the lossless check's near-ties)."""
+    top = logits.topk(2, dim=-1).values  # [B, 2]
+    return (top[:, 0] - top[:, 1]) / top[:, 0].abs().clamp(min=1.0)
+
+
+class WallClock:
+    """Per-step host timestamps: on a CPU every step has finished when the host gets control back."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.t0 = 0.0
+        self.stamps: list[float] = []
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+        self.stamps = []
+
+    def mark(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Each mark's time since start()."""
+        return [t - self.t0 for t in self.stamps]
+
+
+class CudaEventClock(WallClock):
+    """Per-step CUDA events, read after the call: no host sync inside the loop.
+
+    A host timestamp per token needs torch.cuda.synchronize() per token, which stops the host from queueing the
+    next step while the GPU runs this one (issue 19: the harness, not the technique, set the GPU numbers). Events
+    are recorded on the stream in order with the work, so the elapsed time between two events is the GPU's own; the
+    start is a synchronized host point with an event recorded right after it, so TTFT includes queueing.
+    """
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.events: list[Any] = []
+        self.t0_event = torch.cuda.Event(enable_timing=True)
+        self.t0_event.record()
+
+    def mark(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+
+    def seconds(self) -> list[float]:
+        """One synchronize (on the last event) per call, then the elapsed times of every event."""
+        if not self.events:
+            return []
+        self.events[-1].synchronize()
+        return [self.t0_event.elapsed_time(e) / 1e3 for e in self.events]
+
+
+def step_clock(device: str) -> WallClock:
+    """CUDA events on a GPU, host timestamps on a CPU."""
+    return CudaEventClock(device) if device.startswith("cuda") else WallClock(device)
+
+
+def ttft_tpot(seconds: list[float]) -> tuple[float | None, float | None]:
+    """TTFT (start to the first token) and TPOT ((last - first) / (n - 1)) from per-token times since the start."""
+    if not seconds:
+        return None, None
+    return seconds[0], (seconds[-1] - seconds[0]) / (len(seconds) - 1) if len(seconds) > 1 else None
+
+
+def timing_gap(latency_s: float, seconds: list[float]) -> float | None:
+    """|end-to-end latency - (TTFT + (n-1) x TPOT)| / latency: what the per-token clock misses of the call (set-up
+    before prefill is inside TTFT; what comes after the last token is not). Issue 19 wants it within 2%."""
+    if not seconds or latency_s <= 0:
+        return None
+    return abs(latency_s - seconds[-1]) / latency_s
+
+
+TIMING_TOLERANCE = 0.02
+
+
+def timing_check(gaps: list[float | None]) -> dict[str, Any]:
+    """perf.json's summary of the per-call gaps: the largest, and whether every call is within TIMING_TOLERANCE."""
+    known = [g for g in gaps if g is not None]
+    if not known:
+        return {"timing_gap_max": None, "timing_check": "n/a: no per-token times"}
+    worst = max(known)
+    return {"timing_gap_max": worst, "timing_check": "ok" if worst <= TIMING_TOLERANCE else
+            f"TTFT + (n-1) x TPOT differs from end-to-end latency by up to {worst:.1%} (> {TIMING_TOLERANCE:.0%})"}
+
+
 class TokenTimer(LogitsProcessor):
-    """Records one timestamp and the top-2 logit margin per decoding step without editing `generate`
+    """Records one clock mark and the top-2 logit margin per decoding step without editing `generate`
     (optimum-benchmark's trick).
 
-    The processor runs after each forward pass, so the first stamp minus the start is the time to the
-    first token (prefill) and the later gaps are per-token decode times. With assisted decoding several
+    The processor runs after each forward pass, so the first mark minus the start is the time to the
+    first token (prefill) and the later gaps are per-token decode times. On a GPU the marks are CUDA events
+    (CudaEventClock): no host sync per token; on a CPU host timestamps. With assisted decoding several
     tokens land per step, so only end-to-end numbers are meaningful there.
 
     Margins are kept by the position being predicted (input_ids' length), for every row of the batch, as
-    (top1 - top2) / max(1, |top1|): relative, so they compare with a dtype's machine epsilon. Assisted
+    (top1 - top2) / max(1, |top1|): relative, so they compare with a dtype's machine epsilon. They stay on the
+    device until margins() copies them once per call. Assisted
     decoding calls the processor once per candidate position and verifies again from the first rejected
     one, so a later call for the same position overwrites the rejected branch's value. The draft model of
     speculative decoding runs the same processors: with the target's vocabulary its positions are verified
@@ -228,25 +320,22 @@ class TokenTimer(LogitsProcessor):
     def __init__(self, device: str = "cpu", vocab_size: int | None = None) -> None:
         self.device = device
         self.vocab_size = vocab_size  # margins only from logits of this width: a draft with another vocabulary calls us too
-        self.start = 0.0
-        self.stamps: list[float] = []
+        self.clock = step_clock(device)
         self.gaps: dict[int, torch.Tensor] = {}
         self._on_host: dict[int, list[float]] | None = None
+        self._seconds: list[float] | None = None
 
     def reset(self) -> None:
-        synchronize(self.device)
-        self.start = time.perf_counter()
-        self.stamps = []
+        self.clock.start()
         self.gaps = {}
         self._on_host = None
+        self._seconds = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
+        self.clock.mark()
         if self.vocab_size is not None and scores.shape[-1] != self.vocab_size:
             return scores
-        top = scores.detach().float().topk(2, dim=-1).values  # [B, 2]
-        self.gaps[input_ids.shape[1]] = (top[:, 0] - top[:, 1]) / top[:, 0].abs().clamp(min=1.0)  # [B]
+        self.gaps[input_ids.shape[1]] = relative_margin(scores.detach().float())  # [B]
         return scores
 
     def margins(self, row: int, start: int, n: int) -> list[float] | None:
@@ -254,17 +343,23 @@ class TokenTimer(LogitsProcessor):
         if not all(start + i in self.gaps for i in range(n)):
             return None
         if self._on_host is None:  # one device-to-host copy per call, not one per value
-            self._on_host = {k: v.tolist() for k, v in self.gaps.items()}
+            keys = sorted(self.gaps)
+            values = torch.stack([self.gaps[k] for k in keys]).tolist() if keys else []
+            self._on_host = dict(zip(keys, values))
         return [float(f"{self._on_host[start + i][row]:.6g}") for i in range(n)]
 
+    def seconds(self) -> list[float]:
+        """Each token's time since reset(), read once (the clock's one sync on a GPU)."""
+        if self._seconds is None:
+            self._seconds = self.clock.seconds()
+        return self._seconds
+
     def ttft(self) -> float | None:
-        return self.stamps[0] - self.start if self.stamps else None
+        return ttft_tpot(self.seconds())[0]
 
     def tpot(self) -> float | None:
         """Mean decode time per output token after the first."""
-        if len(self.stamps) < 2:
-            return None
-        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+        return ttft_tpot(self.seconds())[1]
 
 
 class AcceptanceTracker:

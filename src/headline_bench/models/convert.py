@@ -85,31 +85,63 @@ def tokenizer_folder(spec: ModelEntry, models: dict[str, ModelEntry]) -> Path:
 
 
 def build_random(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry]) -> dict[str, Any]:
-    """A shipped architecture with seeded random weights, saved like a converted model (on the GPU when there is one)."""
+    """A shipped architecture with seeded random weights: config, tokenizer and source.json only.
+
+    The weights are not written: techniques build them from the seed on their device in about a second
+    (random_model), where `save_pretrained` of an 8B model took 33 s of the GPU check. A technique that must load
+    from disk (load-time quantizers, vLLM, tensor parallel, device_map) gets them written once by ensure_weights.
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     start = time.perf_counter()
     config_path = Path(str(spec.config))
     if not config_path.exists():
         raise Skip(f"{config_path}: config file not found")
     config = AutoConfig.from_pretrained(config_path.parent if config_path.name == "config.json" else config_path)
-    dtype = getattr(torch, spec.dtype or str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
+    dtype = spec.dtype or str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(spec, models))
-    model.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": spec.seed, "init_device": device,
-            "config": str(config_path), "tokenizer_from": spec.tokenizer_from, "params": sum(p.numel() for p in model.parameters()),
-            "dtype": str(dtype).replace("torch.", ""), "convert_s": round(time.perf_counter() - start, 1)}
+            "config": str(config_path), "tokenizer_from": spec.tokenizer_from, "params": count_params(config),
+            "dtype": dtype, "weights": "built from the seed at load (models.convert.random_model)", "convert_s": round(time.perf_counter() - start, 1)}
     write_json(out / "source.json", info)
     return info
 
 
+def random_model(folder: Path, dtype: Any = None) -> Any:
+    """The seeded random-weight model of a build_random folder, built on its recorded init device (same seed, same
+    device, same weights: every technique of a check sees the same model, with or without a checkpoint)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    info = json.loads((folder / "source.json").read_text())
+    device = info["init_device"] if info["init_device"] == "cpu" or torch.cuda.is_available() else "cpu"
+    torch.manual_seed(int(info["seed"]))
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype or getattr(torch, info["dtype"]))
+
+
+def has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def ensure_weights(folder: Path) -> None:
+    """Write a random-weight model's checkpoint if it has none yet (for loaders that read from disk)."""
+    if has_weights(folder) or not (folder / "source.json").exists():
+        return
+    start = time.perf_counter()
+    random_model(folder).save_pretrained(folder)
+    log.info("models: wrote %s's random weights for a loader that reads from disk (%.0f s)", folder.name, time.perf_counter() - start)
+
+
 def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry] | None = None) -> dict[str, Any]:
+
     """Make one model loadable from `out`: pin a hub id, build random weights, or save a local folder or packaged
     GGUF as a plain safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

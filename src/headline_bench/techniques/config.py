@@ -13,6 +13,7 @@ from headline_bench.errors import InputError, Skip
 from headline_bench.models.ref import model_path
 from headline_bench.settings import (
     Compile,
+    DecodeLoop,
     DType,
     Engine,
     GenerateKwargs,
@@ -52,6 +53,7 @@ class ResolvedTechnique(BaseModel):
     threads: int | None = None
     only_on: str | None = None
     vllm: Vllm | None = None
+    decode_loop: DecodeLoop | None = None
 
     def record(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)

@@ -66,7 +66,8 @@ def apply_quantize(model: nn.Module, spec: Quantize) -> nn.Module:
     parameters the 49k x 576 head is a third of the bytes read per token. The head is tied to the input
     embedding, so it gets its own copy first: the embedding lookup stays dense, the head matmul goes int4.
     TorchAoConfig at load time left the tied head dense, hence quantize_ here. Group size 64 because
-    SmolLM2's hidden size 576 does not divide by 128.
+    SmolLM2's hidden size 576 does not divide by 128. On a CUDA model the same knob picks torchao's tinygemm layout
+    (bf16 activations; untested on CPU-only machines, a recorded failure if the kernel is missing).
     """
     if spec.method != "torchao_int4":
         return model
@@ -78,6 +79,10 @@ def apply_quantize(model: nn.Module, spec: Quantize) -> nn.Module:
     head = model.get_output_embeddings()
     if spec.include_lm_head and head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
-    quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=spec.group_size, set_inductor_config=False),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (spec.include_lm_head or m is not head))
+    config = PrototypeInt4WeightOnlyConfig(group_size=spec.group_size, set_inductor_config=False)
+    if next(model.parameters()).device.type == "cuda":  # the CUDA counterpart: tinygemm's tile-packed layout (gpt-fast's int4)
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        config = Int4WeightOnlyConfig(group_size=spec.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and (spec.include_lm_head or m is not head))
     return model

@@ -1,0 +1,201 @@
+"""A gpt-fast style greedy decode loop on transformers' own model and StaticCache (the `compiled_loop` technique).
+
+`generate()` wraps every decode step in ~35-40 small eager operations (a new 4D mask, a float32 logits copy, logits
+processors, stopping criteria) and syncs with the host once per token for its stop check. Here one step function
+does everything a step needs, traced with `fullgraph=True` (CUDA graphs on a GPU, `mode: reduce-overhead`):
+
+- the attention mask and the position ids are built in-graph from a device-side position `pos`, so no host value
+  enters the step and two prompt lengths in the same cache bucket share one compiled frame;
+- argmax and the relative top-2 margin go into preallocated buffers at a device-side step index;
+- a device-side `done` flag per row is updated in-graph; rows that are done emit the pad id (as `generate` does).
+
+The host reads the "all rows done" flag one step late (a pinned copy + an event on CUDA), so the GPU never waits for
+the host; fixed-length runs (random weights: min_new_tokens == max_new_tokens) never read it. With EOS at step s the
+loop yields s + 1 tokens and runs at most one forward more than needed.
+
+The cache is sized to prompt + new tokens rounded up to `bucket` slots (a 640-slot cache for ~85-token contexts made
+every step read 7x the keys it needed) and reused across calls of the same bucket and batch size. Prefill runs eager
+with the model's own 2D-mask handling (exactly what `generate` does, so left padding behaves the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from headline_bench.measure.trackers import relative_margin
+
+
+@dataclass
+class LoopOutput:
+    """What one call of DecodeLoop produced: ids [B, steps] (pad after a row's EOS), margins [B, steps], steps run."""
+
+    ids: torch.Tensor
+    margins: torch.Tensor
+    forwards: int
+
+
+def round_up(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+class DecodeLoop:
+    """Greedy decoding with one compiled step per token.
+
+    Args:
+        model: a causal LM whose forward accepts a 4D boolean mask, position_ids, `cache` and logits_to_keep
+            (transformers' Llama family does).
+        eos_ids: ids that end a row (newline ids included for the headline task).
+        pad_id: what a finished row emits afterwards.
+        compile_mode: torch.compile mode ("default" on CPU, "reduce-overhead" for CUDA graphs), None: eager steps
+            (for tests that compare the loop with and without compilation).
+        bucket: cache slots are prompt + new tokens rounded up to a multiple of this.
+        backend: torch.compile backend; tests use "eager" to check the trace (fullgraph, frames) without inductor.
+    """
+
+    def __init__(self, model: Any, eos_ids: set[int], pad_id: int, compile_mode: str | None = "default", bucket: int = 64,
+                 backend: str = "inductor") -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=self.device)
+        self.pad_id = pad_id
+        self.bucket = bucket
+        self.limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.step_fn: Callable[..., None] = self._step
+        if compile_mode is not None:
+            mode = compile_mode if backend == "inductor" else None
+            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+        self._state: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self.forwards = 0  # model forwards run, prefill included (tests count the extra one after EOS)
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+    def _buffers(self, batch: int, slots: int, steps: int) -> dict[str, Any]:
+        """Cache and device buffers for one (batch, cache slots, steps) shape, allocated once and marked static so the
+        compiled step (and its CUDA graph) sees the same addresses every call."""
+        key = (batch, slots, steps)
+        if key not in self._state:
+            from transformers import StaticCache
+
+            d = self.device
+            state = {
+                "cache": StaticCache(config=self.model.config, max_cache_len=slots),
+                "token": torch.zeros(batch, 1, dtype=torch.long, device=d),
+                "pos": torch.zeros((), dtype=torch.long, device=d),  # cache slot of the token being fed
+                "t": torch.zeros(1, dtype=torch.long, device=d),  # column of the token being produced
+                "keep": torch.zeros(batch, slots, dtype=torch.bool, device=d),  # False on left padding
+                "pad": torch.zeros(batch, dtype=torch.long, device=d),  # left pads per row
+                "done": torch.zeros(batch, dtype=torch.bool, device=d),
+                "all_done": torch.zeros(1, dtype=torch.bool, device=d),
+                "ids": torch.zeros(batch, steps, dtype=torch.long, device=d),
+                "margins": torch.zeros(batch, steps, dtype=torch.float32, device=d),
+            }
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    torch._dynamo.mark_static_address(value)
+            self._state[key] = state
+        return self._state[key]
+
+    # -- one token -----------------------------------------------------------------------------------------------------
+    def _pick(self, logits: torch.Tensor, s: dict[str, Any], suppress_eos: bool) -> None:
+        """Write the next token of every row, its margin and the done flags into the state buffers (in place)."""
+        logits = logits.float()
+        if suppress_eos:  # generate()'s MinNewTokensLengthLogitsProcessor: EOS cannot win before min_new_tokens
+            logits = logits.index_fill(1, self.eos, float("-inf"))
+        nxt, margin = logits.argmax(dim=-1), relative_margin(logits)
+        nxt = torch.where(s["done"], self.pad_id, nxt)
+        s["ids"].index_copy_(1, s["t"], nxt[:, None])
+        s["margins"].index_copy_(1, s["t"], margin[:, None])
+        s["done"].logical_or_(torch.isin(nxt, self.eos))
+        s["all_done"].copy_(s["done"].all().view(1))
+        s["token"].copy_(nxt[:, None])
+        s["t"].add_(1)
+
+    def _step(self, s: dict[str, Any], suppress_eos: bool) -> None:
+        """One decode step, built to trace as a single graph: mask and positions come from `pos`, a device tensor."""
+        slots = s["keep"].shape[1]
+        visible = (torch.arange(slots, device=s["keep"].device) <= s["pos"]) & s["keep"]  # [B, L]
+        position_ids = (s["pos"] - s["pad"]).unsqueeze(1)  # [B, 1]: generate's cumsum(mask) - 1 for the new token
+        out = self.model(input_ids=s["token"], attention_mask=visible[:, None, None, :], position_ids=position_ids,
+                         cache=s["cache"], use_cache=True, logits_to_keep=1)
+        s["pos"].add_(1)
+        self._pick(out.logits[:, -1], s, suppress_eos)
+
+    def shape(self, input_ids: torch.Tensor, max_new_tokens: int) -> tuple[int, int, int]:
+        """The (batch, cache slots, steps) a call compiles for: one frame and one cache per shape (the cache tensors
+        are static addresses, which dynamo guards by identity, so a new shape is a new frame)."""
+        batch, length = input_ids.shape
+        slots = round_up(length + max_new_tokens, self.bucket)
+        if self.limit:
+            slots = min(slots, max(self.limit, length + max_new_tokens))
+        return batch, slots, max_new_tokens
+
+    # -- a call --------------------------------------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, suppress_eos: bool) -> dict[str, Any]:
+        """Reset the buffers for this batch and run the prompt eagerly; the first token lands in column 0.
+
+        Args:
+            input_ids: [B, S] left-padded prompts.
+            attention_mask: [B, S], 0 on padding.
+        """
+        length = input_ids.shape[1]
+        s = self._buffers(*self.shape(input_ids, max_new_tokens))
+        s["cache"].reset()
+        s["keep"].fill_(True)
+        s["keep"][:, :length].copy_(attention_mask.bool())
+        s["pad"].copy_(length - attention_mask.sum(dim=1))
+        for name in ("done", "all_done", "t", "margins", "ids"):
+            s[name].zero_()
+        s["pos"].fill_(length)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=s["cache"],
+                         use_cache=True, logits_to_keep=1)
+        self.forwards += 1
+        self._pick(out.logits[:, -1], s, suppress_eos)
+        return s
+
+    def decode(self, s: dict[str, Any], max_new_tokens: int, stop_on_eos: bool, mark: Callable[[], None] = lambda: None) -> LoopOutput:
+        """Run the compiled step until max_new_tokens or (stop_on_eos) every row is done, read one step late.
+
+        Args:
+            mark: called after each step is queued (the step clock's stamp or CUDA event).
+        """
+        flags = [torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") for _ in range(2)]
+        events: list[Any] = [None, None]
+        produced = 1
+        if stop_on_eos:  # the prefill's flag, read before the first step (it is one step old by then)
+            self._queue_flag(s, flags, events, 0)
+        for i in range(1, max_new_tokens):
+            if stop_on_eos and self._read_flag(flags, events, (i - 1) % 2):
+                break
+            self.step_fn(s, not stop_on_eos)  # a fixed-length run suppresses EOS, as min_new_tokens does in generate()
+            self.forwards += 1
+            produced += 1
+            mark()
+            if stop_on_eos:
+                self._queue_flag(s, flags, events, i % 2)
+        return LoopOutput(s["ids"][:, :produced], s["margins"][:, :produced], produced)
+
+    def _queue_flag(self, s: dict[str, Any], flags: list[torch.Tensor], events: list[Any], slot: int) -> None:
+        """Copy the all-done flag to host memory without waiting (a pinned copy and an event on CUDA)."""
+        flags[slot].copy_(s["all_done"], non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            events[slot] = torch.cuda.Event()
+            events[slot].record()
+
+    @staticmethod
+    def _read_flag(flags: list[torch.Tensor], events: list[Any], slot: int) -> bool:
+        """The flag queued one step ago: by now the GPU has usually finished it, so the wait is short or none."""
+        if events[slot] is not None:
+            events[slot].synchronize()
+        return bool(flags[slot][0])
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_on_eos: bool = True,
+                 mark: Callable[[], None] = lambda: None) -> LoopOutput:
+        """Greedy ids and margins for a left-padded batch; `mark` is called after the first token and each step."""
+        with torch.inference_mode():
+            s = self.prefill(input_ids, attention_mask, max_new_tokens, suppress_eos=not stop_on_eos)
+            mark()
+            return self.decode(s, max_new_tokens, stop_on_eos, mark)

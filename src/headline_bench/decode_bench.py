@@ -1,0 +1,121 @@
+"""scripts/bench-decode: the compiled decode loop with cpu_fast's recipe against llama.cpp on the same rows (issue 19).
+
+Each technique runs in its own generate-stage process over the same prepared rows, in a scratch folder that links the
+repository's converted models (data/models: `dvc repro models` first). Printed and written to --out: tokens/s and
+mean TPOT per technique with bootstrap intervals over rows, and the paired ratio of TPOTs (target: <= 1, no slower
+per token than llama.cpp). Timings need a quiet machine: nothing else on the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from headline_bench.analysis.stats import bootstrap_means, interval, paired_ratio
+from headline_bench.files import ROOT, read_jsonl, write_json
+from headline_bench.gpu_check import merge, stage
+from headline_bench.logs import log, setup_logging
+
+
+def rate_interval(tokens: list[float], seconds: list[float], samples: int, seed: int) -> tuple[float, float, float]:
+    """sum(tokens) / sum(seconds) with a bootstrap interval over rows."""
+    dist = bootstrap_means([tokens, seconds], samples, seed)
+    return float(sum(tokens) / sum(seconds)), *interval(dist[:, 0] / dist[:, 1], 0.95)
+
+
+def mean_interval(values: list[float], samples: int, seed: int) -> tuple[float, float, float]:
+    return float(np.mean(values)), *interval(bootstrap_means(values, samples, seed)[:, 0], 0.95)
+
+
+def summarize(records: dict[str, list[dict[str, Any]]], samples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Per technique: tokens/s and TPOT with 95% intervals over the rows every technique timed; the paired TPOT ratio
+    of the first technique to the second."""
+    timed = {name: {r["id"]: r for r in rows if r.get("tpot_s") is not None} for name, rows in records.items()}
+    common = sorted(set.intersection(*(set(t) for t in timed.values())))
+    out: dict[str, Any] = {"rows": len(common), "techniques": {}}
+    for name, rows in timed.items():
+        picked = [rows[i] for i in common]
+        tps = rate_interval([r["new_tokens"] for r in picked], [r["latency_s"] for r in picked], samples, seed)
+        tpot = mean_interval([r["tpot_s"] for r in picked], samples, seed)
+        out["techniques"][name] = {"tokens_per_s": tps, "tpot_s": tpot, "new_tokens_mean": float(np.mean([r["new_tokens"] for r in picked]))}
+    if len(timed) >= 2 and common:
+        first, second = list(timed)[:2]
+        out["tpot_ratio"] = {"of": first, "to": second, "ratio": paired_ratio([timed[first][i]["tpot_s"] for i in common],
+                                                                             [timed[second][i]["tpot_s"] for i in common], samples, 0.95, seed)}
+    return out
+
+
+def markdown(summary: dict[str, Any], facts: dict[str, Any]) -> str:
+    lines = [f"# Decode on this CPU: {', '.join(summary['techniques'])}", "",
+             f"{summary['rows']} rows timed by every technique; {facts['command']}", "",
+             "| technique | tokens/s [95% CI] | TPOT ms [95% CI] | new tokens (mean) |", "|---|---|---|---|"]
+    for name, t in summary["techniques"].items():
+        tps, tpot = t["tokens_per_s"], t["tpot_s"]
+        lines.append(f"| {name} | {tps[0]:.1f} [{tps[1]:.1f}, {tps[2]:.1f}] | {tpot[0] * 1e3:.2f} [{tpot[1] * 1e3:.2f}, {tpot[2] * 1e3:.2f}] "
+                     f"| {t['new_tokens_mean']:.1f} |")
+    if r := summary.get("tpot_ratio"):
+        lo, hi = r["ratio"][1:]
+        lines += ["", f"TPOT ratio {r['of']} / {r['to']}: {r['ratio'][0]:.3f} [{lo:.3f}, {hi:.3f}] (paired over rows; <= 1 meets the target)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--techniques", default="compiled_loop_cpu,llamacpp", help="comma-separated; the TPOT ratio is first / second")
+    p.add_argument("--rows", type=int, default=100, help="prepare.n")
+    p.add_argument("--source", default=None, help="prepare.source (default: params.yaml's, the embedded sample)")
+    p.add_argument("--set", action="append", default=[], help="extra params overlay as YAML, e.g. 'prepare: {summary_column: short_description}'")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "decode-cpu")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a fresh one under /tmp)")
+    args = p.parse_args(argv)
+    setup_logging()
+    models = ROOT / "data" / "models"
+    if not (models / "smollm2-135m" / "config.json").exists():
+        raise SystemExit(f"error: {models}/smollm2-135m is not converted; run `dvc repro models` first")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    names = args.techniques.split(",")
+    over: dict[str, Any] = {"prepare": {"n": args.rows}}
+    for extra in args.set:
+        over = merge(over, yaml.safe_load(extra))
+    params = merge(params, over)
+    params["techniques"] = {n: params["techniques"][n] for n in names}
+    params["technique"] = names[0]
+    source = Path(args.source or params["prepare"]["source"])
+    params["prepare"]["source"] = str(source if source.is_absolute() else (Path.cwd() if args.source else ROOT) / source)
+    work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-decode-{os.getpid()}"
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    if not (work / "data" / "models").exists():
+        (work / "data" / "models").symlink_to(models, target_is_directory=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    code, _ = stage(["prepare.py"], work, 600)
+    if code != 0:
+        raise SystemExit(f"error: bench-decode: prepare failed (exit {code})")
+    for name in names:
+        code, seconds = stage(["generate.py", name], work, 3600)
+        log.info("bench-decode: %s exit %s in %.0f s", name, code, seconds)
+        if code != 0:
+            raise SystemExit(f"error: bench-decode: {name} failed (exit {code})")
+    perf = {n: json.loads((work / "metrics" / "techniques" / n / "perf.json").read_text()) for n in names}
+    skipped = {n: p.get("skipped") or p.get("failed") for n, p in perf.items() if p.get("skipped") or p.get("failed")}
+    if skipped:
+        raise SystemExit(f"error: bench-decode: not timed: {skipped}")
+    summary = summarize({n: read_jsonl(work / "data" / "generations" / f"{n}.jsonl") for n in names})
+    facts = {"command": "scripts/bench-decode " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+             "env": perf[names[0]].get("env"), "threads": {n: perf[n].get("threads") or perf[n].get("env", {}).get("torch_threads") for n in names},
+             "warmup_runs": params["generate"]["warmup_runs"], "repeats": params["generate"].get("repeats", 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "summary.json", {**summary, **facts, "perf": {n: {k: perf[n].get(k) for k in ("tpot_s_p50", "ttft_s_p50", "tokens_per_s",
+                                                                                                      "weight_mb", "compile_s", "timing_check")} for n in names}})
+    text = markdown(summary, facts)
+    (args.out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

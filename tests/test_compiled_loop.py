@@ -1,0 +1,227 @@
+"""The compiled decode loop (backends/compiled_loop.py) against greedy generate(), and the timers that must not slow
+what they time (measure/trackers.py): token ids, margins, early stop, one traced frame, no host sync in the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from headline_bench.backends.compiled_loop import DecodeLoop
+from headline_bench.measure import trackers
+from headline_bench.measure.roofline import bandwidth_share, embedding_read
+
+EOS = 2
+PROMPTS = ["a summary of the news, in a few words", "short"]
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_llama: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.padding_side = "left"
+    return model, tok
+
+
+def reference(model: Any, tok: Any, prompts: list[str], n: int, eos: set[int], fixed: bool) -> tuple[torch.Tensor, list[list[float]]]:
+    """generate()'s greedy ids [B, T] (pad after EOS) and TokenTimer's margins, for the same stop ids."""
+    from headline_bench.backends.transformers import encode
+
+    inputs = encode(tok, prompts, "cpu")
+    timer = trackers.TokenTimer("cpu")
+    timer.reset()
+    extra = {"min_new_tokens": n} if fixed else {}
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=n, eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id,
+                         logits_processor=[timer], **extra)
+    start = inputs["input_ids"].shape[1]
+    new = out[:, start:]
+    return new, [timer.margins(b, start, new.shape[1]) for b in range(len(prompts))]
+
+
+def run_loop(loop: DecodeLoop, tok: Any, prompts: list[str], n: int, stop: bool) -> Any:
+    from headline_bench.backends.transformers import encode
+
+    inputs = encode(tok, prompts, "cpu")
+    return loop(inputs["input_ids"], inputs["attention_mask"], n, stop_on_eos=stop)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fixed: bool) -> None:
+    """Batch 1 and a left-padded batch of 2, EOS-stopped and fixed-length: same ids as generate(), margins within 1e-6.
+    The step is traced with fullgraph=True (the eager backend: dynamo's trace without inductor's compile time)."""
+    model, tok = model_tok
+    prompts = PROMPTS[:batch]
+    fixed_ids, _ = reference(model, tok, prompts, 10, {EOS}, fixed=True)
+    # a stop id the model actually writes mid-way, so the EOS-stopped run really stops early (random weights)
+    eos = {EOS} if fixed else {int(fixed_ids[0, 4])}
+    want, want_margins = reference(model, tok, prompts, 10, eos, fixed)
+    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager")
+    out = run_loop(loop, tok, prompts, 10, stop=not fixed)
+    got = out.ids[:, : want.shape[1]]
+    assert torch.equal(got, want), (got, want)
+    if not fixed:
+        assert out.ids.shape[1] <= want.shape[1] + 1  # at most one step past the last row's EOS
+    for b in range(batch):
+        assert out.margins[b, : want.shape[1]].tolist() == pytest.approx(want_margins[b], abs=1e-6)
+
+
+def test_eos_at_step_s_gives_s_plus_1_tokens_and_at_most_one_extra_forward(model_tok: tuple[Any, Any]) -> None:
+    model, tok = model_tok
+    probe = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
+    ids = run_loop(probe, tok, PROMPTS[:1], 12, stop=False).ids[0].tolist()
+    s = next(i for i in range(2, 12) if ids[i] not in ids[:i])  # first step whose token is new: it becomes the EOS
+    loop = DecodeLoop(model, {ids[s]}, tok.pad_token_id, compile_mode=None)
+    out = run_loop(loop, tok, PROMPTS[:1], 12, stop=True)
+    from headline_bench.backends.base import count_new_tokens
+
+    assert count_new_tokens(out.ids[0], tok.pad_token_id, {ids[s]}) == s + 1
+    assert out.ids[0, : s + 1].tolist() == ids[: s + 1]
+    assert s + 1 <= loop.forwards <= s + 2  # prefill + s steps are needed; the flag is read one step late
+
+
+def test_step_compiles_to_one_frame_across_prompt_lengths(model_tok: tuple[Any, Any]) -> None:
+    """Inductor, fullgraph=True (a graph break would raise): two prompt lengths in the same cache bucket, one frame,
+    and the compiled loop's ids equal the eager loop's."""
+    from torch._dynamo.utils import counters
+
+    model, tok = model_tok
+    torch._dynamo.reset()
+    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default")
+    eager = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
+    before = counters["stats"]["unique_graphs"]
+    for prompt in ("a summary of the news", "another, longer summary of the news today"):
+        got = run_loop(loop, tok, [prompt], 6, stop=True)
+        want = run_loop(eager, tok, [prompt], 6, stop=True)
+        assert torch.equal(got.ids, want.ids)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert len(loop._state) == 1  # one cache, reused across calls
+
+
+class FakeEvent:
+    """torch.cuda.Event on a CPU: record() notes the order, elapsed_time() gives 1 ms per event, synchronize() counts."""
+
+    made = 0
+    syncs = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        FakeEvent.made += 1
+        self.index = FakeEvent.made
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        FakeEvent.syncs += 1
+
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return float(other.index - self.index)
+
+
+@pytest.fixture()
+def host_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of everything that would make the host wait for the GPU: cuda.synchronize, Event.synchronize, and
+    reading a tensor's value (.item(), .cpu(), .tolist(), bool())."""
+    counts = {"cuda.synchronize": 0}
+    FakeEvent.made = FakeEvent.syncs = 0
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: counts.__setitem__("cuda.synchronize", counts["cuda.synchronize"] + 1))
+    return counts
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch, counts: dict[str, int]) -> None:
+    for name in ("item", "cpu", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        counts[name] = 0
+
+        def counting(self: torch.Tensor, *a: Any, _name: str = name, _f: Any = original, **k: Any) -> Any:
+            counts[_name] += 1
+            return _f(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+def test_event_clock_makes_no_host_sync_inside_the_loop(model_tok: tuple[Any, Any], host_syncs: dict[str, int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed-length run of the loop with the CUDA event clock: no sync and no value read between the first and the
+    last token; one synchronize on the last event when the times are read."""
+    from headline_bench.backends.transformers import encode
+
+    model, tok = model_tok
+    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
+    inputs = encode(tok, PROMPTS[:1], "cpu")
+    clock = trackers.CudaEventClock("cuda")
+    clock.start()
+    with torch.inference_mode():
+        state = loop.prefill(inputs["input_ids"], inputs["attention_mask"], 8, suppress_eos=True)
+        clock.mark()
+        with monkeypatch.context() as m:
+            count_reads(m, host_syncs)
+            out = loop.decode(state, 8, stop_on_eos=False, mark=clock.mark)
+            inside = dict(host_syncs)
+    assert inside == {"cuda.synchronize": 1, "item": 0, "cpu": 0, "tolist": 0, "__bool__": 0}  # the 1: clock.start()
+    assert FakeEvent.syncs == 0 and out.forwards == 8
+    seconds = clock.seconds()
+    assert FakeEvent.syncs == 1 and len(seconds) == 8 and seconds == sorted(seconds)
+    ttft, tpot = trackers.ttft_tpot(seconds)
+    assert ttft == pytest.approx(1e-3) and tpot == pytest.approx(1e-3)
+
+
+def test_token_timer_on_cuda_records_events_not_syncs(host_syncs: dict[str, int]) -> None:
+    timer = trackers.TokenTimer("cuda")
+    timer.reset()
+    for _ in range(5):
+        timer(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[3.0, 1.0, 0.0]]))
+    assert host_syncs["cuda.synchronize"] == 1 and FakeEvent.syncs == 0  # reset() alone
+    assert timer.ttft() == pytest.approx(1e-3) and timer.tpot() == pytest.approx(1e-3)
+    assert FakeEvent.syncs == 1
+
+
+def test_timing_check_flags_a_gap_over_two_percent() -> None:
+    assert trackers.timing_gap(1.0, [0.1, 0.5, 0.99]) == pytest.approx(0.01)
+    assert trackers.timing_check([0.01, None])["timing_check"] == "ok"
+    assert "5.0%" in trackers.timing_check([0.01, 0.05])["timing_check"]
+    assert trackers.timing_check([None])["timing_gap_max"] is None
+
+
+def test_mbu_reads_one_row_of_an_untied_embedding(model_tok: tuple[Any, Any]) -> None:
+    model, _ = model_tok
+    emb = model.get_input_embeddings().weight
+    facts = embedding_read(model)
+    tied = model.get_output_embeddings().weight is emb
+    assert facts["embedding_row_bytes"] == emb.shape[1] * emb.element_size()
+    assert facts["untied_embedding_bytes"] == (0 if tied else emb.numel() * emb.element_size())
+    # Llama-3.1-8B's shape in bf16: 16.06 GB of weights, of which the untied 128,256 x 4,096 embedding is 1.05 GB
+    embedding, row = 128256 * 4096 * 2, 4096 * 2
+    whole = bandwidth_share(16.06e9, 0, 0, 1, 0.005, 4800)
+    read = bandwidth_share(16.06e9, 0, 0, 1, 0.005, 4800, embedding, row)
+    assert read["bytes_per_step_mb"] * 2**20 == pytest.approx(16.06e9 - embedding + row)
+    assert read["bandwidth_share"] < whole["bandwidth_share"]
+    assert bandwidth_share(16.06e9, 0, 0, 2, 0.005, 4800, embedding, row)["bytes_per_step_mb"] * 2**20 == pytest.approx(16.06e9 - embedding + 2 * row)
+
+
+def test_prewarm_compiles_every_cache_shape_before_the_timed_run(tiny_llama: Path, models_dir: Path) -> None:
+    """Prompts in two cache buckets: the hook run before the warm-up traces both shapes, the timed calls trace none."""
+    from torch._dynamo.utils import counters
+
+    from headline_bench.backends.transformers import setup
+    from headline_bench.settings import parse
+    from headline_bench.techniques.config import resolve
+
+    params = parse({"base": {"model": "tiny", "target": "tiny", "dtype": "float32"}, "generate": {"max_new_tokens": 6, "max_input_tokens": 900},
+                    "techniques": {"compiled_loop": {"decode_loop": {"mode": "default", "bucket": 16}}}})
+    cfg = resolve(params, "compiled_loop")
+    torch._dynamo.reset()
+    generate_fn, _, info = setup(cfg, params, "cpu")
+    prompts = ["news", "a much longer summary of the news of the day, in many more words", "more news"]
+    before = counters["stats"]["unique_graphs"]
+    info["before_warmup"](prompts)
+    assert [s[1] for s in info["decode_loop"]["compiled_shapes"]] == [16, 80] and info["compile_s"] > 0
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled - before == 2
+    gens = [g for p in prompts for g in generate_fn([p])]
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert all(g.ttft_s and g.tpot_s and g.timing_gap is not None and len(g.margins) == g.new_tokens for g in gens)

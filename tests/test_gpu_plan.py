@@ -1,0 +1,69 @@
+"""The GPU check's planner: skips written in-process (no subprocess per skipped technique) and a clean-state order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from headline_bench import gpu_check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_planner_writes_skips_without_a_subprocess(models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_process(*a: object, **k: object) -> None:
+        raise AssertionError("the planner started a process")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"].update(model="tiny", target="tiny", device="cpu")
+    wanted = ["quant4", "prune_l1", "compiled_loop", "vllm", "kv_cache", "layer_split_balanced", "static_compile", "baseline"]
+    params["techniques"] = {name: params["techniques"][name] for name in wanted}
+    params["techniques"]["cuda_only"] = {"only_on": "cuda"}
+    params["techniques"]["layer_split_balanced"].pop("reference")  # its reference does not run in this pass (as pass_params does)
+    params["models"]["tiny"] = {"path": str(models_dir / "tiny")}
+    params.pop("serving")
+    work = tmp_path / "work"
+    work.mkdir()
+    run, skips = gpu_check.plan(params, work)
+    assert run == ["kv_cache", "baseline", "compiled_loop", "static_compile", "prune_l1", "quant4"]
+    assert set(skips) == {"vllm", "layer_split_balanced", "cuda_only"}
+    for name, reason in skips.items():
+        perf = json.loads((work / "metrics" / "techniques" / name / "perf.json").read_text())
+        assert perf["skipped"] == reason and perf["device"] == "cpu"
+        assert (work / "data" / "generations" / f"{name}.jsonl").read_text() == ""
+    assert not (work / "metrics" / "techniques" / "kv_cache").exists()  # run ones are the worker's to write
+    assert Path.cwd() != work
+
+
+def test_pass_keys_are_not_params_overlays() -> None:
+    spec = yaml.safe_load((ROOT / "src" / "headline_bench" / "gpu_check.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, entry in spec["passes"].items():
+        overlay = {k: v for k, v in entry.items() if k not in gpu_check.PASS_KEYS}
+        out = gpu_check.pass_params(params, spec["common"], overlay, None)
+        assert set(out) == set(params), name
+        assert set(entry.get("row_caps") or {}) <= set(out["techniques"]), name
+        assert entry.get("solo_check") in (None, *out["techniques"]), name
+
+
+def test_bench_decode_summary_pairs_rows_and_gives_intervals() -> None:
+    """scripts/bench-decode's numbers: rows both techniques timed, tokens/s = tokens / seconds, paired TPOT ratio."""
+    from headline_bench.decode_bench import markdown, summarize
+
+    fast = [{"id": i, "new_tokens": 10, "latency_s": 0.5 + 0.01 * i, "tpot_s": 0.02 + 0.001 * i} for i in range(6)]
+    slow = [{"id": i, "new_tokens": 10, "latency_s": 1.0, "tpot_s": 0.04 + 0.002 * i} for i in range(5)]  # row 5 missing
+    slow.append({"id": 5, "new_tokens": 0, "latency_s": 1.0, "tpot_s": None})
+    out = summarize({"compiled_loop_cpu": fast, "llamacpp": slow}, samples=2000)
+    assert out["rows"] == 5
+    tps = out["techniques"]["compiled_loop_cpu"]["tokens_per_s"]
+    assert tps[0] == pytest.approx(50 / sum(0.5 + 0.01 * i for i in range(5))) and tps[1] <= tps[0] <= tps[2]
+    ratio = out["tpot_ratio"]["ratio"]
+    assert ratio[0] == pytest.approx(0.5) and ratio[1] <= 0.5 <= ratio[2]
+    text = markdown(out, {"command": "scripts/bench-decode --rows 5"})
+    assert "| llamacpp |" in text and "TPOT ratio compiled_loop_cpu / llamacpp: 0.500" in text
