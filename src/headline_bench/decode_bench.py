@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         over = merge(over, yaml.safe_load(extra))
     params = merge(params, over)
     params["techniques"] = {n: params["techniques"][n] for n in names}
+    params.pop("serving", None)  # serving entries name techniques this run leaves out; it serves nothing
     params["technique"] = names[0]
     source = Path(args.source or params["prepare"]["source"])
     params["prepare"]["source"] = str(source if source.is_absolute() else (Path.cwd() if args.source else ROOT) / source)
