@@ -2,7 +2,7 @@
 
 usage: python scripts/calibrate_near_tie.py DTYPE [ROWS] [QUANTILE]    (e.g. bfloat16 30 0.99)
 
-Reads data/prepared/test.jsonl and params.yaml (base.model, prompt, generate.max_new_tokens), generates each row's
+Reads data/prepared/timed.jsonl and params.yaml (base.model, prompt, generate.max_new_tokens), generates each row's
 greedy continuation with a KV cache, then scores the same tokens three equivalent ways (quality/calibrate.py). The
 entry is keyed "<device type>/<dtype>" and replaces any earlier one; the score stage reads it (score.near_tie_calibration).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from headline_bench.data.prompts import prompts_for
-from headline_bench.files import PREPARED, read_jsonl
+from headline_bench.files import TIMED_ROWS, read_jsonl
 from headline_bench.models.ref import model_path
 from headline_bench.quality.calibrate import calibration_entry, margin_noise
 from headline_bench.settings import load_params
@@ -31,17 +31,17 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     params = load_params(required=["base", "prompt", "generate"])
-    name = params["base"]["model"]
+    name = params.base.model
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=getattr(torch, dtype)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_path(name))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    prompts, _, _ = prompts_for(read_jsonl(PREPARED / "test.jsonl")[:rows], tok, params, params["generate"]["max_input_tokens"])
+    prompts, _, _ = prompts_for(read_jsonl(TIMED_ROWS)[:rows], tok, params.prompt, params.generate.max_input_tokens)
     sequences = []
     with torch.inference_mode():
         for p in prompts:
-            out = model.generate(torch.tensor([p.ids], device=device), do_sample=False, max_new_tokens=params["generate"]["max_new_tokens"], pad_token_id=pad)
+            out = model.generate(torch.tensor([p.ids], device=device), do_sample=False, max_new_tokens=params.generate.max_new_tokens, pad_token_id=pad)
             sequences.append((out[0].tolist(), len(p.ids)))
     entry = calibration_entry(margin_noise(model, sequences, pad), quantile, name, len(sequences))
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
