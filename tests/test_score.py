@@ -3,6 +3,8 @@ near-tie threshold and the lossless/equivalent path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from rouge_score import rouge_scorer
 
@@ -154,3 +156,39 @@ def test_lossless_with_only_near_ties_is_equivalent_and_untested_else_a_comparis
     s = score(real, base, base, S, LOSSY, check, "baseline", "bfloat16")
     assert s["quality_state"] in ("non-inferior", "worse", "inconclusive") and s["interval_level"] == pytest.approx(1 - 0.05 / 8)
     assert "1 row(s) differ beyond a near-tie (2)" in s["quality_basis"] and s["rougeL_delta_vs"] == "baseline"
+
+
+def test_score_technique_takes_the_reference_quality_through_near_ties_and_scores_timed_rows_on_a_real_difference(tmp_path, monkeypatch) -> None:
+    """The stage's path (score_technique), bf16 on a CPU: a lossless technique whose timed rows differ from baseline's
+    only at near-ties takes baseline's quality pass and is "equivalent"; one real difference makes it a comparison on
+    its timed rows, and score.json says why once (quality_source_note; the state's own note stays quality_note)."""
+    import yaml
+
+    from headline_bench.files import ROOT, write_json, write_jsonl
+    from headline_bench.quality.score import score_technique
+    from headline_bench.settings import parse
+
+    params = parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    monkeypatch.chdir(tmp_path)  # no calibration file here: bf16 falls back to 4 x epsilon (0.031)
+    base = [{"id": str(i), "prediction": f"headline {i}", "reference": f"headline {i} today", "token_ids": [i, 1, 2],
+             "margins": [0.5, 0.001, 0.5]} for i in range(4)]
+    quality = base + [{**base[0], "id": str(i), "prediction": f"headline {i}", "reference": f"headline {i} today"} for i in range(4, 40)]
+    write_jsonl(Path("data/generations/baseline.jsonl"), base)
+    write_jsonl(Path("data/quality/baseline.jsonl"), quality)
+    for name in ("baseline", "kv_cache"):
+        write_json(Path(f"metrics/techniques/{name}/perf.json"), {"technique": name, "dtype": "bfloat16", "device": "cpu"})
+
+    near = [{**b, "token_ids": [1, 9, 2], "prediction": "headline 1 now"} if b["id"] == "1" else b for b in base]  # step 1: margin 0.001
+    write_jsonl(Path("data/generations/kv_cache.jsonl"), near)
+    s = score_technique("kv_cache", params)
+    assert (s["token_check"]["identical"], s["token_check"]["near_tie"]) == (3, 1)
+    assert s["quality_state"] == "equivalent" and s["quality_source"] == "reference" and s["quality_taken_from"] == "baseline"
+    assert s["rows"] == 40 and "family" not in s and "3 identical + 1 near-tie" in s["quality_basis"]
+
+    real = [{**b, "token_ids": [2, 1, 7], "prediction": "other words"} if b["id"] == "2" else b for b in base]  # step 2: margin 0.5
+    write_jsonl(Path("data/generations/kv_cache.jsonl"), real)
+    s = score_technique("kv_cache", params)
+    assert s["token_check"]["real_difference"] == 1 and s["quality_source"] == "timed rows" and s["rows"] == 4
+    assert "beyond a near-tie on 1 of 4 timed rows" in s["quality_source_note"]
+    assert s["quality_state"] == "too few rows", {k: s.get(k) for k in ("rows", "rougeL_delta_low", "quality_basis", "samples")}
+    assert "differ beyond a near-tie (2)" in s["quality_basis"]

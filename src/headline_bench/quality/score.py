@@ -105,23 +105,25 @@ def scored_set(name: str, params: Params, timed: list[dict[str, Any]], check: di
     """Which records are scored for quality, against which baseline records, and why (recorded in score.json).
 
     A lossy technique is scored on its own quality pass (data/quality/<technique>.jsonl) against baseline's. A
-    lossless one takes its reference's quality pass once every timed row's token ids equal the reference's (the
-    lossless check on the timed rows, `check`); one whose ids differ, or a technique without a quality pass, is
-    scored on its timed rows against baseline's timed rows, and score.json says so.
+    lossless one takes its reference's quality pass once every timed row's token ids equal the reference's or differ
+    only at a near-tie (the lossless check on the timed rows, `check`: equivalent up to the dtype's numerics); one with
+    a real or unclassifiable difference, or a technique without a quality pass, is scored on its timed rows against
+    baseline's timed rows, and score.json says why (`quality_source_note`).
     """
     owner = quality_owner(params, name)
     lossless = owner != name
-    matches = check["compared"] > 0 and check["identical"] == check["compared"] == sum(r.get("prediction") is not None for r in timed)
+    predicted = sum(r.get("prediction") is not None for r in timed)
+    matches = 0 < check["compared"] == predicted and check["identical"] + check["near_tie"] == predicted
     records, baseline = quality_records(owner), quality_records("baseline")
     if records and baseline and (not lossless or matches):
         facts = {"quality_set": str(QUALITY / f"{owner}.jsonl"), "quality_source": "reference" if lossless else "quality pass"}
         return records, baseline, facts | ({"quality_taken_from": owner} if lossless else {})
-    why = (f"token ids differ from {params.entry(name).reference} on {check['compared'] - check['identical']} of {check['compared']} timed rows, "
-           "so the reference's quality is not taken" if lossless and not matches
+    why = (f"token ids differ from {params.entry(name).reference} beyond a near-tie on {check['real_difference'] + check['unclassified']} "
+           f"of {check['compared']} timed rows, so the reference's quality is not taken" if lossless and not matches
            else f"no quality-pass records for {owner if not records else 'baseline'}")
     base_path = GENERATIONS / "baseline.jsonl"
     return timed, read_jsonl(base_path) if base_path.exists() else [], {
-        "quality_set": str(GENERATIONS / f"{name}.jsonl"), "quality_source": "timed rows", "quality_note": f"scored on the timed rows: {why}"}
+        "quality_set": str(GENERATIONS / f"{name}.jsonl"), "quality_source": "timed rows", "quality_source_note": f"scored on the timed rows: {why}"}
 
 
 def batch_consistency(name: str, timed: list[dict[str, Any]], params: Params) -> dict[str, Any] | None:
@@ -162,7 +164,9 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
     check = token_check(records, reference, threshold, rule)  # the lossless check: timed rows, batch 1
     scored, baseline, source = scored_set(name, params, records, check)
     family = None if name == "baseline" else family_of(name, params.techniques, s)
-    paired = (quality_records(lossless_reference) or reference) if lossless_reference else []
+    # the reference's records over the same rows as `scored`: its quality pass, or its timed rows when those are scored
+    on_quality_pass = source["quality_source"] != "timed rows"
+    paired = ((on_quality_pass and quality_records(lossless_reference)) or reference) if lossless_reference else []
     result = score(scored, baseline, paired, s, family, check, lossless_reference, perf.get("dtype"))
     for key in ("fidelity", "identical", "compared", "first_difference", "token_check"):  # stated once, on the timed rows
         result.pop(key, None)
