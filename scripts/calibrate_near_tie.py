@@ -1,10 +1,14 @@
 """Measure the near-tie threshold of the lossless check for this device and a dtype; write it to calibration/near_tie.json.
 
-usage: python scripts/calibrate_near_tie.py DTYPE [ROWS] [QUANTILE]    (e.g. bfloat16 30 0.99)
+usage: python scripts/calibrate_near_tie.py DTYPE [ROWS] [QUANTILE]    (e.g. bfloat16 30 0.999)
 
 Reads data/prepared/timed.jsonl and params.yaml (base.model, prompt, generate.max_new_tokens), generates each row's
 greedy continuation with a KV cache, then scores the same tokens three equivalent ways (quality/calibrate.py). The
 entry is keyed "<device type>/<dtype>" and replaces any earlier one; the score stage reads it (score.near_tie_calibration).
+Why 0.999 by default: a 30-row check compares ~600 positions, so with the 0.99 quantile about six positions per check
+carry noise above the threshold and a flip there reads as "real" (seen: kv_cache in bf16, one row at margin 0.071
+against a 0.99 quantile of 0.030, inside the KV-cache way's own noise, max 0.119). What tells a lossy technique from
+numerics is its perturbation of the margins (score.near_tie_perturbation x the entry's q0.9), not this threshold.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ OUT = Path("calibration/near_tie.json")
 def main() -> None:
     if not 2 <= len(sys.argv) <= 4:
         sys.exit("usage: python scripts/calibrate_near_tie.py DTYPE [ROWS] [QUANTILE]")
-    dtype, rows, quantile = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30, float(sys.argv[3]) if len(sys.argv) > 3 else 0.99
+    dtype, rows, quantile = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30, float(sys.argv[3]) if len(sys.argv) > 3 else 0.999
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     params = load_params(required=["base", "prompt", "generate"])

@@ -93,7 +93,7 @@ def test_report_md_has_table_rows_skips_and_sections(built: Path) -> None:
     assert "| prune_l1 | lossy (k=4) | 40 |" in md and "**worse**" in md and "| 0.9875 |" in md
     assert "| target_only | model comparison (k=1) | 40 |" in md and "| 0.9500 |" in md
     assert "| kv_cache | — (lossless) | 40 |" in md and "**equivalent** (takes baseline's: reference)" in md
-    assert "| kv_cache | baseline | 40 | 40 | 0 | 0 | 0 | 40/40 | equivalent |" in md  # lossless by token ids
+    assert "| kv_cache | baseline | 40 | 40 | 0 | 0 | 0 | — | 40/40 | equivalent |" in md  # lossless by token ids
     assert "**memory-constrained: kv_cache** (1230 MB CPU peak RSS)" in md and "Note: tied on memory with baseline (1210 MB)." in md
     assert "**highest quality: target_only** (ROUGE-L 0.3010)" in md
     assert "max " in md and "(n=40 of 40 prompts)" in md and "numpy linear interpolation" in md  # no "P99" of 40 samples

@@ -9,7 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from headline_bench.analysis.verdicts import decide
-from headline_bench.quality.fidelity import EPS, equivalence, fidelity, near_tie_threshold, token_check
+from headline_bench.quality.fidelity import EPS, equivalence, fidelity, near_tie_threshold, noise_q90, perturbation_cap, token_check
 from headline_bench.quality.rouge import ROUGE_MODULE, rouge
 from headline_bench.quality.score import score
 from headline_bench.settings import Score
@@ -170,15 +170,15 @@ def test_score_technique_takes_the_reference_quality_through_near_ties_and_score
 
     params = parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
     monkeypatch.chdir(tmp_path)  # no calibration file here: bf16 falls back to 4 x epsilon (0.031)
-    base = [{"id": str(i), "prediction": f"headline {i}", "reference": f"headline {i} today", "token_ids": [i, 1, 2],
-             "margins": [0.5, 0.001, 0.5]} for i in range(4)]
+    base = [{"id": str(i), "prediction": f"headline {i}", "reference": f"headline {i} today", "token_ids": [i, 1, 2, 3, 4, 5, 6, 7],
+             "margins": [0.5, 0.001, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]} for i in range(4)]  # 25 shared positions: enough to judge the perturbation
     quality = base + [{**base[0], "id": str(i), "prediction": f"headline {i}", "reference": f"headline {i} today"} for i in range(4, 40)]
     write_jsonl(Path("data/generations/baseline.jsonl"), base)
     write_jsonl(Path("data/quality/baseline.jsonl"), quality)
     for name in ("baseline", "kv_cache"):
         write_json(Path(f"metrics/techniques/{name}/perf.json"), {"technique": name, "dtype": "bfloat16", "device": "cpu"})
 
-    near = [{**b, "token_ids": [1, 9, 2], "prediction": "headline 1 now"} if b["id"] == "1" else b for b in base]  # step 1: margin 0.001
+    near = [{**b, "token_ids": [1, 9, 2, 3], "prediction": "headline 1 now"} if b["id"] == "1" else b for b in base]  # step 1: margin 0.001
     write_jsonl(Path("data/generations/kv_cache.jsonl"), near)
     s = score_technique("kv_cache", params)
     assert (s["token_check"]["identical"], s["token_check"]["near_tie"]) == (3, 1)
@@ -192,3 +192,26 @@ def test_score_technique_takes_the_reference_quality_through_near_ties_and_score
     assert "beyond a near-tie on 1 of 4 timed rows" in s["quality_source_note"]
     assert s["quality_state"] == "too few rows", {k: s.get(k) for k in ("rows", "rougeL_delta_low", "quality_basis", "samples")}
     assert "differ beyond a near-tie (2)" in s["quality_basis"]
+
+
+def test_near_ties_need_a_perturbation_within_numeric_noise() -> None:
+    """A lossy technique first differs where margins are small too; its perturbation of the margins where the tokens
+    still agree (here 0.1 vs a 0.02 cap) makes those rows real. A lossless one (0.001) keeps them near-ties; too few
+    shared positions to judge leaves them unclassified."""
+    def rows_with(shift: float, length: int = 8) -> tuple[list[dict], list[dict]]:
+        ref = [tok(str(i), list(range(length)), [0.3] * (length - 1) + [0.005]) for i in range(5)]
+        margins = [0.3 + shift] * (length - 1) + [0.005 + shift]
+        mine = [tok(str(i), list(range(length - 1)) + [99] if i == 0 else list(range(length)), margins) for i in range(5)]
+        return mine, ref
+    cal = {"cpu/bfloat16": {"threshold": 0.1, "quantile": 0.999, "positions": 1000, "model": "m", "q0.9": 0.01}}
+    threshold, rule = near_tie_threshold("bfloat16", "cpu", cal, 4)
+    cap = perturbation_cap(threshold, noise_q90("bfloat16", "cpu", cal), 2)
+    assert cap == pytest.approx(0.02) and perturbation_cap(0.03, None, 2) == 0.03  # uncalibrated: the threshold itself
+    lossless = token_check(*rows_with(0.001), threshold, rule, cap)
+    assert (lossless["near_tie"], lossless["real_difference"]) == (1, 0) and lossless["perturbation"]["within_noise"] is True
+    assert lossless["perturbation"]["positions"] == 4 * 8 + 7 and "perturbation" in lossless["rule"]
+    lossy = token_check(*rows_with(0.1), threshold, rule, cap)
+    assert (lossy["near_tie"], lossy["real_difference"]) == (0, 1) and lossy["perturbation"]["q0.9"] == pytest.approx(0.1)
+    assert token_check(*rows_with(0.1), threshold, rule)["near_tie"] == 1  # without a cap: the margin rule alone
+    short = token_check(*rows_with(0.001, length=3), threshold, rule, cap)  # 4 x 3 + 2 = 14 positions < 20
+    assert (short["near_tie"], short["unclassified"]) == (0, 1) and short["perturbation"]["within_noise"] is None

@@ -158,6 +158,7 @@ class Score(Section):
     model_comparisons: list[str] = []  # other models compared with baseline (target_only): a family of their own
     seed: int | None = None
     near_tie_units: Annotated[float, Field(ge=0)] = 4  # fallback near-tie threshold in machine epsilons, where no calibration exists
+    near_tie_perturbation: Annotated[float, Field(gt=0)] = 2  # near-ties only while the technique moves margins <= this x the calibrated noise (q0.9)
     near_tie_calibration: str | None = "calibration/near_tie.json"  # measured thresholds per device/dtype (scripts/calibrate_near_tie.py)
 
 

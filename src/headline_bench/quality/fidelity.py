@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from headline_bench.analysis.stats import finite
 
 # Machine epsilon (spacing of numbers near 1) per dtype: the "resolution" of the near-tie rule
@@ -41,21 +43,67 @@ def near_tie_threshold(dtype: str | None, device: str | None, calibration: dict[
                          f"(top1 - top2) / max(1, |top1|) is <= {units:g} x machine epsilon of {dtype} ({units * eps:.3g})")
 
 
-def token_check(records: list[dict[str, Any]], reference: list[dict[str, Any]], threshold: float | None, rule: str) -> dict[str, Any]:
+# fewest shared-prefix positions from which a technique's logit perturbation is judged (perturbation())
+MIN_PERTURBATION_POSITIONS = 20
+
+
+def noise_q90(dtype: str | None, device: str | None, calibration: dict[str, Any]) -> float | None:
+    """The calibrated 0.9 quantile of the reference's numeric noise in the relative margin (calibration entry "q0.9"),
+    None where this device/dtype has no calibration."""
+    entry = calibration.get(f"{str(device or 'cpu').split(':')[0]}/{dtype}") or {}
+    return float(entry["q0.9"]) if finite(entry.get("q0.9")) else None
+
+
+def perturbation_cap(threshold: float | None, q90: float | None, ratio: float) -> float | None:
+    """The most a technique may move the relative top-2 margin (0.9 quantile over shared positions) and still count as
+    numerics: `ratio` x the calibrated noise's 0.9 quantile; the near-tie threshold itself where uncalibrated."""
+    return ratio * q90 if q90 is not None else threshold
+
+
+def perturbation(records: list[dict[str, Any]], reference: list[dict[str, Any]], cap: float | None) -> dict[str, Any]:
+    """How far the technique moves the reference's logits where both still emit the same tokens.
+
+    Over every position before a row's first differing token (identical rows: all of them) both runs recorded their
+    own relative top-2 margin for the same argmax; |margin - reference margin| there is the technique's perturbation,
+    the quantity the calibration measures for equivalent ways of computing the reference. A lossless technique moves
+    it by numeric noise; a lossy one (quantization: ~10x on bf16 SmolLM2) by more. Its 0.9 quantile against `cap` says
+    which (`within_noise`; None when fewer than MIN_PERTURBATION_POSITIONS positions or no cap)."""
+    ref = {r["id"]: r for r in reference}
+    gaps: list[float] = []
+    for r in records:
+        q = ref.get(r["id"]) or {}
+        a, b, ma, mb = r.get("token_ids"), q.get("token_ids"), r.get("margins"), q.get("margins")
+        if not (a and b and ma and mb):
+            continue
+        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        gaps += [abs(x - y) for x, y in zip(ma[:step], mb[:step]) if finite(x) and finite(y)]
+    q90 = float(np.quantile(gaps, 0.9)) if gaps else None
+    judged = cap is not None and q90 is not None and len(gaps) >= MIN_PERTURBATION_POSITIONS
+    return {"positions": len(gaps), "q0.9": q90, "cap": cap, "within_noise": (q90 <= cap) if judged else None}
+
+
+def token_check(records: list[dict[str, Any]], reference: list[dict[str, Any]], threshold: float | None, rule: str,
+                cap: float | None = None) -> dict[str, Any]:
     """Compare generated token ids with the reference technique's, row by row, and classify each row.
 
     identical: the same ids. near-tie: the ids first differ at a step where the reference's relative
     top-2 logit margin is at most `threshold` (the technique's own margin when the reference has none): two tokens
     within the reference's own numeric noise of each other, so a different but equally valid order of floating-point
-    operations may pick either. real difference: any other differing row.
-    Rows without token ids (older records, engines that give none) are compared as strings and left unclassified.
+    operations may pick either; and the technique's perturbation of the margins where the tokens still agree is
+    within `cap` (perturbation()). A lossy technique's first differences also fall where margins are small (a
+    perturbed model flips the closest calls first), so the margin at the difference alone cannot tell quantization
+    from numerics: on bf16 SmolLM2, quant4's differences sit at margins like kv_cache's, its perturbation is ~10x.
+    real difference: any other differing row (beyond the cap: every one). unclassified: rows without token ids (older
+    records, engines that give none; compared as strings), or near-ties whose perturbation cannot be judged.
 
     Args:
         records / reference: generation records with token_ids and margins.
         threshold / rule: from near_tie_threshold().
+        cap: from perturbation_cap(); None: the perturbation is recorded but not judged (the margin rule alone).
     """
     ref = {r["id"]: r for r in reference if r.get("prediction") is not None}
     counts = {"identical": 0, "near_tie": 0, "real_difference": 0, "unclassified": 0}
+    moved = perturbation(records, reference, cap)
     differing = []
     for r in records:
         q = ref.get(r["id"])
@@ -75,9 +123,15 @@ def token_check(records: list[dict[str, Any]], reference: list[dict[str, Any]], 
             kind = "unclassified"
         else:  # past the reference's last margin the lengths differ: a real difference
             kind = "near_tie" if margin is not None and margin <= threshold else "real_difference"
+            if kind == "near_tie" and cap is not None and not moved["within_noise"]:
+                kind = "unclassified" if moved["within_noise"] is None else "real_difference"
         counts[kind] += 1
         differing.append({"id": r["id"], "step": step, "margin": margin, "class": kind})
-    return {"basis": "token_ids", "compared": sum(counts.values()), **counts, "threshold": threshold, "rule": rule, "differing": differing}
+    if cap is not None:
+        rule += (f"; and the technique's own perturbation of that margin where the tokens still agree (0.9 quantile of |Δ margin| over "
+                 f"the positions before each row's first difference, >= {MIN_PERTURBATION_POSITIONS}) is <= {cap:.3g}")
+    return {"basis": "token_ids", "compared": sum(counts.values()), **counts, "threshold": threshold, "rule": rule,
+            "perturbation": moved, "differing": differing}
 
 
 def equivalence(check: dict[str, Any], dtype: str | None, reference: str) -> str | None:

@@ -12,7 +12,7 @@ from headline_bench.analysis.verdicts import compare, family_of, mlperf_99
 from headline_bench.errors import InputError
 from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl
 from headline_bench.measure.records import assemble
-from headline_bench.quality.fidelity import equivalence, fidelity, near_tie_threshold, token_check
+from headline_bench.quality.fidelity import equivalence, fidelity, near_tie_threshold, noise_q90, perturbation_cap, token_check
 from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
 from headline_bench.techniques.config import resolve
@@ -156,12 +156,13 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
     cal_path = Path(s.near_tie_calibration or "")
     calibration = read_json(cal_path) if cal_path.is_file() else {}
     threshold, rule = near_tie_threshold(perf.get("dtype"), perf.get("device"), calibration, s.near_tie_units)
+    cap = perturbation_cap(threshold, noise_q90(perf.get("dtype"), perf.get("device"), calibration), s.near_tie_perturbation)
     head = {"technique": name, "fidelity_reference": ref_name, "lossless": lossless_reference is not None}
     if perf.get("quality"):
         scored = [r for r in records if r.get("token_ids")]
         return assemble(Score, head, {"quality": perf["quality"], "samples": len(scored)}, fidelity(scored, reference, "token_ids"),
-                        {"token_check": token_check(scored, reference, threshold, rule)})
-    check = token_check(records, reference, threshold, rule)  # the lossless check: timed rows, batch 1
+                        {"token_check": token_check(scored, reference, threshold, rule, cap)})
+    check = token_check(records, reference, threshold, rule, cap)  # the lossless check: timed rows, batch 1
     scored, baseline, source = scored_set(name, params, records, check)
     family = None if name == "baseline" else family_of(name, params.techniques, s)
     # the reference's records over the same rows as `scored`: its quality pass, or its timed rows when those are scored
