@@ -74,6 +74,10 @@ def test_repro_writes_report_and_metrics(repo: Path) -> None:
     assert kv["fidelity"] == 1.0 and kv["quality_source"] == "reference" and kv["quality_set"] == "data/quality/baseline.jsonl"
     assert kv["quality_state"] == "equivalent"  # lossless: outside the families, no test
     assert "not_run" in json.loads((repo / "metrics/techniques/kv_cache/quality.json").read_text())
+    base_quality = json.loads((repo / "metrics/techniques/baseline/quality.json").read_text())  # uncached when timed, cached here
+    assert base_quality["config"]["generate"]["use_cache"] is True and "KV cache" in base_quality["cache_note"]
+    base_score = json.loads((repo / "metrics/techniques/baseline/score.json").read_text())
+    assert base_score["batched_vs_timed"]["share"] == 1.0 and base_score["batched_vs_timed"]["compared"] == 2
     target = json.loads((repo / "metrics/techniques/target_only/score.json").read_text())
     assert target["quality_source"] == "quality pass" and target["quality_set"] == "data/quality/target_only.jsonl"
     assert target["quality_state"] == "too few rows" and target["family"] == "model comparison" and target["rows_to_decide"] >= 30
