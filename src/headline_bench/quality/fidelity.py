@@ -22,6 +22,16 @@ def fidelity(records: list[dict[str, Any]], reference: list[dict[str, Any]], key
     return {"fidelity": same / len(pairs) if pairs else None, "identical": same, "compared": len(pairs), "first_difference": first}
 
 
+def calibrated(calibration: dict[str, Any], dtype: str | None, device: str | None) -> dict[str, Any]:
+    """The calibration entry of this device type and dtype ("<device type>/<dtype>"), {} where there is none."""
+    return calibration.get(f"{str(device or 'cpu').split(':')[0]}/{dtype}") or {}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first step at which two token-id sequences differ (the shorter length when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def near_tie_threshold(dtype: str | None, device: str | None, calibration: dict[str, Any], units: float) -> tuple[float | None, str]:
     """The relative top-2 margin at or below which a differing token counts as a near-tie, and the rule in words.
 
@@ -31,7 +41,7 @@ def near_tie_threshold(dtype: str | None, device: str | None, calibration: dict[
     epsilon, labelled uncalibrated. None (undecidable) for a dtype with neither.
     """
     kind = str(device or "cpu").split(":")[0]
-    entry = calibration.get(f"{kind}/{dtype}")
+    entry = calibrated(calibration, dtype, device)
     if entry and finite(entry.get("threshold")):
         return float(entry["threshold"]), (f"near-tie: at the first differing token the reference's relative top-2 logit margin (top1 - top2) / "
                                           f"max(1, |top1|) is <= {entry['threshold']:.3g}, the {entry['quantile']:g} quantile of that margin's "
@@ -50,7 +60,7 @@ MIN_PERTURBATION_POSITIONS = 20
 def noise_q90(dtype: str | None, device: str | None, calibration: dict[str, Any]) -> float | None:
     """The calibrated 0.9 quantile of the reference's numeric noise in the relative margin (calibration entry "q0.9"),
     None where this device/dtype has no calibration."""
-    entry = calibration.get(f"{str(device or 'cpu').split(':')[0]}/{dtype}") or {}
+    entry = calibrated(calibration, dtype, device)
     return float(entry["q0.9"]) if finite(entry.get("q0.9")) else None
 
 
@@ -75,7 +85,7 @@ def perturbation(records: list[dict[str, Any]], reference: list[dict[str, Any]],
         a, b, ma, mb = r.get("token_ids"), q.get("token_ids"), r.get("margins"), q.get("margins")
         if not (a and b and ma and mb):
             continue
-        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        step = first_difference(a, b)
         gaps += [abs(x - y) for x, y in zip(ma[:step], mb[:step]) if finite(x) and finite(y)]
     q90 = float(np.quantile(gaps, 0.9)) if gaps else None
     judged = cap is not None and q90 is not None and len(gaps) >= MIN_PERTURBATION_POSITIONS
@@ -116,7 +126,7 @@ def token_check(records: list[dict[str, Any]], reference: list[dict[str, Any]], 
         if a == b:
             counts["identical"] += 1
             continue
-        step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        step = first_difference(a, b)
         margins = q.get("margins") or r.get("margins") or []
         margin = margins[step] if step < len(margins) else None
         if not margins or threshold is None:  # no margins recorded at all (an engine without logits): undecidable, not "real"
