@@ -18,7 +18,7 @@ ENGINE_PACKAGES = {"transformers": "transformers", "llama_cpp": "llama-cpp-pytho
 
 
 # what makes two measurements comparable: same machine, same libraries, same thread settings (env_info's keys)
-FINGERPRINT_KEYS = ("host", "cpu", "cpu_count", "device", "gpu_count", "python", "torch", "transformers", "engine",
+FINGERPRINT_KEYS = ("host", "cpu", "cpu_id", "cpu_isa", "cpu_count", "device", "gpu_count", "python", "torch", "transformers", "engine",
                     "torch_threads", "omp_num_threads")
 
 
@@ -31,6 +31,31 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# instruction-set flags that change which CPU kernels torch, inductor and llama.cpp pick (bf16 without avx512_bf16 or
+# amx_bf16 is emulated and ~3x slower than fp32; MKL and oneDNN pick their gemv paths by these too)
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_identity() -> tuple[str, str]:
+    """(vendor family/model/stepping, kernel-relevant ISA flags) from /proc/cpuinfo.
+
+    Cloud VMs report one model name ("AMD EPYC") for several generations: two sessions on "AMD EPYC" measured the same
+    bf16 + int4 decode loop at 14 and 52 ms per token (docs/results/decode-cpu), the second on a Zen 3 (family 25 model
+    1, AVX2 only). The name alone cannot tell such machines apart; family/model and these flags can."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+    except OSError:
+        return platform.machine(), "unknown"
+    ident = f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}"
+    flags = set(fields.get("flags", "").split())
+    return ident, " ".join(f for f in KERNEL_FLAGS if f in flags) or "none"
 
 
 def engine_version(engine: str) -> str:
@@ -58,6 +83,7 @@ def env_info(engine: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": cpu_name(),
+        **dict(zip(("cpu_id", "cpu_isa"), cpu_identity(), strict=True)),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # None: unset (torch then uses every core)
@@ -90,6 +116,7 @@ def describe(fp: dict[str, Any]) -> str:
     """One line naming an environment (comparable() keys), for the report."""
     device = fp.get("device") if str(fp.get("device", "")).startswith("cpu") else f"{fp.get('device')} x {fp.get('gpu_count')}, CPU {fp.get('cpu')}"
     omp = fp.get("omp_num_threads")
-    return (f"host {fp.get('host', '?')}, {device}; Python {fp.get('python', '?')}, torch {fp.get('torch', '?')}, "
+    isa = f"; CPU {fp['cpu_id']} ({fp.get('cpu_isa')})" if fp.get("cpu_id") else ""
+    return (f"host {fp.get('host', '?')}, {device}{isa}; Python {fp.get('python', '?')}, torch {fp.get('torch', '?')}, "
             f"transformers {fp.get('transformers', '?')}; torch threads {fp.get('torch_threads', '?')}, "
             f"OMP_NUM_THREADS {omp if omp is not None else 'unset'}")
