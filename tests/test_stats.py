@@ -250,3 +250,14 @@ def test_headline_picks_memory_measure_by_device_and_speed_per_token() -> None:
 def test_cdf_points_and_clean() -> None:
     assert cdf_points([3.0, 1.0, float("nan"), 2.0]) == [(1.0, 1 / 3), (2.0, 2 / 3), (3.0, 1.0)]
     assert clean({"a": [float("nan"), 1.0], "b": float("inf"), "c": "x"}) == {"a": [None, 1.0], "b": None, "c": "x"}
+
+
+def test_every_technique_in_params_yaml_has_a_quality_family() -> None:
+    """The score stage refuses a lossy technique that no family names; checked here on the real params.yaml so that a new
+    technique is caught before a 90-minute `dvc repro` stops at its score stage (compiled_loop_cpu once did)."""
+    from headline_bench.settings import load_params
+
+    params = load_params()
+    for name in params.techniques:
+        if name != "baseline":
+            family_of(name, params.techniques, params.score)  # raises InputError naming the technique
