@@ -261,3 +261,21 @@ def test_every_technique_in_params_yaml_has_a_quality_family() -> None:
     for name in params.techniques:
         if name != "baseline":
             family_of(name, params.techniques, params.score)  # raises InputError naming the technique
+
+
+def test_cpu_identity_reads_family_model_and_kernel_flags() -> None:
+    """The fingerprint tells CPU generations apart that share a model name ("AMD EPYC"): family/model from /proc/cpuinfo and
+    only the kernel-relevant flags, in KERNEL_FLAGS order."""
+    from pathlib import Path
+
+    from headline_bench.measure.environment import KERNEL_FLAGS, cpu_identity
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo")
+    block = dict(line.split(":", 1) for line in info.read_text().split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in block.items()}
+    ident, isa = cpu_identity()
+    assert ident == f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
+    flags = set(fields["flags"].split())
+    assert isa == (" ".join(f for f in KERNEL_FLAGS if f in flags) or "none")
