@@ -62,11 +62,10 @@ def pin_hub(name: str, spec: ModelEntry, out: Path) -> dict[str, Any]:
     from huggingface_hub import HfApi, snapshot_download
     from transformers import AutoConfig
 
-    start = time.perf_counter()
     sha = HfApi().model_info(spec.hub_id, revision=spec.revision).sha
     path = snapshot_download(spec.hub_id, revision=sha, allow_patterns=HUB_FILES)
     info = {"name": name, "id": spec.hub_id, "revision": sha, "requested_revision": spec.revision or "main",
-            "params": count_params(AutoConfig.from_pretrained(path)), "dtype": "as stored", "convert_s": round(time.perf_counter() - start, 1)}
+            "params": count_params(AutoConfig.from_pretrained(path)), "dtype": "as stored"}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "source.json", info)
     return info
@@ -94,7 +93,6 @@ def build_random(name: str, spec: ModelEntry, out: Path, models: dict[str, Model
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    start = time.perf_counter()
     config_path = Path(str(spec.config))
     if not config_path.exists():
         raise Skip(f"{config_path}: config file not found")
@@ -107,7 +105,7 @@ def build_random(name: str, spec: ModelEntry, out: Path, models: dict[str, Model
     tokenizer.save_pretrained(out)
     info = {"name": name, "id": f"random weights, {config_path}", "random": True, "seed": spec.seed, "init_device": device,
             "config": str(config_path), "tokenizer_from": spec.tokenizer_from, "params": count_params(config),
-            "dtype": dtype, "weights": "built from the seed at load (models.convert.random_model)", "convert_s": round(time.perf_counter() - start, 1)}
+            "dtype": dtype, "weights": "built from the seed at load (models.convert.random_model)"}
     write_json(out / "source.json", info)
     return info
 
@@ -141,7 +139,6 @@ def ensure_weights(folder: Path) -> None:
 
 
 def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry] | None = None) -> dict[str, Any]:
-
     """Make one model loadable from `out`: pin a hub id, build random weights, or save a local folder or packaged
     GGUF as a plain safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,7 +147,6 @@ def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry
         return pin_hub(name, spec, out)
     if spec.config:
         return build_random(name, spec, out, models or {})
-    start = time.perf_counter()
     if spec.path:  # a local checkpoint folder
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(spec.path)
@@ -177,7 +173,6 @@ def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {"name": name, **source, "params": n_params, "dtype": str(model.dtype).replace("torch.", ""),
-            "convert_s": round(time.perf_counter() - start, 1)}
+    info = {"name": name, **source, "params": n_params, "dtype": str(model.dtype).replace("torch.", "")}
     write_json(out / "source.json", info)
     return info
