@@ -225,3 +225,53 @@ def test_prewarm_compiles_every_cache_shape_before_the_timed_run(tiny_llama: Pat
     gens = [g for p in prompts for g in generate_fn([p])]
     assert counters["stats"]["unique_graphs"] == compiled
     assert all(g.ttft_s and g.tpot_s and g.timing_gap is not None and len(g.margins) == g.new_tokens for g in gens)
+
+
+def test_inductor_knob_sets_nested_options_and_rejects_unknown_names() -> None:
+    """decode_loop.inductor: a nested dict is a sub-config, an unknown name is a one-line InputError."""
+    import torch._inductor.config as inductor
+
+    from headline_bench.backends.transformers import apply_inductor
+    from headline_bench.errors import InputError
+
+    with inductor.patch({"freezing": False, "cpp.enable_concat_linear": False}):
+        apply_inductor({"freezing": True, "cpp": {"enable_concat_linear": True}})
+        assert inductor.freezing and inductor.cpp.enable_concat_linear
+        with pytest.raises(InputError, match="no option 'cpp.no_such_option'"):
+            apply_inductor({"cpp": {"no_such_option": True}})
+    assert not inductor.freezing
+
+
+def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
+    """compiled_loop_cpu as params.yaml sets it (torchao int4 and its inductor options: freezing, concatenated int4
+    matmuls, C++ wrapper): the compiled step runs 4 int4 matmuls per layer, not 7 (q/k/v and gate/up concatenated),
+    and the compiled loop writes the eager loop's ids on the same int4 model. Float32 activations: in bf16 the random
+    tiny model's near-ties flip with any change of rounding order, which says nothing about the options."""
+    import re
+
+    import torch._inductor.config as inductor
+    import yaml
+    from torch._inductor.utils import run_and_get_code
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from headline_bench.backends.transformers import apply_inductor
+    from headline_bench.files import ROOT
+    from headline_bench.settings import parse
+    from headline_bench.techniques.quantize import apply_quantize
+
+    recipe = parse(yaml.safe_load((ROOT / "params.yaml").read_text())).techniques["compiled_loop_cpu"]
+    assert recipe.decode_loop.inductor  # the recipe under test sets inductor options
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    # the tiny model's rows are 64 wide and its 259-token head no multiple of 16 (int4 packing): group 32, dense head
+    model = apply_quantize(model, recipe.quantize.model_copy(update={"group_size": 32, "include_lm_head": False}))
+    torch._dynamo.reset()
+    with inductor.patch({}):
+        apply_inductor(recipe.decode_loop.inductor)
+        loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default")
+        got, code = run_and_get_code(run_loop, loop, tok, PROMPTS, 8, False)
+    layers = model.config.num_hidden_layers
+    assert sum(len(re.findall(r"int4pack_mm\w*(?:\.default)?\(", c)) for c in code) == 4 * layers
+    want = run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None), tok, PROMPTS, 8, stop=False)
+    assert torch.equal(got.ids, want.ids)

@@ -202,7 +202,11 @@ class Compile(Section):  # transformers' CompileConfig
 class DecodeLoop(Section):  # backends/compiled_loop.py: the gpt-fast style loop on transformers' model + StaticCache
     mode: CompileMode | dict[Literal["cpu", "cuda"], CompileMode] = {"cpu": "default", "cuda": "reduce-overhead"}
     bucket: PosInt = 64  # cache slots: prompt + new tokens rounded up to a multiple of this (one compiled frame per bucket)
-    coordinate_descent_tuning: bool = False  # inductor's per-kernel launch tuning (gpt-fast turns it on)
+    # torch._inductor.config overrides for this loop's compile, sub-configs nested (cpp: {enable_concat_linear: true},
+    # so `dvc exp run -S` paths stay plain): gpt-fast's coordinate_descent_tuning on CUDA; on CPU freezing (weights
+    # become constants, int4 repacked once), cpp.enable_concat_linear (q/k/v and gate/up as one int4 matmul each, needs
+    # freezing) and cpp_wrapper (the step launched from C++ instead of Python).
+    inductor: dict[str, bool | int | str | dict[str, bool | int | str]] = {}
 
 
 class Speculative(Section):

@@ -209,6 +209,21 @@ def loop_facts(cfg: ResolvedTechnique, device: str) -> dict[str, Any]:
     return {"decode_loop": {**knobs, "mode": loop_mode(cfg, device)}, "compile_mode": loop_mode(cfg, device)}
 
 
+def apply_inductor(overrides: dict[str, Any]) -> None:
+    """Set the decode loop's inductor options process-wide (each technique runs in its own process) before the first
+    compile; a nested dict is a sub-config (cpp: {enable_concat_linear: true} sets cpp.enable_concat_linear). A name
+    inductor does not know is an InputError, not a silently ignored knob."""
+    import torch._inductor.config as inductor
+
+    flat = {f"{name}.{sub}": v for name, value in overrides.items() if isinstance(value, dict) for sub, v in value.items()}
+    flat |= {name: value for name, value in overrides.items() if not isinstance(value, dict)}
+    for name, value in flat.items():
+        try:
+            setattr(inductor, name, value)
+        except AttributeError:
+            raise InputError(f"decode_loop.inductor: torch._inductor.config has no option {name!r}") from None
+
+
 def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: dict[str, Any], device: str) -> tuple[GenerateFn, Any]:
     """Bind the compiled decode loop (backends/compiled_loop.py) to the model: same stop ids and output length as
     generate() would use, fixed length (no stop check at all) when min_new_tokens reaches max_new_tokens.
@@ -222,10 +237,7 @@ def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: d
     if clash or gen_kwargs.get("prompt_lookup_num_tokens") or cfg.generate.use_cache is False:
         raise InputError(f"{cfg.name}: decode_loop runs its own greedy loop with a static cache; it does not combine "
                          f"with {clash or ['prompt lookup / use_cache: false']}")
-    if settings and settings.coordinate_descent_tuning:
-        import torch._inductor.config as inductor
-
-        inductor.coordinate_descent_tuning = True  # gpt-fast's setting: tune each generated kernel's launch config
+    apply_inductor(settings.inductor if settings else {})
     loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device),
                       settings.bucket if settings else 64)
     n = gen_kwargs["max_new_tokens"]
