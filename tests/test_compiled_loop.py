@@ -275,3 +275,21 @@ def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
     assert sum(len(re.findall(r"int4pack_mm\w*(?:\.default)?\(", c)) for c in code) == 4 * layers
     want = run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None), tok, PROMPTS, 8, stop=False)
     assert torch.equal(got.ids, want.ids)
+
+
+def test_without_module_guards_the_loop_still_guards_its_own_inputs(model_tok: tuple[Any, Any]) -> None:
+    """module_guards=False (the default) drops dynamo's checks on the model's modules only: EOS suppression on and
+    off still trace two graphs, and each writes what the eager loop writes."""
+    from torch._dynamo.utils import counters
+
+    model, tok = model_tok
+    probe = run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None), tok, PROMPTS[:1], 8, stop=False).ids[0]
+    eos = {int(probe[3])}  # a token the model writes at step 3: suppressed in the fixed run, a stop in the other
+    torch._dynamo.reset()
+    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager")
+    eager = DecodeLoop(model, eos, tok.pad_token_id, compile_mode=None)
+    before = counters["stats"]["unique_graphs"]
+    for stop in (False, True):
+        got, want = run_loop(loop, tok, PROMPTS[:1], 8, stop), run_loop(eager, tok, PROMPTS[:1], 8, stop)
+        assert torch.equal(got.ids, want.ids)
+    assert counters["stats"]["unique_graphs"] - before == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -67,3 +68,22 @@ def test_bench_decode_summary_pairs_rows_and_gives_intervals() -> None:
     assert ratio[0] == pytest.approx(0.5) and ratio[1] <= 0.5 <= ratio[2]
     text = markdown(out, {"command": "scripts/bench-decode --rows 5"})
     assert "| llamacpp |" in text and "TPOT ratio compiled_loop_cpu / llamacpp: 0.500" in text
+
+
+def test_bench_decode_rounds_average_each_row_and_keep_every_round() -> None:
+    """Alternating rounds: a row's TPOT is its mean over the rounds, each round's mean is shown, a row whose ids
+    changed between rounds is counted, and a row one round did not time is left out of that row's mean."""
+    from headline_bench.decode_bench import markdown, mean_over_rounds, summarize
+
+    def rows(tpot: float, ids: list[int]) -> list[dict[str, Any]]:
+        return [{"id": i, "new_tokens": 4, "latency_s": 4 * tpot, "ttft_s": tpot, "tpot_s": tpot, "token_ids": ids} for i in range(3)]
+
+    loop = mean_over_rounds([rows(0.010, [1, 2]), rows(0.012, [1, 2]), rows(0.014, [1, 3])])
+    assert [r["tpot_s"] for r in loop] == pytest.approx([0.012] * 3) and loop[0]["tpot_s_rounds"] == [0.010, 0.012, 0.014]
+    engine = mean_over_rounds([rows(0.010, [5]), rows(0.010, [5])[:2] + [{"id": 2, "tpot_s": None}], rows(0.013, [5])])
+    assert engine[2]["tpot_s_rounds"] == [0.010, None, 0.013] and engine[0]["tpot_s"] == pytest.approx(0.011)
+    out = summarize({"compiled_loop_cpu": loop, "llamacpp": engine}, samples=500)
+    assert out["techniques"]["compiled_loop_cpu"]["tpot_s_per_round"] == pytest.approx([0.010, 0.012, 0.014])
+    assert out["techniques"]["compiled_loop_cpu"]["rows_ids_differ_across_rounds"] == 3
+    assert out["techniques"]["llamacpp"]["rows_ids_differ_across_rounds"] == 0
+    assert "| 10.00, 12.00, 14.00 |" in markdown(out, {"command": "x", "rounds": 3})

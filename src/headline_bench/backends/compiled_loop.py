@@ -54,10 +54,14 @@ class DecodeLoop:
             (for tests that compare the loop with and without compilation).
         bucket: cache slots are prompt + new tokens rounded up to a multiple of this.
         backend: torch.compile backend; tests use "eager" to check the trace (fullgraph, frames) without inductor.
+        module_guards: keep dynamo's guards on the model's modules. Checking them before every step cost ~1.1 ms of
+            ~10 on a 2-core CPU (profiler: cache lookup 1.44 -> 0.32 ms a call without them); the loop never changes
+            the model after setup, and with inductor's freezing its weights are compiled-in constants anyway. The
+            guards on the loop's own state (buffers, cache, suppress_eos) stay.
     """
 
     def __init__(self, model: Any, eos_ids: set[int], pad_id: int, compile_mode: str | None = "default", bucket: int = 64,
-                 backend: str = "inductor") -> None:
+                 backend: str = "inductor", module_guards: bool = False) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.eos = torch.tensor(sorted(eos_ids) or [-1], dtype=torch.long, device=self.device)
@@ -66,8 +70,15 @@ class DecodeLoop:
         self.limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.step_fn: Callable[..., None] = self._step
         if compile_mode is not None:
-            mode = compile_mode if backend == "inductor" else None
-            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            # torch.compile takes a mode or options, not both: the mode goes in as the inductor options it stands for
+            options: dict[str, Any] = {}
+            if backend == "inductor":
+                from torch._inductor import list_mode_options
+
+                options = list_mode_options(compile_mode)
+            if not module_guards:
+                options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend, options=options)
         self._state: dict[tuple[int, int, int], dict[str, Any]] = {}
         self.forwards = 0  # model forwards run, prefill included (tests count the extra one after EOS)
 

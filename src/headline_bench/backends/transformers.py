@@ -231,15 +231,16 @@ def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: d
     Returns:
         the generate function and the DecodeLoop behind it."""
     from headline_bench.backends.compiled_loop import DecodeLoop
+    from headline_bench.settings import DecodeLoop as LoopSettings
 
-    settings = cfg.decode_loop
+    settings = cfg.decode_loop or LoopSettings()
     clash = [k for k in ("compile", "speculative", "parallel", "device_map") if getattr(cfg, k)]
     if clash or gen_kwargs.get("prompt_lookup_num_tokens") or cfg.generate.use_cache is False:
         raise InputError(f"{cfg.name}: decode_loop runs its own greedy loop with a static cache; it does not combine "
                          f"with {clash or ['prompt lookup / use_cache: false']}")
-    apply_inductor(settings.inductor if settings else {})
-    loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device),
-                      settings.bucket if settings else 64)
+    apply_inductor(settings.inductor)
+    loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device), settings.bucket,
+                      module_guards=settings.module_guards)
     n = gen_kwargs["max_new_tokens"]
     fixed = gen_kwargs.get("min_new_tokens", 0) >= n
     eos = set(gen_kwargs["eos_token_id"])
