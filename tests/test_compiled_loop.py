@@ -49,19 +49,24 @@ def run_loop(loop: DecodeLoop, tok: Any, prompts: list[str], n: int, stop: bool)
     return loop(inputs["input_ids"], inputs["attention_mask"], n, stop_on_eos=stop)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fixed: bool) -> None:
-    """Batch 1 and a left-padded batch of 2, EOS-stopped and fixed-length: same ids as generate(), margins within 1e-6.
-    The step is traced with fullgraph=True (the eager backend: dynamo's trace without inductor's compile time)."""
+def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fixed: bool, attention: str) -> None:
+    """Batch 1 and a left-padded batch of 2, EOS-stopped and fixed-length, with the model's sdpa and with the fused
+    step attention: same ids as generate() (sdpa throughout), margins within 1e-6. The step is traced with
+    fullgraph=True (the eager backend: dynamo's trace without inductor's compile time)."""
     model, tok = model_tok
     prompts = PROMPTS[:batch]
     fixed_ids, _ = reference(model, tok, prompts, 10, {EOS}, fixed=True)
     # a stop id the model actually writes mid-way, so the EOS-stopped run really stops early (random weights)
     eos = {EOS} if fixed else {int(fixed_ids[0, 4])}
     want, want_margins = reference(model, tok, prompts, 10, eos, fixed)
-    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager")
-    out = run_loop(loop, tok, prompts, 10, stop=not fixed)
+    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager", attention=attention)
+    try:
+        out = run_loop(loop, tok, prompts, 10, stop=not fixed)
+    finally:
+        model.set_attn_implementation("sdpa")  # the fixture's model is shared
     got = out.ids[:, : want.shape[1]]
     assert torch.equal(got, want), (got, want)
     if not fixed:
@@ -243,9 +248,9 @@ def test_inductor_knob_sets_nested_options_and_rejects_unknown_names() -> None:
 
 
 def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
-    """compiled_loop_cpu as params.yaml sets it (torchao int4 and its inductor options: freezing, concatenated int4
-    matmuls, C++ wrapper): the compiled step runs 4 int4 matmuls per layer, not 7 (q/k/v and gate/up concatenated),
-    and the compiled loop writes the eager loop's ids on the same int4 model. Float32 activations: in bf16 the random
+    """compiled_loop_cpu as params.yaml sets it (torchao int4, fused step attention and its inductor options: freezing,
+    concatenated int4 matmuls, C++ wrapper): the compiled step runs 4 int4 matmuls per layer, not 7 (q/k/v and gate/up
+    concatenated), no sdpa kernel, and writes the ids of the eager loop with sdpa on the same int4 model. Float32 activations: in bf16 the random
     tiny model's near-ties flip with any change of rounding order, which says nothing about the options."""
     import re
 
@@ -269,10 +274,12 @@ def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
     torch._dynamo.reset()
     with inductor.patch({}):
         apply_inductor(recipe.decode_loop.inductor)
-        loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default")
+        loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default", attention=recipe.decode_loop.attention)
         got, code = run_and_get_code(run_loop, loop, tok, PROMPTS, 8, False)
+    model.set_attn_implementation("sdpa")  # the reference: eager steps with the model's own attention
     layers = model.config.num_hidden_layers
     assert sum(len(re.findall(r"int4pack_mm\w*(?:\.default)?\(", c)) for c in code) == 4 * layers
+    assert not any("scaled_dot_product" in c for c in code)
     want = run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None), tok, PROMPTS, 8, stop=False)
     assert torch.equal(got.ids, want.ids)
 

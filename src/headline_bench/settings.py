@@ -207,6 +207,8 @@ class DecodeLoop(Section):  # backends/compiled_loop.py: the gpt-fast style loop
     # become constants, int4 repacked once), cpp.enable_concat_linear (q/k/v and gate/up as one int4 matmul each, needs
     # freezing) and cpp_wrapper (the step launched from C++ instead of Python).
     inductor: dict[str, bool | int | str | dict[str, bool | int | str]] = {}
+    # fused: the step's attention as arithmetic inductor fuses (backends/compiled_loop.step_attention); sdpa: the model's own
+    attention: Literal["sdpa", "fused"] = "sdpa"
     module_guards: bool = False  # dynamo re-checks the model's modules before every step (~1.1 of ~10 ms on CPU); off: the loop never changes them
 
 
