@@ -86,4 +86,6 @@ def test_bench_decode_rounds_average_each_row_and_keep_every_round() -> None:
     assert out["techniques"]["compiled_loop_cpu"]["tpot_s_per_round"] == pytest.approx([0.010, 0.012, 0.014])
     assert out["techniques"]["compiled_loop_cpu"]["rows_ids_differ_across_rounds"] == 3
     assert out["techniques"]["llamacpp"]["rows_ids_differ_across_rounds"] == 0
-    assert "| 10.00, 12.00, 14.00 |" in markdown(out, {"command": "x", "rounds": 3})
+    assert out["tpot_ratio"]["per_round"] == pytest.approx([1.0, 1.2, 14 / 13])
+    text = markdown(out, {"command": "x", "rounds": 3})
+    assert "| 10.00, 12.00, 14.00 |" in text and "1.000, 1.200, 1.077" in text

@@ -72,6 +72,9 @@ def summarize(records: dict[str, list[dict[str, Any]]], samples: int = 10_000, s
         first, second = list(timed)[:2]
         out["tpot_ratio"] = {"of": first, "to": second, "ratio": paired_ratio([timed[first][i]["tpot_s"] for i in common],
                                                                              [timed[second][i]["tpot_s"] for i in common], samples, 0.95, seed)}
+        rounds = [out["techniques"][n].get("tpot_s_per_round") for n in (first, second)]
+        if all(rounds):  # the interval above is over rows; the machine's drift between rounds shows here
+            out["tpot_ratio"]["per_round"] = [a / b for a, b in zip(*rounds, strict=True)]
     return out
 
 
@@ -88,6 +91,9 @@ def markdown(summary: dict[str, Any], facts: dict[str, Any]) -> str:
     if r := summary.get("tpot_ratio"):
         lo, hi = r["ratio"][1:]
         lines += ["", f"TPOT ratio {r['of']} / {r['to']}: {r['ratio'][0]:.3f} [{lo:.3f}, {hi:.3f}] (paired over rows; <= 1 meets the target)"]
+        if r.get("per_round"):
+            lines.append(f"per round (each round's mean TPOTs; the machine's drift, which the interval over rows leaves out): "
+                         f"{', '.join(f'{v:.3f}' for v in r['per_round'])}")
     return "\n".join(lines) + "\n"
 
 
