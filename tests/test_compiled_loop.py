@@ -250,8 +250,9 @@ def test_inductor_knob_sets_nested_options_and_rejects_unknown_names() -> None:
 def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
     """compiled_loop_cpu as params.yaml sets it (torchao int4, fused step attention and its inductor options: freezing,
     concatenated int4 matmuls, C++ wrapper): the compiled step runs 4 int4 matmuls per layer, not 7 (q/k/v and gate/up
-    concatenated), no sdpa kernel, and writes the ids of the eager loop with sdpa on the same int4 model. Float32 activations: in bf16 the random
-    tiny model's near-ties flip with any change of rounding order, which says nothing about the options."""
+    concatenated), no sdpa kernel, and writes the ids of the eager loop with sdpa on the same int4 model. Float32
+    activations: in bf16 the random tiny model's near-ties flip with any change of rounding order, which says nothing
+    about the options."""
     import re
 
     import torch._inductor.config as inductor

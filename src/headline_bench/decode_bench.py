@@ -40,12 +40,10 @@ def mean_over_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]
     """One technique's rows from several rounds: the first round's rows, each timed row's latency, TTFT and TPOT the
     mean over the rounds, `tpot_s_rounds` each round's TPOT, and `ids_differ` set where greedy decoding did not repeat
     itself (it should: the same prompt in a fresh process)."""
-    by_id = [{r["id"]: r for r in rows} for rows in rounds]
+    timed = [{r["id"]: r for r in rows if r.get("tpot_s") is not None} for rows in rounds]
     out = []
-    for row in rounds[0]:
-        if row.get("tpot_s") is None:
-            continue
-        each = [b.get(row["id"]) if (b.get(row["id"]) or {}).get("tpot_s") is not None else None for b in by_id]
+    for row in timed[0].values():
+        each = [t.get(row["id"]) for t in timed]
         same = [r for r in each if r is not None]
         mean = {k: float(np.mean([r[k] for r in same])) for k in ("latency_s", "ttft_s", "tpot_s")}
         out.append({**row, **mean, "tpot_s_rounds": [r and r["tpot_s"] for r in each],  # None: a round that did not time it
