@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
+import _workspace  # noqa: E402, F401  (headline_bench from this workspace's src/)
+
+# isort: split
 from headline_bench.data.prompts import prompts_for
 from headline_bench.files import TIMED_ROWS, read_jsonl
 from headline_bench.models.ref import model_path

@@ -7,6 +7,9 @@ under torchrun)."""
 
 from __future__ import annotations
 
+import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+# isort: split
+
 import argparse
 from pathlib import Path
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+# isort: split
+
 import time
 
 from headline_bench.errors import Skip, fail

@@ -3,6 +3,9 @@ metrics/report.md, metrics/summary.json, metrics/focus.json (the DVC metric) and
 
 from __future__ import annotations
 
+import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+# isort: split
+
 from headline_bench.logs import setup_logging
 from headline_bench.render.report import report_from_disk
 from headline_bench.settings import load_params

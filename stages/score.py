@@ -3,6 +3,9 @@ paired ΔROUGE-L against baseline, lossless check against its reference)."""
 
 from __future__ import annotations
 
+import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+# isort: split
+
 import sys
 
 from headline_bench.errors import InputError, fail

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+# isort: split
+
 from headline_bench.files import SERVING_METRICS, SERVING_REPORT, read_json, write_json
 from headline_bench.logs import log, setup_logging
 from headline_bench.render.serving import render, write_charts

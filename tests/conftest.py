@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "stages"))
+import _workspace  # noqa: E402, F401  (headline_bench from this checkout's src/, here and in subprocesses)
 torch.set_num_threads(1)
 
 

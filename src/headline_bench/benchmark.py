@@ -16,7 +16,7 @@ import torch
 from headline_bench import backends
 from headline_bench.backends.base import Generation
 from headline_bench.data.prompts import prompts_for
-from headline_bench.errors import InputError, Skip, fail
+from headline_bench.errors import InputError, ProcessDied, Skip, exit_reason, fail
 from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
@@ -205,6 +205,8 @@ def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict
                 raise RuntimeError(f"tensor parallel ranks of timed process {k} failed (torchrun exit code {code}; the stage log has the error)")
         else:
             code = subprocess.run([sys.executable, str(tp.GENERATE), name, *extra], env=os.environ | {checkpoint.LOCK_HELD: name}).returncode
+            if code < 0:  # killed by a signal (SIGILL from an engine built for another CPU, the OOM killer): this technique's failure
+                raise ProcessDied(f"timed process {k} of {count} died by {exit_reason(code)}")
             if code != 0:  # bad input or an interruption: the process said why in one line above
                 raise InputError(f"{name}: timed process {k} of {count} exited with code {code}")
         results.append(read_json(out))

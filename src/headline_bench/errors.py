@@ -21,3 +21,23 @@ def fail(message: str) -> None:
     for line in lines:
         log.error(line)
     sys.exit("\n".join(f"error: {line}" for line in lines))
+
+
+class ProcessDied(RuntimeError):
+    """A child process (a timed process, a quality worker) was killed by a signal: recorded as that technique's failure."""
+
+
+def exit_reason(code: int) -> str:
+    """A child's return code in words: "signal SIGILL (illegal instruction)" for a negative code, else "exit code N".
+
+    Why: a timed process that dies by a signal (an engine built for another CPU, the OOM killer) must cost only its
+    own row, and the row should say what killed it."""
+    import signal
+
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"signal {-code}"
+    return f"signal {sig.name} ({signal.strsignal(sig) or sig.name})"
