@@ -8,6 +8,7 @@ under torchrun)."""
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 import argparse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 import time

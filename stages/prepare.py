@@ -4,6 +4,7 @@ data/prepared/timed.jsonl (its first prepare.timed_rows rows) and metrics/prepar
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 from headline_bench.data.prepare import prepare, read_source

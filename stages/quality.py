@@ -5,6 +5,7 @@ Lossless techniques are not run: they take their reference's quality once their 
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 import sys

@@ -4,6 +4,7 @@ metrics/report.md, metrics/summary.json, metrics/focus.json (the DVC metric) and
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 from headline_bench.logs import setup_logging

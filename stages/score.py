@@ -4,6 +4,7 @@ paired ΔROUGE-L against baseline, lossless check against its reference)."""
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 import sys

@@ -4,6 +4,7 @@ metrics/serving/<entry>/server.log and data/served/<entry>.jsonl."""
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 import signal

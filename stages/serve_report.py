@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import _workspace  # noqa: F401  (first: headline_bench from this workspace's src/)
+
 # isort: split
 
 from headline_bench.files import SERVING_METRICS, SERVING_REPORT, read_json, write_json

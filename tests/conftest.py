@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "stages"))
 import _workspace  # noqa: E402, F401  (headline_bench from this checkout's src/, here and in subprocesses)
+
 torch.set_num_threads(1)
 
 

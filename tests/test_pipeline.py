@@ -143,3 +143,30 @@ def test_changing_load_settings_reruns_only_serving(repo: Path) -> None:
     finally:
         params_file.write_text(original)
     assert stale == {"serve@hf_serve_cb"}  # serve_report and report follow from its outputs when it reruns
+
+
+def test_a_temp_experiment_runs_its_own_code(repo: Path) -> None:
+    """`dvc exp run --temp` runs the stages in a copy of the workspace: the copy's code must be what runs (stages import
+    headline_bench from their own workspace's src/, stages/_workspace.py), not an installed package's. The experiment
+    changes one line of the report's code (uncommitted, as `dvc exp run` takes it); the experiment's report.md carries
+    the change and the workspace's report.md stays as it was."""
+    code = repo / "src/headline_bench/render/report.py"
+    original = code.read_text()
+    title = 'f"# Headline generation: inference techniques benchmark (focus: {focus})"'
+    assert title in original
+    before = (repo / "metrics/report.md").read_text()
+    code.write_text(original.replace(title, title[:-2] + ') [exp-own-code]"'))
+    try:
+        sh(DVC + ["exp", "run", "--temp", "-n", "own-code"], repo)
+    finally:
+        code.write_text(original)
+    assert (repo / "metrics/report.md").read_text() == before  # --temp leaves the workspace alone
+    shown = sh(["git", "show", ref_of(repo, "own-code") + ":metrics/report.md"], repo).stdout
+    assert shown.splitlines()[0].endswith("[exp-own-code]")
+
+
+def ref_of(repo: Path, name: str) -> str:
+    """The git ref (refs/exps/...) of the experiment called `name`."""
+    refs = sh(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    (ref,) = [r for r in refs if r.endswith("/" + name)]
+    return ref

@@ -17,9 +17,14 @@ from typing import Any
 ENGINE_PACKAGES = {"transformers": "transformers", "llama_cpp": "llama-cpp-python", "vllm": "vllm"}
 
 
+# the distributions whose version changes what a technique computes or how fast (kernels, decoding, quantization)
+VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "torchao", "bitsandbytes", "llama-cpp-python", "vllm")
+
 # what makes two measurements comparable: same machine, same libraries, same thread settings (env_info's keys)
 FINGERPRINT_KEYS = ("host", "cpu", "cpu_id", "cpu_isa", "cpu_count", "device", "gpu_count", "python", "torch", "transformers", "engine",
-                    "torch_threads", "omp_num_threads")
+                    "versions", "llama_cpp_build", "torch_threads", "omp_num_threads")
+
+LOCK = Path(__file__).resolve().parents[3] / "requirements.lock"  # this workspace's lock (scripts/setup installs from it)
 
 
 def cpu_name() -> str:
@@ -67,6 +72,70 @@ def engine_version(engine: str) -> str:
         return f"{package} not installed"
 
 
+def versions() -> dict[str, str | None]:
+    """{distribution: installed version or None} for VERSIONED, read from metadata (nothing is imported)."""
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def locked(path: Path = LOCK) -> dict[str, str]:
+    """{normalised name: version} of every `name==version` line of requirements.lock ({} when there is none)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    pins = {}
+    for line in text.splitlines():
+        spec = line.split("#", 1)[0].strip()
+        if "==" in spec and not spec.startswith("-"):
+            name, _, version = spec.partition("==")
+            pins[normalise(name)] = version.strip()
+    return pins
+
+
+def normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares them (Llama_CPP.python -> llama-cpp-python)."""
+    return "-".join(name.strip().lower().replace("_", "-").replace(".", "-").split("-"))
+
+
+def lock_drift(path: Path = LOCK) -> list[str]:
+    """Installed distributions whose version differs from requirements.lock: "name installed X, lock Y" each.
+
+    Why: a fresh `pip install -r requirements.txt` took transformers 5.25, which broke speculative decoding; a run on
+    versions other than the tested ones must say so next to its numbers (the report flags it)."""
+    drift = []
+    for name, want in locked(path).items():
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = None
+        if have != want:
+            drift.append(f"{name} installed {have or 'missing'}, lock {want}")
+    return drift
+
+
+def llama_cpp_build() -> str | None:
+    """llama.cpp's compiled CPU feature line (llama_print_system_info), or None without llama-cpp-python.
+
+    Why: the same llama-cpp-python version runs other kernels when built with other flags (GGML_NATIVE, AVX-512,
+    AMX); an AMX build died with SIGILL. scripts/setup records its CMake flags in <venv>/llama-cmake-args."""
+    import sys
+
+    try:
+        import llama_cpp
+    except Exception:  # not installed, or its library does not load here
+        return None
+    line = llama_cpp.llama_print_system_info()
+    line = (line.decode() if isinstance(line, bytes) else str(line)).strip()
+    flags = Path(sys.prefix) / "llama-cmake-args"
+    return line + (f" [cmake: {flags.read_text().strip()}]" if flags.exists() else "")
+
+
 def env_info(engine: str | None = None) -> dict[str, Any]:
     """Hardware, library versions and thread settings of this process (the fingerprint's keys and a few more).
 
@@ -88,6 +157,9 @@ def env_info(engine: str | None = None) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # None: unset (torch then uses every core)
         "platform": platform.platform(),
+        "versions": versions(),
+        "llama_cpp_build": llama_cpp_build() if engine in (None, "llama_cpp") else None,
+        "lock_drift": lock_drift(),
     }
     if engine is not None:
         info["engine"] = engine_version(engine)
@@ -108,8 +180,8 @@ def fingerprint(env: dict[str, Any]) -> dict[str, Any]:
 
 def comparable(fp: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint without the engine: the engine is the technique's choice (llama.cpp, vLLM), not the environment's,
-    so the report groups techniques by this and names each technique's engine under its group."""
-    return {k: v for k, v in fp.items() if k != "engine"}
+    so the report groups techniques by this and names each technique's engine under its group (with llama.cpp's build line)."""
+    return {k: v for k, v in fp.items() if k not in ("engine", "llama_cpp_build")}
 
 
 def describe(fp: dict[str, Any]) -> str:

@@ -328,6 +328,15 @@ def environment_warning(groups: list[dict[str, Any]]) -> str | None:
             "and energy compare only within one environment, so ratios, ties and recommendations across them are not like for like")
 
 
+def lock_drift(perfs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """{"name installed X, lock Y; ...": [techniques]} for the techniques measured on versions other than the lock's."""
+    out: dict[str, list[str]] = {}
+    for name, p in perfs.items():
+        if drift := (p.get("env") or {}).get("lock_drift"):
+            out.setdefault("; ".join(drift), []).append(name)
+    return out
+
+
 def resumed(perfs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{technique: resume facts} of the techniques whose rows came from more than one session."""
     return {n: p["resume"] for n, p in perfs.items() if (p.get("resume") or {}).get("resumed_rows") and not p.get("skipped")}
@@ -345,6 +354,11 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
     warning = environment_warning(groups)
     if warning:
         lines.append(f"- **Warning: {warning}.**")
+    for drift, names in lock_drift(perfs).items():
+        lines.append(f"- **Warning: not the locked versions** ({drift}; requirements.lock, `scripts/setup`): {', '.join(names)}")
+    builds = sorted({p["env"]["llama_cpp_build"] for p in perfs.values() if (p.get("env") or {}).get("llama_cpp_build")})
+    for build in builds:
+        lines.append(f"- llama.cpp build: {build}")
     for name, r in resumed(perfs).items():
         lines.append(f"- **Resumed: {name}** ({r.get('sessions')} sessions): {r['resumed_rows']} row(s) were generated and timed in an earlier "
                      "session with the same settings and environment fingerprint (the resume key); warm-up, wall time, peak memory and energy "
@@ -423,7 +437,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     techniques = {r["technique"]: {k: v for k, v in r.items() if k not in drop}
                   | ({"token_check": {k: v for k, v in r["token_check"].items() if k != "differing"}} if r.get("token_check") else {}) for r in rows}
     families = {"lossy": score_settings.family, "model comparison": score_settings.model_comparisons}
-    summary = {"focus": focus, "env": env, "environments": groups, "environment_warning": environment_warning(groups), "prepare": prepare,
+    summary = {"focus": focus, "env": env, "environments": groups, "environment_warning": environment_warning(groups), "lock_drift": lock_drift(perfs), "prepare": prepare,
                "confidence": confidence, "quality_families": families, "pareto_front": front, "recommendations": recs, "excluded": excluded(rows),
                "techniques": techniques}
     write_json(SUMMARY, clean(summary))
