@@ -261,3 +261,22 @@ def test_a_failing_rerun_keeps_the_good_outputs_and_fails_the_stage(tiny_llama: 
     assert out.returncode != 0 and len(errors) == 1
     assert errors[0].startswith("error: kv_cache failed: ValueError") and "last finished outputs" in errors[0]
     assert [p.read_bytes() for p in outs] == before
+
+
+@pytest.mark.parametrize("signame", ["SIGILL", "SIGKILL"])
+def test_a_timed_process_killed_by_a_signal_is_a_recorded_failure(tiny_llama: Path, tmp_path: Path, signame: str) -> None:
+    """An engine built for another CPU dies with SIGILL, the OOM killer sends SIGKILL: the timed process is gone without
+    a word. The stage records the technique's failure naming the signal and exits 0, so `dvc repro` goes on with the
+    other techniques. The child kills itself from a sitecustomize on PYTHONPATH (as the process starts, before any
+    model loads), which no project code knows about."""
+    params = stage_repo(tmp_path, tiny_llama, {"kv_cache": {}})
+    params["generate"]["processes"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"import os, signal, sys\nif '--process' in sys.argv:\n    os.kill(os.getpid(), signal.{signame})\n")
+    out = run_generate(tmp_path, "kv_cache", PYTHONPATH=str(hook))
+    assert out.returncode == 0, out.stderr[-2000:]
+    perf = json.loads((tmp_path / "metrics/techniques/kv_cache/perf.json").read_text())
+    assert perf["failed"].startswith("ProcessDied: timed process 1 of 2 died by signal " + signame)
+    assert (tmp_path / "data/generations/kv_cache.jsonl").read_text() == ""
