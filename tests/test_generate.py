@@ -188,3 +188,43 @@ def test_universal_assisted_decoding_with_another_tokenizer(models_dir: Path) ->
     assert perf["universal_assisted"] is True and perf["draft_tokens_proposed"] == sum(r["draft_proposed"] for r in got) > 0
     assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in got)
     assert perf["acceptance_rate"] == pytest.approx(perf["draft_tokens_accepted"] / perf["draft_tokens_proposed"])
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("Ġ", "a"), ("r", "e"), ("Ġ", "c"),
+          ("Ġ", "s"), ("e", "w"), ("Ġ", "n"), ("Ġn", "ew"), ("o", "u"), ("c", "i"), ("t", "y"), ("Ġ", "v"), ("o", "t"), ("Ġv", "ot")]
+
+
+@pytest.mark.parametrize("merging", ["target", "draft"])
+def test_universal_assisted_decoding_with_a_tokenizer_that_merges(models_dir: Path, merging: str) -> None:
+    """Universal assisted decoding where the two tokenizers split the same text into different numbers of tokens (the
+    target's BPE merges pairs the draft's byte-level one does not), as SmolLM2's and gemma's do: the draft's cache must be
+    rolled back in the draft's own token count. transformers 5.25.0 rolls it back by the target's count, so the draft's
+    next prefill gets no tokens ("cannot reshape tensor of 0 elements into shape [1, 0, -1, 64]") - the failure a fresh
+    install met in `dvc repro` while the byte-identical tokenizers of the test above passed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: i + 3 for i, ch in enumerate(alphabet)}
+    for a, b in MERGES:
+        vocab.setdefault(a + b, len(vocab))
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    assert len(tok("the city council vote").input_ids) < len("the city council vote")  # merges: fewer tokens than bytes
+    target = models_dir / "tiny_bpe"
+    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    (target / "source.json").write_text('{"name": "tiny_bpe"}')
+    params = copy.deepcopy(BASE_PARAMS)
+    params["base"].update(model="tiny_bpe", target="tiny") if merging == "draft" else params["base"].update(target="tiny_bpe")
+    params["generate"]["max_new_tokens"] = 16
+    params["techniques"].update(DECODING)
+    params["techniques"]["speculative"]["speculative"]["num_assistant_tokens"] = 6
+    expected, _ = generate("target_only", parse(params), ROWS)
+    got, perf = generate("speculative", parse(params), ROWS)
+    assert "failed" not in perf and perf["universal_assisted"] is True
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in expected]
