@@ -88,7 +88,7 @@ def test_generate_waits_for_the_timing_lock_and_records_the_wait(models_dir: Pat
     while not (holder(lock_path()) or {}).get("label"):
         time.sleep(0.01)
     _, perf = generate("kv_cache", parse(BASE_PARAMS), ROWS[:1])
-    held = json.loads(other.communicate(timeout=60)[0])
-    assert perf["timing_lock_wait_s"] > 0 and perf["timing_lock"]["waited_for"] == {**perf["timing_lock"]["waited_for"], "pid": other.pid, "label": "other bench"}
-    assert perf["timing_lock"]["label"] == "generate kv_cache"
-    assert held["exit"] <= time.time() and assemble(Perf, perf) == perf
+    other.communicate(timeout=60)
+    assert perf["timing_lock_wait_s"] > 0 and perf["timing_lock"]["label"] == "generate kv_cache"
+    assert perf["timing_lock"]["waited_for"]["pid"] == other.pid and perf["timing_lock"]["waited_for"]["label"] == "other bench"
+    assert assemble(Perf, perf) == perf  # declared fields of the one perf.json definition
