@@ -150,7 +150,7 @@ def merge_runs(runs: list[tuple[list[Generation], dict[str, Any]]], label: str) 
 PROCESS_KEYS = ("process", "pid", "started_at", "finished_at", "warmup_s", "compile_s", "load_s", "repeats", "passes", "resume",
                 "recompiles_in_timed_run", "acceptance_rate", "rss_reset", "peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "wall_s",
                 "latency_s_mean", "latency_s_p50", "latency_s_max", "tokens_per_s", "samples_per_s", "tokens_per_s_spread", "latency_s_mean_spread",
-                "timing_lock", "timing_lock_wait_s")
+                "tpot_s_p50", "tpot_s_mean", "timing_lock", "timing_lock_wait_s")
 
 
 def merge_processes(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
