@@ -92,3 +92,19 @@ def test_generate_waits_for_the_timing_lock_and_records_the_wait(models_dir: Pat
     assert perf["timing_lock_wait_s"] > 0 and perf["timing_lock"]["label"] == "generate kv_cache"
     assert perf["timing_lock"]["waited_for"]["pid"] == other.pid and perf["timing_lock"]["waited_for"]["label"] == "other bench"
     assert assemble(Perf, perf) == perf  # declared fields of the one perf.json definition
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes any file: there is no read-only case")
+def test_a_lock_file_without_write_permission_still_excludes(tmp_path: Path) -> None:
+    """Another user's lock file (here: read-only): the lock still holds, only the holder line is missing."""
+    path = Path(os.environ["HEADLINE_BENCH_TIMING_LOCK"])
+    path.touch()
+    path.chmod(0o444)
+    go = tmp_path / "go"
+    holder = start(go, "read-only holder", 0.8)
+    go.touch()
+    time.sleep(0.3)
+    with timed_section("second") as second:
+        pass
+    first = json.loads(holder.communicate(timeout=60)[0])
+    assert second.wait_s > 0.2 and second.waited_for is None and path.read_text() == "" and first["wait_s"] < 0.2

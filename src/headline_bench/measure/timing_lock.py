@@ -58,14 +58,21 @@ def holder(path: Path) -> dict[str, Any] | None:
 
 
 def open_lock(path: Path) -> int:
-    """The lock file's descriptor, created readable and writable by every user (the lock is machine-wide)."""
+    """The lock file's descriptor, created readable and writable by every user (the lock is machine-wide).
+
+    An existing file is opened without O_CREAT: in a sticky /tmp, Linux's protected_regular refuses O_CREAT on another
+    user's file even where its mode allows writing. Without write permission the descriptor is read-only: flock works
+    on it all the same, only the holder line is not written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's file without write permission: flock works on a read-only descriptor too
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
         return os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        os.fchmod(fd, 0o666)
+        os.fchmod(fd, 0o666)  # the umask took write permission from the others
     except PermissionError:
         pass
     return fd
