@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from headline_bench.compare import columns, compare, experiments, main, speed
+from headline_bench.analysis.machines import columns, speed
+from headline_bench.compare import compare, experiments, main
 from headline_bench.errors import InputError
 from headline_bench.measure.records import Perf, assemble
 from headline_bench.quality.records import Score
@@ -125,3 +126,9 @@ def test_a_revision_without_metrics_is_an_input_error(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="no metrics/techniques"):
         read_source(tmp_path, "workspace")
+
+
+def test_a_source_where_nothing_ran_still_gets_its_column() -> None:
+    run = {"vllm": {"perf": {"technique": "vllm", "skipped": "vLLM needs a CUDA GPU"}, "score": {}}}
+    (col,) = columns({"HEAD": run}, ["kv_cache"])
+    assert col["title"].startswith("machine not recorded") and col["cells"]["vllm"]["outcome"] == "skipped"
