@@ -1,4 +1,4 @@
-"""A `dvc exp run --queue` grid run by `dvc queue start -j 2` (README "Sweeps"): every combination becomes its own
+"""A `dvc exp run --queue` grid run by `dvc queue start -j 2` (docs/sweeps-and-machines.md): every combination becomes its own
 experiment, each runs with its own params, and the two parallel workers' timed sections never overlap (the timing lock)."""
 
 from __future__ import annotations
