@@ -64,7 +64,7 @@ def read_source(repo: Path, rev: str) -> dict[str, dict[str, Any]]:
             files[str(p.relative_to(repo))] = p.read_text()
     else:
         commit = resolve(repo, rev)
-        for path in git(repo, "ls-tree", "-r", "--name-only", commit, "--", str(TECHNIQUE_METRICS)).split():
+        for path in git(repo, "ls-tree", "-r", "--name-only", commit, "--", str(TECHNIQUE_METRICS)).splitlines():
             if path.endswith(("/perf.json", "/score.json")):
                 files[path] = git(repo, "show", f"{commit}:{path}")
     out: dict[str, dict[str, Any]] = {}
