@@ -53,7 +53,7 @@ def markdown(cols: list[dict[str, Any]], refs: list[str], sources: list[str]) ->
         lines.append(f"- **{c['id']}**: {c['title']} (source `{c['source']}`; CPU {m.get('cpu_id')}, ISA {m.get('cpu_isa')}; "
                      f"Python {m.get('python')}; {threads_text(usual_threads(c))})")
     for c in cols:
-        versions = sorted({f"{k} {v}" for x in c["cells"].values() for k, v in x.get("versions", {}).items() if v is not None})
+        versions = sorted({str(v) if k == "engine" else f"{k} {v}" for x in c["cells"].values() for k, v in x.get("versions", {}).items() if v is not None})
         lines.append(f"- {c['id']} engines and other versions: {', '.join(versions) or 'none recorded'}")
     own = [f"{c['id']} {t}: {threads_text(x['threads'])}" for c in cols for t, x in c["cells"].items() if "threads" in x and x["threads"] != usual_threads(c)]
     lines += ["", f"Techniques with their own thread settings: {'; '.join(own)}." if own else "Every technique of a column ran with its thread settings.", "",
