@@ -63,6 +63,16 @@ def isolated_checkpoints(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.setattr(checkpoint, "CHECKPOINTS", tmp_path_factory.mktemp("checkpoints"))
 
 
+@pytest.fixture(autouse=True)
+def isolated_timing_lock(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed sections take the machine-wide timing lock: tests use their own, so a benchmark running on the same
+    machine neither waits for the tests nor makes them wait (subprocesses inherit the variable)."""
+    from headline_bench.measure import timing_lock
+
+    monkeypatch.setenv(timing_lock.PATH_ENV, str(tmp_path_factory.mktemp("timing") / "timing.lock"))
+    monkeypatch.delenv(timing_lock.HELD_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -259,6 +259,7 @@ def test_gpu_check_runs_the_pipeline_on_random_weights(gpu_check: Path) -> None:
     assert kv["weight_mb"] * 2**20 == pytest.approx(4 * (600 * 64 + 2 * layer + 64), rel=1e-3)
     perf = json.loads((gpu_check / "work" / "small" / "metrics" / "techniques" / "kv_cache" / "perf.json").read_text())
     assert perf["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert perf["timing_lock"]["held_by_parent"] and perf["timing_lock_wait_s"] == 0  # the gpu check holds the lock for its worker
     step = kv["weight_mb"] * 2**20 + perf["kv_bytes_per_token"] * perf["mean_context_tokens"]
     assert kv["bytes_per_step_mb"] * 2**20 == pytest.approx(step)
     assert kv["achieved_bandwidth_gbs"] == pytest.approx(step / kv["tpot_s_p50"] / 1e9)

@@ -137,6 +137,8 @@ def test_three_timed_processes_resume_in_the_first_and_record_each(tiny_llama: P
     assert procs[0]["resume"]["resumed_rows"] == 2 and procs[1]["resume"]["resumed_rows"] == 0
     assert perf["row_ids"] == [r["id"] for r in ROWS] and all(len(p["latency_s"]) == 5 for p in procs)
     assert perf["latency_count"] == 15 and perf["token_ids_differ_across_processes"] == []
+    assert all(p["timing_lock"]["label"] == "generate kv_cache" and p["tpot_s_p50"] > 0 for p in procs)  # each process's own lock and TPOT
+    assert perf["timing_lock_wait_s"] == sum(p["timing_lock_wait_s"] for p in procs) and "timing_lock" not in perf
     records = [json.loads(x) for x in (tmp_path / "data/generations/kv_cache.jsonl").read_text().splitlines()]
     for i, r in enumerate(records):
         assert r["latency_s_processes"] == [p["latency_s"][i] for p in procs]

@@ -239,6 +239,7 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
     assert result["levels"][0]["ok"] == 4 and result["levels"][1]["errors"] >= 1   # 1 warm-up + 6 served, then it died
     assert len(records) == 8 and gone(servers[0])
     assert result["sustainable_rate"]["runs"][0]["bracket"] == [None, 20]   # 4 good of 4 do not show 90%: no rate passed
+    assert result["timing_lock"]["label"] == "serve e" and result["timing_lock"]["wait_s"] == 0  # the load levels held the timing lock
 
 
 def test_unknown_entry_or_engine_is_an_input_error():

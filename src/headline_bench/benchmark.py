@@ -24,6 +24,7 @@ from headline_bench.measure.environment import env_info
 from headline_bench.measure.records import Perf, assemble, join
 from headline_bench.measure.roofline import MBU_FORMULA, bandwidth_share, kv_bytes_per_token, peak_bandwidth
 from headline_bench.measure.runner import merge_processes, run, run_repeats
+from headline_bench.measure.timing_lock import timed_section
 from headline_bench.measure.trackers import device_used_mb, timing_check
 from headline_bench.models.ref import model_path, model_source
 from headline_bench.settings import Params
@@ -92,8 +93,9 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
     ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0) if resume else checkpoint.disabled()
     info.pop("before_warmup", lambda rest: None)(prompts[len(ckpt.done) :])  # decode_loop: compile every cache shape first
-    gens, numbers = run_repeats(generate_fn, prompts, cfg.batch_size, warmup, device, params.generate.repeats,
-                                after_warmup, ckpt.done, ckpt.append)
+    with timed_section(f"generate {name}") as lock:  # loading above may overlap other work; warm-up and timing may not
+        gens, numbers = run_repeats(generate_fn, prompts, cfg.batch_size, warmup, device, params.generate.repeats,
+                                    after_warmup, ckpt.done, ckpt.append)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
         for key in ("max_allocated_mb", "max_reserved_mb", "peak_rss_mb"):
             numbers.pop(key, None)
@@ -110,7 +112,7 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool
         # the first warm-up call compiles; the same prompts' timed call is the steady state
         extra["compile_s"] = numbers["warmup_s"][0] - gens[len(ckpt.done)].latency_s
     perf = assemble(Perf, head, {"model": source, "samples": len(gens), "rows_too_long": len(too_long), "warmup_runs": warmup}, measured,
-                    after_run(), {"resume": ckpt.facts()}, extra, bandwidth(cfg, measured, gens, numbers, device))
+                    after_run(), {"resume": ckpt.facts(), "timing_lock": lock.facts(), "timing_lock_wait_s": lock.wait_s}, extra, bandwidth(cfg, measured, gens, numbers, device))
     return records, perf
 
 
@@ -199,8 +201,9 @@ def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict
         out.unlink(missing_ok=True)
         extra = ("--process", str(k), "--out", str(out))
         log.info("%s: timed process %d of %d", name, k, count)
-        if tp.needs_launch(cfg):
-            code = tp.launch(name, cfg.tp_size, env={checkpoint.LOCK_HELD: name}, extra=extra)
+        if tp.needs_launch(cfg):  # the ranks wait for each other, so the launcher holds the timing lock for them
+            with timed_section(f"generate {name} ranks") as lock:
+                code = tp.launch(name, cfg.tp_size, env={checkpoint.LOCK_HELD: name}, extra=extra)
             if code != 0:
                 raise RuntimeError(f"tensor parallel ranks of timed process {k} failed (torchrun exit code {code}; the stage log has the error)")
         else:
@@ -210,6 +213,8 @@ def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict
             if code != 0:  # bad input or an interruption: the process said why in one line above
                 raise InputError(f"{name}: timed process {k} of {count} exited with code {code}")
         results.append(read_json(out))
+        if tp.needs_launch(cfg):  # the ranks found the lock held by the launcher: its wait is the process's
+            results[-1]["perf"] |= {"timing_lock": lock.facts(), "timing_lock_wait_s": lock.wait_s}
         out.unlink()
         if "skipped" in results[-1]["perf"] or "failed" in results[-1]["perf"]:
             break

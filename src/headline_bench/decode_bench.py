@@ -24,6 +24,7 @@ from headline_bench.analysis.stats import bootstrap_means, interval, paired_rati
 from headline_bench.files import ROOT, read_jsonl, write_json
 from headline_bench.gpu_check import merge, stage
 from headline_bench.logs import log, setup_logging
+from headline_bench.measure.timing_lock import timed_section
 
 
 def rate_interval(tokens: list[float], seconds: list[float], samples: int, seed: int) -> tuple[float, float, float]:
@@ -130,21 +131,22 @@ def main(argv: list[str] | None = None) -> None:
     if code != 0:
         raise SystemExit(f"error: bench-decode: prepare failed (exit {code})")
     rounds: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in names}
-    for k in range(args.rounds):
-        for name in names:
-            code, seconds = stage(["generate.py", name], work, 3600)
-            log.info("bench-decode: round %d of %d: %s exit %s in %.0f s", k + 1, args.rounds, name, code, seconds)
-            if code != 0:
-                raise SystemExit(f"error: bench-decode: {name} failed (exit {code})")
-            perf = json.loads((work / "metrics" / "techniques" / name / "perf.json").read_text())
-            if perf.get("skipped") or perf.get("failed"):
-                raise SystemExit(f"error: bench-decode: {name} not timed: {perf.get('skipped') or perf.get('failed')}")
-            rounds[name].append(read_jsonl(work / "data" / "generations" / f"{name}.jsonl"))
+    with timed_section("bench-decode") as lock:  # the alternation is the comparison: no other timed work between rounds
+        for k in range(args.rounds):
+            for name in names:
+                code, seconds = stage(["generate.py", name], work, 3600)
+                log.info("bench-decode: round %d of %d: %s exit %s in %.0f s", k + 1, args.rounds, name, code, seconds)
+                if code != 0:
+                    raise SystemExit(f"error: bench-decode: {name} failed (exit {code})")
+                perf = json.loads((work / "metrics" / "techniques" / name / "perf.json").read_text())
+                if perf.get("skipped") or perf.get("failed"):
+                    raise SystemExit(f"error: bench-decode: {name} not timed: {perf.get('skipped') or perf.get('failed')}")
+                rounds[name].append(read_jsonl(work / "data" / "generations" / f"{name}.jsonl"))
     perf = {n: json.loads((work / "metrics" / "techniques" / n / "perf.json").read_text()) for n in names}  # the last round's
     summary = summarize({n: mean_over_rounds(rows) for n, rows in rounds.items()})
     facts = {"command": "scripts/bench-decode " + " ".join(argv if argv is not None else os.sys.argv[1:]), "rounds": args.rounds,
              "env": perf[names[0]].get("env"), "threads": {n: perf[n].get("threads") or perf[n].get("env", {}).get("torch_threads") for n in names},
-             "warmup_runs": params["generate"]["warmup_runs"], "repeats": params["generate"].get("repeats", 1)}
+             "warmup_runs": params["generate"]["warmup_runs"], "repeats": params["generate"].get("repeats", 1), "timing_lock": lock.facts()}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "summary.json", {**summary, **facts, "perf": {n: {k: perf[n].get(k) for k in ("tpot_s_p50", "ttft_s_p50", "tokens_per_s",
                                                                                                       "weight_mb", "compile_s", "timing_check")} for n in names}})

@@ -27,6 +27,7 @@ import yaml
 
 from headline_bench.files import ROOT, write_json
 from headline_bench.logs import log, setup_logging
+from headline_bench.measure.timing_lock import timed_section
 from headline_bench.settings import read_yaml
 
 STAGES = ROOT / "stages"
@@ -355,14 +356,15 @@ def main(argv: list[str] | None = None) -> None:
     models.mkdir(parents=True, exist_ok=True)
     log.info("gpu-check on %s: passes %s, phase %s, scratch %s, results -> %s", card(), names, args.phase, work, out)
     if args.phase != "report":
-        for i, name in enumerate(names):
-            # each pass gets its share of what is left, so a slow first pass cannot starve the next
-            shares = [float(spec["passes"][n].get("budget_share", 1.0)) for n in names[i:]]
-            until = time.time() + (deadline - time.time()) * shares[0] / sum(shares)
-            entry = spec["passes"][name]
-            overlay = {k: v for k, v in entry.items() if k not in PASS_KEYS}
-            generate_pass(name, pass_params(params, spec.get("common", {}), overlay, args.tokenizer), work / name, models, until,
-                          args.per_technique_s, entry.get("row_caps") or {}, entry.get("solo_check"))
+        with timed_section("gpu-check"):  # the device part; its worker and solo processes find the lock held by this one
+            for i, name in enumerate(names):
+                # each pass gets its share of what is left, so a slow first pass cannot starve the next
+                shares = [float(spec["passes"][n].get("budget_share", 1.0)) for n in names[i:]]
+                until = time.time() + (deadline - time.time()) * shares[0] / sum(shares)
+                entry = spec["passes"][name]
+                overlay = {k: v for k, v in entry.items() if k not in PASS_KEYS}
+                generate_pass(name, pass_params(params, spec.get("common", {}), overlay, args.tokenizer), work / name, models, until,
+                              args.per_technique_s, entry.get("row_caps") or {}, entry.get("solo_check"))
     if args.phase != "generate":
         for name in names:
             report_pass(name, work / name, out)

@@ -164,6 +164,8 @@ class Perf(Record):
     draft_tokens_accepted: int | None = kept("draft tokens accepted in the timed rows")
     compile_s: Num | None = row("first warm-up call minus the same prompts' timed call: compile time, s")
     resume: dict[str, Any] | None = kept("checkpoints.Checkpoint.facts(): sessions, resumed rows, each session's environment")
+    timing_lock: dict[str, Any] | None = kept("timing_lock.TimingLock.facts(): the machine-wide lock file, the wait and whom it waited for")
+    timing_lock_wait_s: Num | None = kept("seconds the timed section waited for another one on this machine (summed over timed processes)")
     quality: str | None = row("why quality is not scored (random weights)")
     # tensor parallel
     tp_size: int | None = row("tensor parallel ranks")

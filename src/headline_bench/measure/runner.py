@@ -149,7 +149,8 @@ def merge_runs(runs: list[tuple[list[Generation], dict[str, Any]]], label: str) 
 # perf.json numbers that belong to one timed process (kept per process in `processes`, not merged)
 PROCESS_KEYS = ("process", "pid", "started_at", "finished_at", "warmup_s", "compile_s", "load_s", "repeats", "passes", "resume",
                 "recompiles_in_timed_run", "acceptance_rate", "rss_reset", "peak_rss_mb", "max_allocated_mb", "max_reserved_mb", "wall_s",
-                "latency_s_mean", "latency_s_p50", "latency_s_max", "tokens_per_s", "samples_per_s", "tokens_per_s_spread", "latency_s_mean_spread")
+                "latency_s_mean", "latency_s_p50", "latency_s_max", "tokens_per_s", "samples_per_s", "tokens_per_s_spread", "latency_s_mean_spread",
+                "tpot_s_p50", "tpot_s_mean", "timing_lock", "timing_lock_wait_s")
 
 
 def merge_processes(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -173,9 +174,10 @@ def merge_processes(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         raise RuntimeError(f"timed processes generated different numbers of rows: {[len(gens) for gens, _ in runs]}")
     gens, perf = merge_runs(runs, "processes")
     records = [{**{k: v for k, v in row.items() if k not in names}, **asdict(g)} for row, g in zip(timed, gens)]
-    perf = {k: v for k, v in perf.items() if k not in ("passes", "process", "pid", "finished_at")}
+    perf = {k: v for k, v in perf.items() if k not in ("passes", "process", "pid", "finished_at", "timing_lock")}
+    waits = [p["timing_lock_wait_s"] for _, p in runs if p.get("timing_lock_wait_s") is not None]
     return records + [r for r in first if "latency_s" not in r], perf | {
-        "processes": processes, "process_count": len(processes), "row_ids": ids, "token_ids_differ_across_processes": differ}
+        **({"timing_lock_wait_s": sum(waits)} if waits else {}), "processes": processes, "process_count": len(processes), "row_ids": ids, "token_ids_differ_across_processes": differ}
 
 
 def pass_numbers(perf: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from headline_bench.errors import InputError, Skip
 from headline_bench.files import GENERATIONS, SERVING_METRICS, read_jsonl
 from headline_bench.logs import log
 from headline_bench.measure.environment import env_info
+from headline_bench.measure.timing_lock import timed_section
 from headline_bench.serving.goodput import combine_runs, level_summary, next_rate, requests_needed, sustainable_rate, verdict
 from headline_bench.serving.loadgen import RequestResult, run_concurrency, run_rate
 from headline_bench.serving.server import HOST, PortTaken, Server, ServerError, free_port
@@ -216,7 +217,9 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
             out["prompt_mode"] = f"/v1/completions, prompt as {'token ids' if spec.token_prompts else 'text'} (chat template applied by the client)"
             payloads, kept, ids, differs = payloads_for(rows, params, entry, spec)
             log.info("%s: %s ready on port %d after %.1f s", name, entry.engine, server.port, server.startup_s)
-            measure(server, payloads, s, seed, levels, timed, warm)
+            with timed_section(f"serve {name}") as lock:  # the load levels; the server's start above is untimed
+                out["timing_lock"] = lock.facts()
+                measure(server, payloads, s, seed, levels, timed, warm)
             out["server"]["exit_code"] = server.stop()
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
