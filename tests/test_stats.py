@@ -9,7 +9,7 @@ import pytest
 from headline_bench.analysis.latency import process_rows, speed_ratio, speed_verdict
 from headline_bench.analysis.recommend import excluded, pareto_front, recommend
 from headline_bench.analysis.rows import headline, usd_per_million
-from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, paired_t, t_quantile
+from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, mean_interval, paired_t, t_quantile
 from headline_bench.analysis.verdicts import compare, decide, family_of, resolve_equivalents, rows_to_decide, simultaneous_level
 from headline_bench.errors import InputError
 from headline_bench.settings import Score, Technique
@@ -69,7 +69,9 @@ def test_decide_follows_the_printed_interval() -> None:
     assert decide(-0.005, 0.02, 0.01, 100, 30) == ("non-inferior", None)
     assert decide(-0.008, -0.001, 0.01, 100, 30) == ("non-inferior", "significantly below, within the margin")
     assert decide(0.001, 0.02, 0.01, 100, 30) == ("non-inferior", "significantly above the reference")
-    assert decide(-0.05, -0.001, 0.01, 100, 30) == ("worse", None)
+    assert decide(-0.05, -0.011, 0.01, 100, 30) == ("worse", None)  # the whole interval beyond the margin
+    # below 0 but not beyond -margin: a real loss of unknown size, not "worse" (it could be -0.005)
+    assert decide(-0.0246, -0.001, 0.01, 100, 30) == ("inconclusive", "significantly below the reference, not beyond the margin")
     assert decide(-0.05, 0.01, 0.01, 100, 30) == ("inconclusive", None)
     assert decide(-0.001, 0.001, 0.01, 12, 30) == ("too few rows", None)
 
@@ -98,12 +100,13 @@ def test_compare_uses_the_simultaneous_level_and_names_the_state_more_rows_would
 
 
 def test_rows_to_decide_names_the_earlier_decision() -> None:
-    # delta 0: only non-inferior is reachable; delta -0.02 (below -margin): only worse
+    # both states sit on -margin: above it only non-inferior is reachable, below it only worse (gap to -margin, not to 0)
     n, state = rows_to_decide(0.0, 0.1, 0.01, 0.95, 0.8, 30)
     assert state == "non-inferior" and 780 <= n <= 800  # ((1.96 + 0.84) x 0.1 / 0.01)^2 = 785 at the normal limit
-    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
-    assert rows_to_decide(-0.002, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"  # gap 0.008 to -margin beats 0.002 to 0
-    assert rows_to_decide(-0.008, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
+    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95, 0.8, 30) == rows_to_decide(0.0, 0.1, 0.01, 0.95, 0.8, 30)[:1] + ("worse",)  # same gap 0.01
+    assert rows_to_decide(-0.002, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"
+    assert rows_to_decide(-0.008, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"  # inside the margin: never worse
+    assert rows_to_decide(-0.01, 0.1, 0.01, 0.95, 0.8, 30) == (None, None)  # on the boundary
     assert rows_to_decide(0.0, 0.0, 0.01, 0.95, 0.8, 30) == (None, None)
     assert rows_to_decide(0.05, 0.01, 0.01, 0.95, 0.8, 30)[0] == 30  # never fewer than min_rows
 
@@ -279,3 +282,15 @@ def test_cpu_identity_reads_family_model_and_kernel_flags() -> None:
     assert ident == f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
     flags = set(fields["flags"].split())
     assert isa == (" ".join(f for f in KERNEL_FLAGS if f in flags) or "none")
+
+
+def test_mean_interval_widens_only_the_skewed_end() -> None:
+    """Symmetric rows: the paired t interval. Rows with a few large losses: the lower end moves down (Hall's correction),
+    the upper end stays t's (the wider of the two at each end)."""
+    sym = mean_interval([0.1, 0.2, 0.3, 0.4], 0.95)
+    t = paired_t([0.1, 0.2, 0.3, 0.4], 0.95)
+    assert (sym["low"], sym["high"]) == pytest.approx((t["low"], t["high"])) and "Hall" in sym["method"]
+    rows = [0.0] * 90 + [0.05, -0.05] * 3 + [-0.4] * 4
+    skewed, t = mean_interval(rows, 0.99), paired_t(rows, 0.99)
+    assert skewed["low"] < t["low"] - 0.002 and skewed["high"] == pytest.approx(t["high"])
+    assert mean_interval([0.0] * 40, 0.99)["low"] == 0.0 and mean_interval([0.1], 0.95)["low"] is None
