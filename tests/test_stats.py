@@ -294,3 +294,22 @@ def test_mean_interval_widens_only_the_skewed_end() -> None:
     skewed, t = mean_interval(rows, 0.99), paired_t(rows, 0.99)
     assert skewed["low"] < t["low"] - 0.002 and skewed["high"] == pytest.approx(t["high"])
     assert mean_interval([0.0] * 40, 0.99)["low"] == 0.0 and mean_interval([0.1], 0.95)["low"] is None
+
+
+def test_pooled_latency_uses_each_process_own_values() -> None:
+    """merge_processes once wrote the cross-process row mean into process 1's records before pooling, so process 1 counted
+    1/9 and processes 2 and 3 4/9 each: batched printed 6.920 [6.894, 6.894], its point outside its own interval."""
+    from headline_bench.measure.runner import merge_processes
+
+    lat = [[1.0, 1.0], [2.0, 2.0], [6.0, 6.0]]  # per process, per row
+
+    def process(k: int) -> dict:
+        recs = [{"id": f"r{i}", "prediction": "x", "raw": "x", "prompt_tokens": 5, "new_tokens": 10, "latency_s": v, "ttft_s": v / 10,
+                 "tpot_s": v / 20, "token_ids": [1, 2]} for i, v in enumerate(lat[k])]
+        return {"records": recs, "perf": {"samples_per_s": 2 / sum(lat[k]), "tokens_per_s": 20 / sum(lat[k]), "wall_s": sum(lat[k]), "rss_reset": True,
+                                          "latency_s_mean": lat[k][0]}}
+    records, perf = merge_processes([process(0), process(1), process(2)])
+    assert perf["latency_s_mean"] == pytest.approx(3.0) and perf["latency_s_p50"] == pytest.approx(2.0)  # old: 3.667 and 3.0
+    assert perf["ttft_s_mean"] == pytest.approx(0.3) and perf["latency_count"] == 6
+    assert [r["latency_s"] for r in records] == [pytest.approx(3.0)] * 2 and records[0]["latency_s_processes"] == [1.0, 2.0, 6.0]
+    assert [p["latency_s"] for p in perf["processes"]] == lat
