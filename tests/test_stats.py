@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headline_bench.analysis.latency import process_rows, speed_ratio, speed_verdict
+from headline_bench.analysis.latency import process_rows, satterthwaite, speed_ratio, speed_verdict
 from headline_bench.analysis.recommend import excluded, pareto_front, recommend
 from headline_bench.analysis.rows import headline, usd_per_million
 from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, mean_interval, paired_t, t_quantile
@@ -128,6 +128,28 @@ def test_speed_ratio_over_processes_and_the_equivalence_verdict() -> None:
     two = speed_ratio(procs(1.0, 0.01, 2), ref, 0.95, 2000, 0, 0.05)
     assert two["verdict"].startswith("n/a: fewer than 3 processes") and two["low"] is None and two["rows_low"] < 1.05
     assert speed_verdict(0.97, 0.99, 0.05) == "tied" and speed_verdict(0.90, 0.99, 0.05) == "faster"
+    assert speed_verdict(0.94, 1.06, 0.05, 0.955, 1.045) == "tied"  # the 90% interval (TOST at 5%) decides a tie, not the 95% one
+    tied = speed_ratio(procs(1.0, 0.01, 3), ref, 0.95, 2000, 0, 0.05)
+    assert tied["tie_level"] == pytest.approx(0.90) and tied["low"] < tied["tie_low"] < tied["ratio"] < tied["tie_high"] < tied["high"]
+    assert tied["verdict"] == speed_verdict(tied["low"], tied["high"], 0.05, tied["tie_low"], tied["tie_high"])
+
+
+def test_satterthwaite_degrees_of_freedom() -> None:
+    # Welch's example: two variances of the mean 1.0 with 9 and 4 df -> 4 / (1/9 + 1/4) = 11.08, between min (4) and sum (13)
+    assert satterthwaite([(1.0, 9), (1.0, 4)]) == pytest.approx(4 / (1 / 9 + 1 / 4))
+    assert satterthwaite([(1.0, 9), (0.0, 4)]) == pytest.approx(9)  # a part with no variance adds nothing
+    assert satterthwaite([(0.0, 2)]) == 1e7
+
+
+def test_unequal_process_counts_use_welch_degrees_of_freedom() -> None:
+    """3 noisy processes against 6 quiet ones: the variance and its df come from the noisy side (about 2)."""
+    rng = np.random.default_rng(4)
+    ids = [f"r{i}" for i in range(30)]
+    def procs(sd: float, n: int) -> list[dict]:  # process-to-process drift (one factor per process), tiny row noise
+        return [{i: ((1 + f) * (1 + rng.normal(0, 0.001)), 20.0) for i in ids} for f in rng.normal(0, sd, n)]
+    noisy, quiet = procs(0.1, 3), procs(0.001, 6)
+    a = speed_ratio(noisy, quiet, 0.95, 500, 0, 0.05)
+    assert "unpaired" in a["basis"] and 1.9 < a["df"] < 2.2  # ~2: the noisy side's 3 processes carry the variance
 
 
 def test_process_rows_groups_passes_by_process() -> None:
@@ -189,11 +211,16 @@ def test_memory_constrained_picks_lowest_peak_among_non_inferior() -> None:
     assert rec["choice"] == "quant8" and "CPU peak RSS" in rec["rule"] and "note" not in rec
 
 
-def test_memory_ties_go_to_fewer_seconds_per_token() -> None:
-    # 0.3 MB of ~1,032 is no win: both are within 2% of the lowest, and the faster one takes the tie
+def test_memory_ties_go_to_the_speed_interval_else_to_the_stated_precedence() -> None:
+    # 0.3 MB of ~1,032 is no win: both are within 2% of the lowest
     rows = [row("baseline", 1.6, 0.26, 0, 0, mem=1032.3), row("kv_cache", 0.5, 0.26, 0, 0, mem=1032.6), row("big", 0.4, 0.26, 0, 0, mem=1200)]
-    rec = pick(recommend(rows, 0.01, memory_tie=0.02), "memory-constrained")
-    assert rec["choice"] == "kv_cache" and rec["note"] == "tied on memory with baseline (1032 MB)"
+    shown = pick(recommend(rows, 0.01, speed=lambda a, b: "slower", memory_tie=0.02), "memory-constrained")
+    assert shown["choice"] == "kv_cache" and shown["note"] == ("tied on memory with baseline (1032 MB); faster than the other tied ones by "
+                                                              "the ms/token ratio interval")
+    # a lower point estimate whose ratio interval does not separate them is no reason: the fixed precedence decides
+    unresolved = pick(recommend(rows, 0.01, speed=lambda a, b: "unresolved", memory_tie=0.02), "memory-constrained")
+    assert unresolved["choice"] == "baseline" and "by precedence (baseline, then techniques equivalent" in unresolved["note"]
+    assert pick(recommend(rows, 0.01), "memory-constrained")["choice"] == "baseline"  # no speed verdicts at all
     assert pick(recommend(rows, 0.01, memory_tie=0.0), "memory-constrained")["choice"] == "baseline"
 
 
@@ -209,14 +236,15 @@ def test_multi_gpu_needs_two_gpus() -> None:
     assert pick(recommend(only_skipped, 0.01, gpus=2), "multi-GPU")["value"] == "none ran on this machine: pp: oom"
 
 
-def test_highest_quality_never_goes_to_a_copy_of_its_reference_and_ties_go_to_baseline() -> None:
+def test_highest_quality_needs_a_gain_whose_interval_clears_the_tie() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0, quality_state="equivalent", quality_reference="baseline"),
-            row("torchao", 0.4, 0.26, 0, 0, baseline_identical=1.0), row("target", 0.9, 0.28, -0.005, 0.05)]
+            row("torchao", 0.4, 0.26, 0, 0, baseline_identical=1.0), row("target", 0.9, 0.28, 0.0005, 0.0391)]
     resolve_equivalents(rows)
-    rec = pick(recommend(rows, 0.01, quality_tie=0.01), "highest quality")
-    assert rec["choice"] == "target" and "note" not in rec  # 0.28 is more than 0.01 above baseline's 0.26
-    tied = pick(recommend(rows, 0.01, quality_tie=0.03), "highest quality")
-    assert tied["choice"] == "baseline" and tied["note"] == "tied on ROUGE-L with target (0.2800)"
+    # target_only's +0.0198 [+0.0005, +0.0391] once won "highest quality": its interval does not clear the 0.01 tie
+    rec = pick(recommend(rows, 0.01), "highest quality")
+    assert rec["choice"] == "baseline" and rec["note"].startswith("higher point estimate but no gain") and "target (0.2800" in rec["note"]
+    rows[3] = row("target", 0.9, 0.28, 0.012, 0.05)
+    assert pick(recommend(rows, 0.01), "highest quality")["choice"] == "target"
     assert pick(recommend(rows[:3], 0.01), "highest quality")["choice"] == "baseline"  # never kv_cache or torchao on a speed tie-break
 
 
@@ -226,12 +254,13 @@ def test_highest_quality_skips_a_worse_best_score() -> None:
     assert pick(recommend(rows, 0.01), "highest quality")["choice"] == "baseline"
 
 
-def test_balanced_is_fastest_within_tolerance_of_best() -> None:
+def test_balanced_is_fastest_within_tolerance_of_the_best_credible_quality() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0), row("target", 0.9, 0.28, -0.005, 0.05),
             row("quant8", 0.3, 0.20, -0.009, 0.001)]
-    recs = recommend(rows, 0.025)
-    assert pick(recs, "balanced")["choice"] == "kv_cache"  # 0.26 >= 0.28 - 0.025; quant8 is faster but too far below
+    recs = recommend(rows, 0.01)
+    assert pick(recs, "balanced")["choice"] == "kv_cache"  # target's 0.28 is no gain, so the best is baseline's 0.26; quant8 too far below
     assert pick(recs, "low latency")["choice"] == "quant8"  # non-inferior, so eligible for pure speed
+    rows[2] = row("target", 0.9, 0.28, 0.015, 0.05)  # a gain: the best is now 0.28 and only target is within 0.01 of it
     assert pick(recommend(rows, 0.01), "balanced")["choice"] == "target"
 
 

@@ -397,7 +397,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
     recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0),
-                     speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share, score_settings.margin)
+                     speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share)
     from headline_bench.render.charts import write_charts
 
     write_charts(rows, generations, front, PLOTS)
