@@ -105,13 +105,18 @@ def hall_t(d: Any, level: float) -> tuple[Any, Any]:
     mean, sd = x.mean(axis=-1), x.std(axis=-1, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = np.nan_to_num(((x - mean[..., None]) ** 3).mean(axis=-1) / sd**3)  # sd 0: no skew, the t interval
-    a, b = skew / (3 * math.sqrt(n)), skew / (6 * math.sqrt(n))
+    return hall_ends(mean, sd, skew, n, level)
+
+
+def hall_ends(mean: Any, sd: Any, skew: Any, n: int, level: float) -> tuple[Any, Any]:
+    """hall_t's (low, high) from summary numbers: mean, sd (ddof 1) and skewness (third central moment / sd^3) of n rows."""
+    a, b = np.asarray(skew) / (3 * math.sqrt(n)), np.asarray(skew) / (6 * math.sqrt(n))
     q = t_quantile(1 - (1 - level) / 2, n - 1)
 
     def inverse(y: float) -> np.ndarray:
         safe = np.where(np.abs(a) < 1e-12, 1.0, a)
         return np.where(np.abs(a) < 1e-12, y - b, (np.cbrt(1 + 3 * safe * (y - b)) - 1) / safe)
-    se = sd / math.sqrt(n)
+    se = np.asarray(sd) / math.sqrt(n)
     return _scalar(mean - se * inverse(q)), _scalar(mean - se * inverse(-q))
 
 
