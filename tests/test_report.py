@@ -88,7 +88,7 @@ def test_report_md_has_table_rows_skips_and_sections(built: Path) -> None:
     for section in ("## What changed: kv_cache vs baseline", "## Results", "## Lossless check", "## Sample headlines", "## Recommendations", "## Charts"):
         assert section in md
     assert "| Technique | Avg Latency (s) | P99 Latency (s) | Throughput (samples/s) | Max Memory (MB) | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |" in md
-    assert "ΔROUGE-L vs baseline [95% CI], state" in md and "3/40 vs baseline" in md
+    assert "ΔROUGE-L vs baseline [simultaneous interval], state" in md and "3/40 vs baseline" in md  # the interval that decided the state, not a 95% one
     assert "lossy (score.family, k = 4: quant8, prune_l1, quant4, vllm; not run here but counted: quant4, vllm)" in md
     assert "| prune_l1 | lossy (k=4) | 40 |" in md and "**worse**" in md and "| 0.9875 |" in md
     assert "| target_only | model comparison (k=1) | 40 |" in md and "| 0.9500 |" in md

@@ -29,7 +29,7 @@ SEED_COLS = ["Technique", "Avg Latency (s)", "P99 Latency (s)", "Throughput (sam
 
 
 MORE_COLS = ["Technique", "P50 (s)", "P90 (s)", "TTFT p50 (s)", "TPOT p50 (s)", "ms/token", "Tokens/s", "USD / M headlines", "Weights (MB)",
-             "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [{:.0%} CI], state", "Fidelity", "Extras"]
+             "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [simultaneous interval], state", "Fidelity", "Extras"]
 
 
 SPEED_REFERENCE = "kv_cache"  # latency comparisons are paired per row against it
@@ -102,7 +102,7 @@ def results_tables(rows: list[Row], confidence: float, usd_per_hour: float | Non
                         "numpy linear interpolation over n per-row samples (rows x timed passes); below 100 samples the P99 column shows the maximum.",
                         table([c.format(confidence) for c in MORE_COLS], more),
                         f"ms/token: mean per-row latency / mean new tokens (prefill included), the length-fair speed measure. {price}. "
-                        f"ΔROUGE-L: see Quality verdicts. Fidelity: headlines identical to the reference technique's, k/n."])
+                        f"ΔROUGE-L: with the interval at its family's simultaneous level that decided the state (Quality verdicts). Fidelity: headlines identical to the reference technique's, k/n."])
 
 
 def machine(env: dict[str, Any] | None) -> str | None:
