@@ -88,13 +88,14 @@ def test_report_md_has_table_rows_skips_and_sections(built: Path) -> None:
     for section in ("## What changed: kv_cache vs baseline", "## Results", "## Lossless check", "## Sample headlines", "## Recommendations", "## Charts"):
         assert section in md
     assert "| Technique | Avg Latency (s) | P99 Latency (s) | Throughput (samples/s) | Max Memory (MB) | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |" in md
-    assert "ΔROUGE-L vs baseline [95% CI], state" in md and "3/40 vs baseline" in md
+    assert "ΔROUGE-L vs baseline [simultaneous interval], state" in md and "3/40 vs baseline" in md  # the interval that decided the state, not a 95% one
     assert "lossy (score.family, k = 4: quant8, prune_l1, quant4, vllm; not run here but counted: quant4, vllm)" in md
     assert "| prune_l1 | lossy (k=4) | 40 |" in md and "**worse**" in md and "| 0.9875 |" in md
     assert "| target_only | model comparison (k=1) | 40 |" in md and "| 0.9500 |" in md
     assert "| kv_cache | — (lossless) | 40 |" in md and "**equivalent** (takes baseline's: reference)" in md
     assert "| kv_cache | baseline | 40 | 40 | 0 | 0 | 0 | — | 40/40 | equivalent |" in md  # lossless by token ids
-    assert "**memory-constrained: kv_cache** (1230 MB CPU peak RSS)" in md and "Note: tied on memory with baseline (1210 MB)." in md
+    assert "**memory-constrained: kv_cache** (1230 MB CPU peak RSS)" in md
+    assert "Note: tied on memory with baseline (1210 MB); faster than the other tied ones by the ms/token ratio interval." in md
     assert "**highest quality: target_only** (ROUGE-L 0.3010)" in md
     assert "max " in md and "(n=40 of 40 prompts)" in md and "numpy linear interpolation" in md  # no "P99" of 40 samples
     assert "| 40 (40 prompts) | 3 | 2 |" in md and "4.0%" in md  # prompts, processes, passes and run-to-run spread
@@ -186,3 +187,22 @@ def test_environments_are_listed_and_a_mix_is_flagged(tmp_path: Path, monkeypatc
 def test_one_environment_has_no_warning(built: Path) -> None:
     md = (built / "metrics/report.md").read_text()
     assert len([line for line in md.splitlines() if line.startswith("- Environment ")]) == 1 and "Warning" not in md
+
+
+def test_quality_states_name_the_machine_they_were_decided_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same code and rows gave compiled_loop_cpu "inconclusive" on a Zen 3 and "worse" on an Intel with native bf16: a state
+    holds for the machine its outputs came from, and the verdicts table says which, flagging a reference from another one."""
+    monkeypatch.chdir(tmp_path)
+    names, perfs, scores, prepare, gens = fake_metrics()
+    zen3 = ENV | {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 1 stepping 1", "cpu_isa": "avx2 fma f16c"}
+    for p in perfs.values():
+        p["env"] = zen3
+    perfs["quant8"]["env"] = ENV | {"cpu": "Intel Xeon", "cpu_id": "GenuineIntel family 6 model 143 stepping 8", "cpu_isa": "avx512f avx512_bf16 amx_bf16"}
+    report.report(names, perfs, scores, prepare, gens, "kv_cache", Report(**REPORT), Score(**SCORE))
+    md = (tmp_path / "metrics/report.md").read_text()
+    line = {n: next(x for x in md.splitlines() if x.startswith(f"| {n} | ") and "(k=" in x) for n in ("quant8", "prune_l1")}
+    assert ("| Intel Xeon (GenuineIntel family 6 model 143 stepping 8; avx512f avx512_bf16 amx_bf16); **reference on AMD EPYC (AuthenticAMD "
+            "family 25 model 1 stepping 1; avx2 fma f16c)** |") in line["quant8"]
+    assert "| AMD EPYC (AuthenticAMD family 25 model 1 stepping 1; avx2 fma f16c) |" in line["prune_l1"] and "reference on" not in line["prune_l1"]
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert summary["techniques"]["quant8"]["machine"].startswith("Intel Xeon (GenuineIntel")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headline_bench.analysis.latency import process_rows, speed_ratio, speed_verdict
+from headline_bench.analysis.latency import process_rows, satterthwaite, speed_ratio, speed_verdict
 from headline_bench.analysis.recommend import excluded, pareto_front, recommend
 from headline_bench.analysis.rows import headline, usd_per_million
-from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, paired_t, t_quantile
+from headline_bench.analysis.stats import bootstrap_means, cdf_points, clean, mean_interval, paired_t, t_quantile
 from headline_bench.analysis.verdicts import compare, decide, family_of, resolve_equivalents, rows_to_decide, simultaneous_level
 from headline_bench.errors import InputError
 from headline_bench.settings import Score, Technique
@@ -69,7 +69,9 @@ def test_decide_follows_the_printed_interval() -> None:
     assert decide(-0.005, 0.02, 0.01, 100, 30) == ("non-inferior", None)
     assert decide(-0.008, -0.001, 0.01, 100, 30) == ("non-inferior", "significantly below, within the margin")
     assert decide(0.001, 0.02, 0.01, 100, 30) == ("non-inferior", "significantly above the reference")
-    assert decide(-0.05, -0.001, 0.01, 100, 30) == ("worse", None)
+    assert decide(-0.05, -0.011, 0.01, 100, 30) == ("worse", None)  # the whole interval beyond the margin
+    # below 0 but not beyond -margin: a real loss of unknown size, not "worse" (it could be -0.005)
+    assert decide(-0.0246, -0.001, 0.01, 100, 30) == ("inconclusive", "significantly below the reference, not beyond the margin")
     assert decide(-0.05, 0.01, 0.01, 100, 30) == ("inconclusive", None)
     assert decide(-0.001, 0.001, 0.01, 12, 30) == ("too few rows", None)
 
@@ -98,12 +100,13 @@ def test_compare_uses_the_simultaneous_level_and_names_the_state_more_rows_would
 
 
 def test_rows_to_decide_names_the_earlier_decision() -> None:
-    # delta 0: only non-inferior is reachable; delta -0.02 (below -margin): only worse
+    # both states sit on -margin: above it only non-inferior is reachable, below it only worse (gap to -margin, not to 0)
     n, state = rows_to_decide(0.0, 0.1, 0.01, 0.95, 0.8, 30)
     assert state == "non-inferior" and 780 <= n <= 800  # ((1.96 + 0.84) x 0.1 / 0.01)^2 = 785 at the normal limit
-    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
-    assert rows_to_decide(-0.002, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"  # gap 0.008 to -margin beats 0.002 to 0
-    assert rows_to_decide(-0.008, 0.1, 0.01, 0.95, 0.8, 30)[1] == "worse"
+    assert rows_to_decide(-0.02, 0.1, 0.01, 0.95, 0.8, 30) == rows_to_decide(0.0, 0.1, 0.01, 0.95, 0.8, 30)[:1] + ("worse",)  # same gap 0.01
+    assert rows_to_decide(-0.002, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"
+    assert rows_to_decide(-0.008, 0.1, 0.01, 0.95, 0.8, 30)[1] == "non-inferior"  # inside the margin: never worse
+    assert rows_to_decide(-0.01, 0.1, 0.01, 0.95, 0.8, 30) == (None, None)  # on the boundary
     assert rows_to_decide(0.0, 0.0, 0.01, 0.95, 0.8, 30) == (None, None)
     assert rows_to_decide(0.05, 0.01, 0.01, 0.95, 0.8, 30)[0] == 30  # never fewer than min_rows
 
@@ -125,6 +128,28 @@ def test_speed_ratio_over_processes_and_the_equivalence_verdict() -> None:
     two = speed_ratio(procs(1.0, 0.01, 2), ref, 0.95, 2000, 0, 0.05)
     assert two["verdict"].startswith("n/a: fewer than 3 processes") and two["low"] is None and two["rows_low"] < 1.05
     assert speed_verdict(0.97, 0.99, 0.05) == "tied" and speed_verdict(0.90, 0.99, 0.05) == "faster"
+    assert speed_verdict(0.94, 1.06, 0.05, 0.955, 1.045) == "tied"  # the 90% interval (TOST at 5%) decides a tie, not the 95% one
+    tied = speed_ratio(procs(1.0, 0.01, 3), ref, 0.95, 2000, 0, 0.05)
+    assert tied["tie_level"] == pytest.approx(0.90) and tied["low"] < tied["tie_low"] < tied["ratio"] < tied["tie_high"] < tied["high"]
+    assert tied["verdict"] == speed_verdict(tied["low"], tied["high"], 0.05, tied["tie_low"], tied["tie_high"])
+
+
+def test_satterthwaite_degrees_of_freedom() -> None:
+    # Welch's example: two variances of the mean 1.0 with 9 and 4 df -> 4 / (1/9 + 1/4) = 11.08, between min (4) and sum (13)
+    assert satterthwaite([(1.0, 9), (1.0, 4)]) == pytest.approx(4 / (1 / 9 + 1 / 4))
+    assert satterthwaite([(1.0, 9), (0.0, 4)]) == pytest.approx(9)  # a part with no variance adds nothing
+    assert satterthwaite([(0.0, 2)]) == 1e7
+
+
+def test_unequal_process_counts_use_welch_degrees_of_freedom() -> None:
+    """3 noisy processes against 6 quiet ones: the variance and its df come from the noisy side (about 2)."""
+    rng = np.random.default_rng(4)
+    ids = [f"r{i}" for i in range(30)]
+    def procs(sd: float, n: int) -> list[dict]:  # process-to-process drift (one factor per process), tiny row noise
+        return [{i: ((1 + f) * (1 + rng.normal(0, 0.001)), 20.0) for i in ids} for f in rng.normal(0, sd, n)]
+    noisy, quiet = procs(0.1, 3), procs(0.001, 6)
+    a = speed_ratio(noisy, quiet, 0.95, 500, 0, 0.05)
+    assert "unpaired" in a["basis"] and 1.9 < a["df"] < 2.2  # ~2: the noisy side's 3 processes carry the variance
 
 
 def test_process_rows_groups_passes_by_process() -> None:
@@ -186,11 +211,16 @@ def test_memory_constrained_picks_lowest_peak_among_non_inferior() -> None:
     assert rec["choice"] == "quant8" and "CPU peak RSS" in rec["rule"] and "note" not in rec
 
 
-def test_memory_ties_go_to_fewer_seconds_per_token() -> None:
-    # 0.3 MB of ~1,032 is no win: both are within 2% of the lowest, and the faster one takes the tie
+def test_memory_ties_go_to_the_speed_interval_else_to_the_stated_precedence() -> None:
+    # 0.3 MB of ~1,032 is no win: both are within 2% of the lowest
     rows = [row("baseline", 1.6, 0.26, 0, 0, mem=1032.3), row("kv_cache", 0.5, 0.26, 0, 0, mem=1032.6), row("big", 0.4, 0.26, 0, 0, mem=1200)]
-    rec = pick(recommend(rows, 0.01, memory_tie=0.02), "memory-constrained")
-    assert rec["choice"] == "kv_cache" and rec["note"] == "tied on memory with baseline (1032 MB)"
+    shown = pick(recommend(rows, 0.01, speed=lambda a, b: "slower", memory_tie=0.02), "memory-constrained")
+    assert shown["choice"] == "kv_cache" and shown["note"] == ("tied on memory with baseline (1032 MB); faster than the other tied ones by "
+                                                              "the ms/token ratio interval")
+    # a lower point estimate whose ratio interval does not separate them is no reason: the fixed precedence decides
+    unresolved = pick(recommend(rows, 0.01, speed=lambda a, b: "unresolved", memory_tie=0.02), "memory-constrained")
+    assert unresolved["choice"] == "baseline" and "by precedence (baseline, then techniques equivalent" in unresolved["note"]
+    assert pick(recommend(rows, 0.01), "memory-constrained")["choice"] == "baseline"  # no speed verdicts at all
     assert pick(recommend(rows, 0.01, memory_tie=0.0), "memory-constrained")["choice"] == "baseline"
 
 
@@ -206,14 +236,15 @@ def test_multi_gpu_needs_two_gpus() -> None:
     assert pick(recommend(only_skipped, 0.01, gpus=2), "multi-GPU")["value"] == "none ran on this machine: pp: oom"
 
 
-def test_highest_quality_never_goes_to_a_copy_of_its_reference_and_ties_go_to_baseline() -> None:
+def test_highest_quality_needs_a_gain_whose_interval_clears_the_tie() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0, quality_state="equivalent", quality_reference="baseline"),
-            row("torchao", 0.4, 0.26, 0, 0, baseline_identical=1.0), row("target", 0.9, 0.28, -0.005, 0.05)]
+            row("torchao", 0.4, 0.26, 0, 0, baseline_identical=1.0), row("target", 0.9, 0.28, 0.0005, 0.0391)]
     resolve_equivalents(rows)
-    rec = pick(recommend(rows, 0.01, quality_tie=0.01), "highest quality")
-    assert rec["choice"] == "target" and "note" not in rec  # 0.28 is more than 0.01 above baseline's 0.26
-    tied = pick(recommend(rows, 0.01, quality_tie=0.03), "highest quality")
-    assert tied["choice"] == "baseline" and tied["note"] == "tied on ROUGE-L with target (0.2800)"
+    # target_only's +0.0198 [+0.0005, +0.0391] once won "highest quality": its interval does not clear the 0.01 tie
+    rec = pick(recommend(rows, 0.01), "highest quality")
+    assert rec["choice"] == "baseline" and rec["note"].startswith("higher point estimate but no gain") and "target (0.2800" in rec["note"]
+    rows[3] = row("target", 0.9, 0.28, 0.012, 0.05)
+    assert pick(recommend(rows, 0.01), "highest quality")["choice"] == "target"
     assert pick(recommend(rows[:3], 0.01), "highest quality")["choice"] == "baseline"  # never kv_cache or torchao on a speed tie-break
 
 
@@ -223,12 +254,13 @@ def test_highest_quality_skips_a_worse_best_score() -> None:
     assert pick(recommend(rows, 0.01), "highest quality")["choice"] == "baseline"
 
 
-def test_balanced_is_fastest_within_tolerance_of_best() -> None:
+def test_balanced_is_fastest_within_tolerance_of_the_best_credible_quality() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0), row("kv_cache", 0.5, 0.26, 0, 0), row("target", 0.9, 0.28, -0.005, 0.05),
             row("quant8", 0.3, 0.20, -0.009, 0.001)]
-    recs = recommend(rows, 0.025)
-    assert pick(recs, "balanced")["choice"] == "kv_cache"  # 0.26 >= 0.28 - 0.025; quant8 is faster but too far below
+    recs = recommend(rows, 0.01)
+    assert pick(recs, "balanced")["choice"] == "kv_cache"  # target's 0.28 is no gain, so the best is baseline's 0.26; quant8 too far below
     assert pick(recs, "low latency")["choice"] == "quant8"  # non-inferior, so eligible for pure speed
+    rows[2] = row("target", 0.9, 0.28, 0.015, 0.05)  # a gain: the best is now 0.28 and only target is within 0.01 of it
     assert pick(recommend(rows, 0.01), "balanced")["choice"] == "target"
 
 
@@ -279,3 +311,34 @@ def test_cpu_identity_reads_family_model_and_kernel_flags() -> None:
     assert ident == f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
     flags = set(fields["flags"].split())
     assert isa == (" ".join(f for f in KERNEL_FLAGS if f in flags) or "none")
+
+
+def test_mean_interval_widens_only_the_skewed_end() -> None:
+    """Symmetric rows: the paired t interval. Rows with a few large losses: the lower end moves down (Hall's correction),
+    the upper end stays t's (the wider of the two at each end)."""
+    sym = mean_interval([0.1, 0.2, 0.3, 0.4], 0.95)
+    t = paired_t([0.1, 0.2, 0.3, 0.4], 0.95)
+    assert (sym["low"], sym["high"]) == pytest.approx((t["low"], t["high"])) and "Hall" in sym["method"]
+    rows = [0.0] * 90 + [0.05, -0.05] * 3 + [-0.4] * 4
+    skewed, t = mean_interval(rows, 0.99), paired_t(rows, 0.99)
+    assert skewed["low"] < t["low"] - 0.002 and skewed["high"] == pytest.approx(t["high"])
+    assert mean_interval([0.0] * 40, 0.99)["low"] == 0.0 and mean_interval([0.1], 0.95)["low"] is None
+
+
+def test_pooled_latency_uses_each_process_own_values() -> None:
+    """merge_processes once wrote the cross-process row mean into process 1's records before pooling, so process 1 counted
+    1/9 and processes 2 and 3 4/9 each: batched printed 6.920 [6.894, 6.894], its point outside its own interval."""
+    from headline_bench.measure.runner import merge_processes
+
+    lat = [[1.0, 1.0], [2.0, 2.0], [6.0, 6.0]]  # per process, per row
+
+    def process(k: int) -> dict:
+        recs = [{"id": f"r{i}", "prediction": "x", "raw": "x", "prompt_tokens": 5, "new_tokens": 10, "latency_s": v, "ttft_s": v / 10,
+                 "tpot_s": v / 20, "token_ids": [1, 2]} for i, v in enumerate(lat[k])]
+        return {"records": recs, "perf": {"samples_per_s": 2 / sum(lat[k]), "tokens_per_s": 20 / sum(lat[k]), "wall_s": sum(lat[k]), "rss_reset": True,
+                                          "latency_s_mean": lat[k][0]}}
+    records, perf = merge_processes([process(0), process(1), process(2)])
+    assert perf["latency_s_mean"] == pytest.approx(3.0) and perf["latency_s_p50"] == pytest.approx(2.0)  # old: 3.667 and 3.0
+    assert perf["ttft_s_mean"] == pytest.approx(0.3) and perf["latency_count"] == 6
+    assert [r["latency_s"] for r in records] == [pytest.approx(3.0)] * 2 and records[0]["latency_s_processes"] == [1.0, 2.0, 6.0]
+    assert [p["latency_s"] for p in perf["processes"]] == lat

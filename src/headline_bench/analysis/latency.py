@@ -7,9 +7,11 @@ without it all belong to one process). A process's per-row latency is its passes
 Rule (README "Latency"): the ratio of seconds per generated token, technique / reference, has an interval over
 processes and rows: the log ratio per process (paired by process index when both sides ran the same number of
 processes, as an interleaving runner does; else unpaired) gives the run-to-run part, a row bootstrap of the
-process-averaged ratio gives the prompt part; their variances add and the t quantile has (processes - 1) degrees
-of freedom. **tied** only when that interval lies within [1 - tie, 1 + tie] (an equivalence test); else **faster** /
-**slower** when it excludes 1; else **unresolved**. With fewer than 3 processes on either side there is no
+process-averaged ratio gives the prompt part; their variances add and the t quantile has Welch-Satterthwaite degrees
+of freedom over the parts (each side's processes when unpaired, the paired differences, the rows), so unequal
+variances are not pooled. **tied** only when the interval at 1 - 2 (1 - confidence) (90% for a 95% report: two
+one-sided tests at 5% each, TOST) lies within [1 - tie, 1 + tie]; else **faster** / **slower** when the interval at
+`confidence` excludes 1; else **unresolved**. With fewer than 3 processes on either side there is no
 run-to-run estimate: the verdict is n/a and only the rows-only interval is shown, labelled so.
 """
 
@@ -76,21 +78,45 @@ def speed_ratio(mine: list[dict[str, tuple[float, float]]], ref: list[dict[str, 
                       "basis": "rows only (run-to-run variance not included)"}
     lm = np.log([_per_token(p, ids) for p in mine])
     lr = np.log([_per_token(p, ids) for p in ref])
+    rows_part = (float(np.log(boot).std(ddof=1)) ** 2, len(ids) - 1)
     if len(lm) == len(lr):
         d = lm - lr
-        se_proc2, df, paired = float(d.var(ddof=1)) / len(d), len(d) - 1, "paired by process"
+        parts, paired = [(float(d.var(ddof=1)) / len(d), len(d) - 1), rows_part], "paired by process"
     else:
-        se_proc2, df, paired = float(lm.var(ddof=1)) / len(lm) + float(lr.var(ddof=1)) / len(lr), min(len(lm), len(lr)) - 1, "unpaired"
-    se_rows2 = float(np.log(boot).std(ddof=1)) ** 2
-    half = t_quantile(1 - (1 - confidence) / 2, df) * math.sqrt(se_proc2 + se_rows2)
-    lo, hi = point * math.exp(-half), point * math.exp(half)
-    return out | {"low": lo, "high": hi, "verdict": speed_verdict(lo, hi, tie),
-                  "basis": f"{min(len(mine), len(ref))} processes ({paired}) and {len(ids)} rows"}
+        parts, paired = [(float(x.var(ddof=1)) / len(x), len(x) - 1) for x in (lm, lr)] + [rows_part], "unpaired"
+    se, df = math.sqrt(sum(v for v, _ in parts)), satterthwaite(parts)
+
+    def bounds(level: float) -> tuple[float, float]:
+        half = t_quantile(1 - (1 - level) / 2, df) * se
+        return point * math.exp(-half), point * math.exp(half)
+    (lo, hi), (tie_lo, tie_hi) = bounds(confidence), bounds(tie_level(confidence))
+    return out | {"low": lo, "high": hi, "tie_low": tie_lo, "tie_high": tie_hi, "tie_level": tie_level(confidence), "df": df,
+                  "verdict": speed_verdict(lo, hi, tie, tie_lo, tie_hi), "basis": f"{min(len(mine), len(ref))} processes ({paired}) and {len(ids)} rows"}
 
 
-def speed_verdict(low: float, high: float, tie: float) -> str:
-    """tied / faster / slower / unresolved from a ratio interval (technique time / reference time)."""
-    if 1 - tie <= low and high <= 1 + tie:
+def tie_level(confidence: float) -> float:
+    """Two-sided level whose interval lying within the tie bounds is a TOST at 1 - confidence (0.95 -> 0.90)."""
+    return 1 - 2 * (1 - confidence)
+
+
+def satterthwaite(parts: list[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a sum of variance estimates, each (variance, its degrees of freedom).
+
+    A part with 0 degrees of freedom (one row) adds nothing; all-zero variances give a very large df (the normal limit).
+    """
+    total = sum(v for v, _ in parts)
+    denom = sum(v * v / df for v, df in parts if df > 0)
+    return min(total * total / denom, 1e7) if denom > 0 else 1e7
+
+
+def speed_verdict(low: float, high: float, tie: float, tie_low: float | None = None, tie_high: float | None = None) -> str:
+    """tied / faster / slower / unresolved from a ratio interval (technique time / reference time).
+
+    tied: the TOST interval (tie_low, tie_high; the interval itself where not given) lies within [1 - tie, 1 + tie];
+    faster / slower: the interval at the report's confidence excludes 1.
+    """
+    lo_t, hi_t = (low, high) if tie_low is None or tie_high is None else (tie_low, tie_high)
+    if 1 - tie <= lo_t and hi_t <= 1 + tie:
         return "tied"
     if high < 1:
         return "faster"

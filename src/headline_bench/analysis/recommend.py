@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -68,23 +67,25 @@ def _represented(r: Row) -> bool:
 
 
 def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, speed: Callable[[Row, Row], str] | None = None,
-              memory_tie: float = 0.02, quality_tie: float = 0.01) -> list[Row]:
+              memory_tie: float = 0.02) -> list[Row]:
     """The seed's five scenarios, each chosen by the rule printed beside it, among eligible techniques only.
 
     Speed uses seconds per generated token (s_per_token), so a technique writing shorter headlines does not
     win by it; `speed(best, other)` is other's speed verdict against best (analysis/latency.py), and the runners-up
     that are tied with the pick, or not resolved from it, are named in a note. Skipped techniques are never chosen.
-    Memory: peaks within `memory_tie` (a share) of the lowest are tied and the tie goes to fewer seconds per token.
-    Quality: techniques whose outputs are equivalent or identical to their reference's are represented by it;
-    ROUGE-L within `quality_tie` of the best is a tie, which goes to baseline (the unmodified model) when it is tied,
-    else to the highest ROUGE-L.
+    Memory: peaks within `memory_tie` (a share) of the lowest are tied; the tie goes to the technique whose speed ratio
+    interval shows it faster than every other tied one, else by PRECEDENCE among those not shown slower.
+    Quality: a technique counts as better than baseline only when the lower end of its ΔROUGE-L interval (the one its
+    state was decided from) clears `balanced_within` (a gain); the highest-quality pick is the highest ROUGE-L among
+    the gains, else baseline, and the balanced pick's "best" is that technique's ROUGE-L. Techniques whose outputs are
+    equivalent or identical to their reference's are represented by it.
 
     Args:
         rows: headline() rows after resolve_equivalents().
         balanced_within: the balanced pick's ROUGE-L tolerance (absolute) below the best eligible ROUGE-L.
         gpus: GPUs on this machine; the multi-GPU scenario needs at least 2.
         speed: speed verdict between two rows (default: never compared).
-        memory_tie / quality_tie: the tie rules above.
+        memory_tie: the memory tie rule above.
 
     Returns:
         [{scenario, choice (technique or None), rule, value}], plus `note` where a pick is a close call.
@@ -112,11 +113,16 @@ def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, speed: Cal
     mem = [r for r in ok if finite(r.get("peak_memory_mb"))]
     low = min((r["peak_memory_mb"] for r in mem), default=None)
     tied_mem = [r for r in mem if low is not None and r["peak_memory_mb"] <= low * (1 + memory_tie)]
-    rec = _pick("memory-constrained", tied_mem, lambda r: (_num(r, "s_per_token") or math.inf, r["peak_memory_mb"]),
-                f"lowest peak memory ({' / '.join(measures)}) {ELIGIBLE}; peaks within {memory_tie:.0%} of the lowest are tied and the tie goes "
-                "to fewer seconds per token", lambda r: f"{r['peak_memory_mb']:.0f} MB {r['memory_measure']}", none_ok)
-    if len(tied_mem) > 1:
-        rec["note"] = "tied on memory with " + ", ".join(f"{r['technique']} ({r['peak_memory_mb']:.0f} MB)" for r in tied_mem if r["technique"] != rec["choice"])
+    rule = (f"lowest peak memory ({' / '.join(measures)}) {ELIGIBLE}; peaks within {memory_tie:.0%} of the lowest are tied, and the tie goes to "
+            f"the one whose ms/token ratio interval shows it faster than the other tied ones, else by precedence ({PRECEDENCE_RULE})")
+    if not tied_mem:
+        rec = {"scenario": "memory-constrained", "choice": None, "rule": rule, "value": none_ok}
+    else:
+        pick, how = break_tie(tied_mem, speed)
+        rec = {"scenario": "memory-constrained", "choice": pick["technique"], "rule": rule, "value": f"{pick['peak_memory_mb']:.0f} MB {pick['memory_measure']}"}
+        if len(tied_mem) > 1:
+            rec["note"] = ("tied on memory with " + ", ".join(f"{r['technique']} ({r['peak_memory_mb']:.0f} MB)" for r in tied_mem if r is not pick)
+                           + f"; {how}")
     recs.append(rec)
     multi = [r for r in rows if r["multi_gpu"]]
     rule = f"highest tokens/s {ELIGIBLE}, that set parallel/device_map and ran on at least 2 GPUs"
@@ -126,27 +132,69 @@ def recommend(rows: list[Row], balanced_within: float, gpus: int = 0, speed: Cal
         skipped = "; ".join(f"{r['technique']}: {r['skipped']}" for r in multi if r.get("skipped")) or "no technique sets parallel or device_map"
         recs.append(_pick("multi-GPU", [r for r in ok if r["multi_gpu"]], lambda r: -r["tokens_per_s"] if finite(r.get("tokens_per_s")) else None,
                           rule, lambda r: f"{r['tokens_per_s']:.1f} tokens/s", f"none ran on this machine: {skipped}"))
-    recs.append(highest_quality(ok, quality_tie, none_ok))
-    best = max((r["rougeL"] for r in ok if finite(r.get("rougeL"))), default=None)
+    recs.append(highest_quality(ok, balanced_within, none_ok))
+    top = best_quality(ok, balanced_within)
+    best = top["rougeL"] if top else None
     near = [r for r in ok if best is not None and finite(r.get("rougeL")) and r["rougeL"] >= best - balanced_within]
-    recs.append(fastest("balanced", near, f"fewest seconds per generated token {ELIGIBLE}, within {balanced_within} ROUGE-L of the best of them"
-                        + (f" ({best:.4f})" if best is not None else ""),
+    recs.append(fastest("balanced", near, f"fewest seconds per generated token {ELIGIBLE}, within {balanced_within} ROUGE-L of the best of them "
+                        f"(a ROUGE-L above baseline's counts only when its ΔROUGE-L interval's lower end clears {balanced_within})"
+                        + (f" ({top['technique']}: {best:.4f})" if top else ""),
                         lambda r: f"{1000 * r['s_per_token']:.1f} ms/token, ROUGE-L {r['rougeL']:.4f}"))
     return recs
 
 
-def highest_quality(ok: list[Row], quality_tie: float, empty: str) -> Row:
-    """The quality pick by the rule recommend() states: references stand for their copies; ties go to baseline."""
-    pool = [r for r in ok if finite(r.get("rougeL")) and not _represented(r)]
-    rule = (f"highest mean ROUGE-L {ELIGIBLE}, techniques with outputs equivalent or identical to their reference's represented by it; "
-            f"within {quality_tie} ROUGE-L of the best is a tie, which goes to baseline if it is tied, else to the highest")
-    if not pool:
+PRECEDENCE_RULE = "baseline, then techniques equivalent to their reference, then the rest in params order"
+
+
+def break_tie(pool: list[Row], speed: Callable[[Row, Row], str] | None) -> tuple[Row, str]:
+    """(pick, how) among rows tied on another measure: the fastest by ms/token when its ratio interval shows every other
+    one slower (speed(fastest, other) == "slower"), else the first by PRECEDENCE_RULE among the fastest and those not shown
+    slower than it. `pool` is in params order."""
+    timed = [r for r in pool if finite(r.get("s_per_token"))]
+    if not timed:
+        return _by_precedence(pool), f"no speed to compare; by precedence ({PRECEDENCE_RULE})"
+    fastest = min(timed, key=lambda r: r["s_per_token"])
+    verdicts = {r["technique"]: speed(fastest, r) if speed else "n/a" for r in pool if r is not fastest}
+    if all(v == "slower" for v in verdicts.values()):
+        return fastest, "faster than the other tied ones by the ms/token ratio interval"
+    contenders = [r for r in pool if r is fastest or verdicts[r["technique"]] != "slower"]
+    pick = _by_precedence(contenders)
+    return pick, (f"speed does not separate {', '.join(r['technique'] for r in contenders)}; by precedence ({PRECEDENCE_RULE})")
+
+
+def _by_precedence(pool: list[Row]) -> Row:
+    rank = [0 if r["technique"] == "baseline" else 1 if r.get("quality_state") == "equivalent" else 2 for r in pool]
+    return pool[rank.index(min(rank))]
+
+
+def gain(r: Row, by: dict[str, Row], tie: float) -> bool:
+    """Quality credibly above baseline: the lower end of the ΔROUGE-L interval vs baseline clears `tie` (an equivalent
+    technique takes its reference's)."""
+    if r.get("quality_state") == "equivalent":
+        r = by.get(r.get("quality_reference") or "", {})
+    return r.get("rougeL_delta_vs", "baseline") == "baseline" and finite(r.get("rougeL_delta_low")) and r["rougeL_delta_low"] > tie
+
+
+def best_quality(ok: list[Row], tie: float) -> Row | None:
+    """The quality level the picks measure against: the highest ROUGE-L among the gains, else baseline's (a point above
+    baseline's with an interval that does not clear the tie is no gain); the highest ROUGE-L when baseline is not eligible."""
+    by = {r["technique"]: r for r in ok}
+    scored = [r for r in ok if finite(r.get("rougeL")) and not _represented(r)]
+    gains = [r for r in scored if gain(r, by, tie)]
+    base = [r for r in scored if r["technique"] == "baseline"]
+    return max(gains, key=lambda r: r["rougeL"]) if gains else base[0] if base else max(scored, key=lambda r: r["rougeL"], default=None)
+
+
+def highest_quality(ok: list[Row], tie: float, empty: str) -> Row:
+    """The quality pick by the rule recommend() states: references stand for their copies; a gain needs its interval."""
+    rule = (f"highest mean ROUGE-L {ELIGIBLE} among techniques whose ΔROUGE-L interval vs baseline has its lower end above {tie} (a gain), "
+            "else baseline; techniques with outputs equivalent or identical to their reference's are represented by it")
+    pick = best_quality(ok, tie)
+    if pick is None:
         return {"scenario": "highest quality", "choice": None, "rule": rule, "value": empty}
-    top = max(r["rougeL"] for r in pool)
-    tied = [r for r in pool if r["rougeL"] >= top - quality_tie]
-    pick = next((r for r in tied if r["technique"] == "baseline"), None) or max(tied, key=lambda r: r["rougeL"])
     rec = {"scenario": "highest quality", "choice": pick["technique"], "rule": rule, "value": f"ROUGE-L {pick['rougeL']:.4f}"}
-    others = [f"{r['technique']} ({r['rougeL']:.4f})" for r in tied if r is not pick]
-    if others:
-        rec["note"] = "tied on ROUGE-L with " + ", ".join(others)
+    above = [f"{r['technique']} ({r['rougeL']:.4f}, ΔROUGE-L low {r['rougeL_delta_low']:+.4f})" for r in ok if r is not pick and finite(r.get("rougeL"))
+             and r["rougeL"] > pick["rougeL"] and finite(r.get("rougeL_delta_low")) and not _represented(r)]
+    if above:
+        rec["note"] = f"higher point estimate but no gain (interval's lower end not above {tie}): " + ", ".join(above)
     return rec

@@ -4,11 +4,13 @@ The rule (README "Quality verdicts"), for a comparison of per-row ΔROUGE-L = te
 - the comparison belongs to a family declared in params (`score.family`: lossy techniques vs baseline;
   `score.model_comparisons`: another model vs baseline, a family of its own). The family is fixed by params, not by
   what ran: a member skipped on this machine still counts in k.
-- its interval is the paired t interval at the simultaneous level 1 - (1 - score.confidence) / k (Bonferroni), so
-  the k intervals of a family cover their true differences together with probability >= score.confidence;
+- its interval (stats.mean_interval: the paired t interval, each end widened to Hall's skewness-corrected t where that
+  is wider) is at the simultaneous level 1 - (1 - score.confidence) / k (Bonferroni), so the k intervals of a family
+  cover their true differences together with probability >= score.confidence;
 - below `score.min_rows` rows no state is given ("too few rows"); else **non-inferior** when the lower end is above
-  -score.margin (an absolute ROUGE-L difference); **worse** when the upper end is below 0 (and the lower end is not
-  above -margin); else **inconclusive**. Both ends can hold at once: that is non-inferior with the note
+  -score.margin (an absolute ROUGE-L difference); **worse** when the upper end is below -margin (the loss is beyond
+  the margin); else **inconclusive**, with the note "significantly below the reference, not beyond the margin" when
+  the upper end is below 0 but not below -margin. A non-inferior interval can also lie below 0: that is noted
   "significantly below, within the margin".
 Because k comes from params and each comparison needs only its own rows, the score stage decides each state on
 its own and the report prints the same one: score.json, summary.json and report.md cannot disagree.
@@ -20,13 +22,14 @@ import math
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
-from headline_bench.analysis.stats import finite, paired_t, t_quantile
+from headline_bench.analysis.stats import INTERVAL_METHOD, finite, mean_interval, t_quantile
 from headline_bench.errors import InputError
 
 if TYPE_CHECKING:
     from headline_bench.settings import Score as ScoreSettings
 
 STATES = ("non-inferior", "worse", "inconclusive", "too few rows")
+SIGNIFICANTLY_BELOW = "significantly below the reference, not beyond the margin"
 LOSSY, MODEL = "lossy", "model comparison"
 
 
@@ -61,9 +64,9 @@ def decide(low: float | None, high: float | None, margin: float, rows: int, min_
     if low > -margin:
         note = "significantly above the reference" if low > 0 else "significantly below, within the margin" if high < 0 else None
         return "non-inferior", note
-    if high < 0:
+    if high < -margin:
         return "worse", None
-    return "inconclusive", None
+    return "inconclusive", SIGNIFICANTLY_BELOW if high < 0 else None
 
 
 def rows_needed(gap: float, sd: float, level: float, power: float) -> int:
@@ -86,24 +89,23 @@ def rows_needed(gap: float, sd: float, level: float, power: float) -> int:
 def rows_to_decide(delta: float | None, sd: float | None, margin: float, level: float, power: float, min_rows: int) -> tuple[int | None, str | None]:
     """(rows, state they would decide) if the true difference were the observed one and the per-row sd the observed sd.
 
-    Two decisions are reachable: non-inferior needs the lower end above -margin (gap delta + margin, when > 0);
-    worse needs the upper end below 0 (gap -delta, when > 0). The one needing fewer rows comes first and is named.
-    (None, None) when neither can happen (sd 0, or the difference sits on a boundary).
+    Both decisions sit on the same boundary, -margin: non-inferior needs the lower end above it (reachable when
+    delta > -margin, gap delta + margin), worse needs the upper end below it (when delta < -margin, gap -margin - delta).
+    (None, None) when neither can happen (sd 0, or the difference sits on -margin).
     """
     if not (finite(delta) and finite(sd)) or sd <= 0:
         return None, None
-    options = [(rows_needed(g, sd, level, power), state) for g, state in ((delta + margin, "non-inferior"), (-delta, "worse")) if g > 0]
-    if not options:
+    gap, state = (delta + margin, "non-inferior") if delta > -margin else (-margin - delta, "worse")
+    if gap <= 0:
         return None, None
-    n, state = min(options)
-    return max(n, min_rows), state
+    return max(rows_needed(gap, sd, level, power), min_rows), state
 
 
 def compare(diffs: list[float], family: str, k: int, score_params: ScoreSettings) -> dict[str, Any]:
     """One quality comparison: per-row differences -> the interval, state and planning numbers score.json keeps."""
     s = score_params
     level = simultaneous_level(s.confidence, k)
-    t = paired_t(diffs, level)
+    t = mean_interval(diffs, level)
     state, note = decide(t["low"], t["high"], s.margin, t["rows"], s.min_rows)
     need, would = (None, None)
     if state in ("inconclusive", "too few rows"):
@@ -111,7 +113,8 @@ def compare(diffs: list[float], family: str, k: int, score_params: ScoreSettings
         if state == "too few rows" and need is None:
             need = s.min_rows
     return {"rougeL_delta": t["delta"], "rougeL_delta_low": t["low"], "rougeL_delta_high": t["high"], "rougeL_delta_sd": t["sd"],
-            "rougeL_delta_rows": t["rows"], "interval_level": level, "interval_method": "paired t, Bonferroni", "family": family,
+            "rougeL_delta_rows": t["rows"], "interval_level": level,
+            "interval_method": f"{INTERVAL_METHOD}; Bonferroni", "family": family,
             "comparisons": k, "noninferiority_margin": s.margin, "quality_state": state, "quality_note": note,
             "rows_to_decide": need, "rows_to_decide_state": would}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -114,19 +114,13 @@ def merge_runs(runs: list[tuple[list[Generation], dict[str, Any]]], label: str) 
     latency becomes its mean over the runs (every run's value kept in `latency_s_<label>`), and the latency
     percentiles cover every row of every run. perf gets each run's numbers (`<label>`) and their run-to-run spread.
     """
-    gens, perf = runs[0]
+    first, perf = runs[0]
     numbers = [pass_numbers(p) for _, p in runs]
     if len(runs) == 1:
-        return gens, perf | {label: numbers}
+        return first, perf | {label: numbers}
     every = [g for run_gens, _ in runs for g in run_gens]
-    for i, g in enumerate(gens):
-        values = [run_gens[i].latency_s for run_gens, _ in runs]
-        setattr(g, f"latency_s_{label}", values)
-        g.latency_s = sum(values) / len(runs)
-        times = [(r[i].ttft_s, r[i].tpot_s) for r, _ in runs]
-        g.ttft_s = sum(t for t, _ in times) / len(runs) if all(t is not None for t, _ in times) else None
-        g.tpot_s = sum(t for _, t in times) / len(runs) if all(t is not None for _, t in times) else None
     busy = sum(len(r_gens) / p["samples_per_s"] for r_gens, p in runs)
+    # pooled from each run's own values, before the merged rows exist (they are copies: no run's values are overwritten)
     merged = {
         **Latency.from_values([g.latency_s for g in every]).to_dict("latency"),
         **Latency.from_values([g.ttft_s for g in every if g.ttft_s is not None]).to_dict("ttft"),
@@ -136,6 +130,13 @@ def merge_runs(runs: list[tuple[list[Generation], dict[str, Any]]], label: str) 
         "wall_s": sum(p["wall_s"] for _, p in runs),
         "rss_reset": all(p["rss_reset"] for _, p in runs),
     }
+    gens = []
+    for i, g in enumerate(first):
+        values = [run_gens[i].latency_s for run_gens, _ in runs]
+        times = [(r[i].ttft_s, r[i].tpot_s) for r, _ in runs]
+        gens.append(replace(g, **{f"latency_s_{label}": values}, latency_s=sum(values) / len(runs),
+                            ttft_s=sum(t for t, _ in times) / len(runs) if all(t is not None for t, _ in times) else None,
+                            tpot_s=sum(t for _, t in times) / len(runs) if all(t is not None for _, t in times) else None))
     for key in ("peak_rss_mb", "max_allocated_mb", "max_reserved_mb"):
         if key in perf:
             merged[key] = max(p[key] for _, p in runs)

@@ -46,7 +46,7 @@ class Score(Record):
     rougeL_delta_p_noninferior: Num | None = kept("one-sided bootstrap p-value of 'worse by the margin' (records before the paired-t rule)")
     rougeL_delta_vs: str | None = row("what the paired difference is taken against: baseline, or a lossless technique's reference")
     interval_level: Num | None = row("the simultaneous level of the printed interval: 1 - (1 - confidence) / k")
-    interval_method: str | None = row("how the interval of the difference is computed (paired t)")
+    interval_method: str | None = row("how the interval of the difference is computed (analysis/stats.mean_interval)")
     family: str | None = row("the family of comparisons it belongs to (params score.family / score.model_comparisons)")
     comparisons: int | None = row("k: comparisons in its family (fixed by params)")
     margin: Num | None = row("non-inferiority margin, absolute ROUGE-L (score.margin)")

@@ -74,7 +74,7 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
                    "rougeL_delta": float(np.mean(a) - np.mean(b)), "rougeL_delta_vs": "baseline"}
     else:
         vs = lossless_reference if lossless_reference and reference else "baseline"  # a reference with no records: vs baseline
-        result["quality_basis"] = f"paired t, {family[0]} family of {family[1]} (Bonferroni)"
+        result["quality_basis"] = f"paired differences, {family[0]} family of {family[1]} (Bonferroni)"
         if lossless_reference:
             if reference:
                 _, a, b = paired_rows(mine, row_scores(reference))

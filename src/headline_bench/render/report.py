@@ -8,7 +8,7 @@ from typing import Any
 from headline_bench.analysis.latency import MIN_PROCESSES, distinct_prompts, process_rows, speed_ratio
 from headline_bench.analysis.recommend import ELIGIBLE_DEF, excluded, pareto_front, recommend
 from headline_bench.analysis.rows import Row, headline, usd_per_million
-from headline_bench.analysis.stats import bootstrap_means, clean, finite, interval
+from headline_bench.analysis.stats import INTERVAL_METHOD, bootstrap_means, clean, finite, interval
 from headline_bench.analysis.verdicts import resolve_equivalents
 from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_json, read_jsonl, write_json
 from headline_bench.logs import log
@@ -29,7 +29,7 @@ SEED_COLS = ["Technique", "Avg Latency (s)", "P99 Latency (s)", "Throughput (sam
 
 
 MORE_COLS = ["Technique", "P50 (s)", "P90 (s)", "TTFT p50 (s)", "TPOT p50 (s)", "ms/token", "Tokens/s", "USD / M headlines", "Weights (MB)",
-             "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [{:.0%} CI], state", "Fidelity", "Extras"]
+             "Memory vs baseline", "ROUGE-L {:.0%} CI", "ΔROUGE-L vs baseline [simultaneous interval], state", "Fidelity", "Extras"]
 
 
 SPEED_REFERENCE = "kv_cache"  # latency comparisons are paired per row against it
@@ -102,12 +102,32 @@ def results_tables(rows: list[Row], confidence: float, usd_per_hour: float | Non
                         "numpy linear interpolation over n per-row samples (rows x timed passes); below 100 samples the P99 column shows the maximum.",
                         table([c.format(confidence) for c in MORE_COLS], more),
                         f"ms/token: mean per-row latency / mean new tokens (prefill included), the length-fair speed measure. {price}. "
-                        f"ΔROUGE-L: see Quality verdicts. Fidelity: headlines identical to the reference technique's, k/n."])
+                        f"ΔROUGE-L: with the interval at its family's simultaneous level that decided the state (Quality verdicts). Fidelity: headlines identical to the reference technique's, k/n."])
+
+
+def machine(env: dict[str, Any] | None) -> str | None:
+    """The machine a technique's outputs were generated on, from its perf.json env: the GPU, or the CPU model with its
+    family/model and kernel ISA flags (environment.cpu_identity), since greedy outputs follow the CPU's numerics."""
+    if not env:
+        return None
+    if env.get("gpu_count"):
+        return f"{env.get('device')} x {env['gpu_count']}"
+    ident = "; ".join(str(env[k]) for k in ("cpu_id", "cpu_isa") if env.get(k))
+    return f"{env.get('cpu', '?')}" + (f" ({ident})" if ident else "")
+
+
+def decided_on(r: Row, by: dict[str, Row]) -> str:
+    """The technique's machine, and its reference's where that differs (the state then compares across machines)."""
+    mine, ref = r.get("machine"), by.get(r.get("quality_reference") or r.get("rougeL_delta_vs") or "baseline", {}).get("machine")
+    if not mine:
+        return "—"
+    return mine if not ref or ref == mine else f"{mine}; **reference on {ref}**"
 
 
 def verdicts(rows: list[Row], confidence: float, score_params: ScoreSettings) -> str:
-    """One line per technique: the state and the interval it was decided from, side by side."""
+    """One line per technique: the state and the interval it was decided from, side by side, and the machine it holds for."""
     body = []
+    by = {r["technique"]: r for r in rows}
     for r in rows:
         state = r.get("quality_state")
         if r.get("skipped") or not state or state == "reference":
@@ -115,33 +135,37 @@ def verdicts(rows: list[Row], confidence: float, score_params: ScoreSettings) ->
         if state == "equivalent":
             ref_state = r.get("quality_effective")
             body.append([r["technique"], "— (lossless)", r.get("rows", "—"), f(r.get("rougeL_delta"), "+.4f"), "—", "—", yes_no(r.get("mlperf_99")),
-                         f"**equivalent** (takes {r['quality_reference']}'s: {ref_state})", need(r), r.get("quality_basis", "")])
+                         f"**equivalent** (takes {r['quality_reference']}'s: {ref_state})", need(r), decided_on(r, by), r.get("quality_basis", "")])
             continue
         ci = f"[{r['rougeL_delta_low']:+.4f}, {r['rougeL_delta_high']:+.4f}]" if finite(r.get("rougeL_delta_low")) else "—"
         note = f" ({r['quality_note']})" if r.get("quality_note") else ""
         body.append([r["technique"], f"{r.get('family')} (k={r.get('comparisons')})", r.get("rougeL_delta_rows", "—"),
                      f"{f(r.get('rougeL_delta'), '+.4f')} vs {r.get('rougeL_delta_vs', 'baseline')}", ci,
                      f"{r['interval_level']:.4f}" if finite(r.get("interval_level")) else "—", yes_no(r.get("mlperf_99")), f"**{state}**{note}",
-                     need(r), r.get("quality_basis", "")])
+                     need(r), decided_on(r, by), r.get("quality_basis", "")])
     s = score_params
     family, models = s.family, s.model_comparisons
     ran = {r["technique"] for r in rows if not r.get("skipped")}
     absent = [n for n in family if n not in ran]
     header = ["Technique", "Family", "Rows", "ΔROUGE-L", "Simultaneous interval", "Level", "MLPerf 99% (point)", "State", "Rows to decide",
-              "Basis"]
+              "Machine", "Basis"]
     return "\n\n".join([
-        f"One rule, decided from the interval printed beside it. Each comparison is a paired t interval of per-row ΔROUGE-L over the rows either "
-        f"technique has a record for (a row one of them set aside scores 0), at the **simultaneous** level of its family: 1 - "
+        f"One rule, decided from the interval printed beside it. Each comparison is an interval of the mean per-row ΔROUGE-L over the rows either "
+        f"technique has a record for (a row one of them set aside scores 0; {INTERVAL_METHOD}, so that a few broken headlines cannot "
+        "pull the lower end above the truth), at the **simultaneous** level of its family: 1 - "
         f"{1 - confidence:.2g} / k (Bonferroni), so a family's intervals cover together with probability >= {confidence:.0%}. Families come "
         f"from params, not from what ran: lossy (score.family, k = {len(family)}: {', '.join(family) or 'none'}"
         + (f"; not run here but counted: {', '.join(absent)}" if absent else "") + f") and model comparisons (score.model_comparisons, "
         f"k = {len(models)}: {', '.join(models) or 'none'}). States: fewer than {s.min_rows} rows: **too few rows**; lower end > "
-        f"-{s.margin} (score.margin, absolute ROUGE-L): **non-inferior** (noted when also significantly below or above); else upper end "
-        "< 0: **worse**; else **inconclusive**. Rows to decide: rows for "
+        f"-{s.margin} (score.margin, absolute ROUGE-L): **non-inferior** (noted when also significantly below or above); upper end "
+        f"< -{s.margin}: **worse** (the loss is beyond the margin); else **inconclusive**, noted \"significantly below\" when the upper end is "
+        "below 0 but not below the margin (a real loss that may be within it). Rows to decide: rows for "
         f"{s.power:.0%} power if the true difference and per-row sd were the observed ones, with the state they would decide. "
         "A lossless technique whose token ids all equal its reference's or differ only at near-ties is **equivalent** (no test; it takes the "
         "reference's state); one with real differences is tested against its reference at the lossy family's level. MLPerf 99%: the point "
-        "estimate reaches 99% of the reference's ROUGE-L (information only; it is not the state).",
+        "estimate reaches 99% of the reference's ROUGE-L (information only; it is not the state). Machine: where the technique's outputs "
+        "were generated (perf.json env: CPU model, family/model and kernel ISA flags, or GPU); greedy outputs, and so the states, can differ "
+        "between CPUs (bf16 numerics follow the ISA), so a state holds for that machine.",
         table(header, body) if body else "No technique besides baseline has a quality comparison."])
 
 
@@ -247,7 +271,8 @@ def ratio_text(r: Row) -> str:
     if not c:
         return "(reference)" if r["technique"] == SPEED_REFERENCE else "—"
     if finite(c.get("low")):
-        return f"{c['ratio']:.2f}× [{c['low']:.2f}, {c['high']:.2f}] **{c['verdict']}** ({c['basis']})"
+        tost = f" ({c['tie_level']:.0%}: [{c['tie_low']:.2f}, {c['tie_high']:.2f}])" if c.get("verdict") == "tied" and finite(c.get("tie_low")) else ""
+        return f"{c['ratio']:.2f}× [{c['low']:.2f}, {c['high']:.2f}]{tost} **{c['verdict']}** ({c['basis']})"
     return f"{c['ratio']:.2f}× [{c['rows_low']:.2f}, {c['rows_high']:.2f}] rows only; {c['verdict']}"
 
 
@@ -265,9 +290,10 @@ def latency_table(rows: list[Row], confidence: float, tie: float) -> str:
     return "\n\n".join([table(header, body),
                         f"Percentiles pool every timed pass, so n samples repeat the same distinct prompts. The ms/token ratio against {SPEED_REFERENCE} "
                         "divides each side's latency by its own generated tokens (shorter headlines gain nothing); its interval adds the run-to-run "
-                        "variance between timed processes (log ratio per process, t with processes - 1 degrees of freedom) to the row "
-                        f"bootstrap's. Verdicts: **tied** only when the interval lies within [{1 - tie:.2f}, {1 + tie:.2f}] (report.speed_tie, an "
-                        "equivalence test); **faster** / **slower** when it excludes 1; else **unresolved**; n/a with fewer than "
+                        "variance between timed processes (log ratio per process) to the row bootstrap's, with Welch-Satterthwaite degrees of "
+                        f"freedom over those parts. Verdicts: **tied** only when the {1 - 2 * (1 - confidence):.0%} interval (printed beside it) lies "
+                        f"within [{1 - tie:.2f}, {1 + tie:.2f}] (report.speed_tie; two one-sided tests at {1 - confidence:.0%} each); **faster** / "
+                        f"**slower** when the {confidence:.0%} interval excludes 1; else **unresolved**; n/a with fewer than "
                         f"{MIN_PROCESSES} timed processes on either side (then only the rows-only interval is shown). Spread: (max - min) / mean "
                         "of the per-pass tokens/s."])
 
@@ -405,13 +431,15 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
         usd = usd_per_million(r.get("samples_per_s"), usd_per_hour)
         if usd is not None:
             r["usd_per_million_headlines"] = usd
+        if not r.get("skipped") and machine(perfs.get(r["technique"], {}).get("env")):
+            r["machine"] = machine(perfs[r["technique"]]["env"])
     resolve_equivalents(rows)
     tie = settings.speed_tie
     speed_comparisons(rows, generations, perfs, n_samples, confidence, seed, tie)
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
     recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0),
-                     speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share, score_settings.margin)
+                     speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share)
     from headline_bench.render.charts import write_charts
 
     write_charts(rows, generations, front, PLOTS)
