@@ -69,13 +69,12 @@ def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fix
         model.set_attn_implementation("sdpa")  # the fixture's model is shared
     got = out.ids[:, : want.shape[1]]
     assert torch.equal(got, want), (got, want)
-    if not fixed:
-        assert out.ids.shape[1] <= want.shape[1] + 1  # at most one step past the last row's EOS
+    assert out.ids.shape[1] == want.shape[1]  # the steps run past the last row's EOS are cut off
     for b in range(batch):
         assert out.margins[b, : want.shape[1]].tolist() == pytest.approx(want_margins[b], abs=1e-6)
 
 
-def test_eos_at_step_s_gives_s_plus_1_tokens_and_at_most_one_extra_forward(model_tok: tuple[Any, Any]) -> None:
+def test_eos_at_step_s_gives_s_plus_1_tokens_and_at_most_two_extra_forwards(model_tok: tuple[Any, Any]) -> None:
     model, tok = model_tok
     probe = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
     ids = run_loop(probe, tok, PROMPTS[:1], 12, stop=False).ids[0].tolist()
@@ -85,8 +84,8 @@ def test_eos_at_step_s_gives_s_plus_1_tokens_and_at_most_one_extra_forward(model
     from headline_bench.backends.base import count_new_tokens
 
     assert count_new_tokens(out.ids[0], tok.pad_token_id, {ids[s]}) == s + 1
-    assert out.ids[0, : s + 1].tolist() == ids[: s + 1]
-    assert s + 1 <= loop.forwards <= s + 2  # prefill + s steps are needed; the flag is read one step late
+    assert out.ids[0].tolist() == ids[: s + 1]  # the extra steps' columns are cut off
+    assert s + 1 <= out.forwards == loop.forwards <= s + 3  # prefill + s steps are needed; the flag is read two steps late
 
 
 def test_step_compiles_to_one_frame_across_prompt_lengths(model_tok: tuple[Any, Any]) -> None:
@@ -138,41 +137,67 @@ def host_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-def count_reads(monkeypatch: pytest.MonkeyPatch, counts: dict[str, int]) -> None:
+def count_reads(monkeypatch: pytest.MonkeyPatch, counts: dict[str, int], order: list[str] | None = None) -> None:
+    """Count every read of a tensor's value (each one a host sync on a GPU) and append it to `order`, if given."""
     for name in ("item", "cpu", "tolist", "__bool__"):
         original = getattr(torch.Tensor, name)
         counts[name] = 0
 
         def counting(self: torch.Tensor, *a: Any, _name: str = name, _f: Any = original, **k: Any) -> Any:
             counts[_name] += 1
+            if order is not None:
+                order.append("read")
             return _f(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, counting)
 
 
-def test_event_clock_makes_no_host_sync_inside_the_loop(model_tok: tuple[Any, Any], host_syncs: dict[str, int],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fixed-length run of the loop with the CUDA event clock: no sync and no value read between the first and the
-    last token; one synchronize on the last event when the times are read."""
+def decode_log(loop: DecodeLoop, tok: Any, n: int, stop: bool, monkeypatch: pytest.MonkeyPatch, host_syncs: dict[str, int]) -> tuple[list[str], Any, Any]:
+    """The decode part of a call as an ordered log of 'step' (a step queued, the clock's mark) and 'read' (a host
+    sync: a value read or an Event.synchronize), with the CUDA event clock."""
     from headline_bench.backends.transformers import encode
 
-    model, tok = model_tok
-    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
     inputs = encode(tok, PROMPTS[:1], "cpu")
     clock = trackers.CudaEventClock("cuda")
     clock.start()
+    order: list[str] = []
+    monkeypatch.setattr(FakeEvent, "synchronize", lambda self: order.append("read"))
     with torch.inference_mode():
-        state = loop.prefill(inputs["input_ids"], inputs["attention_mask"], 8, suppress_eos=True)
+        state = loop.prefill(inputs["input_ids"], inputs["attention_mask"], n, suppress_eos=not stop)
         clock.mark()
         with monkeypatch.context() as m:
-            count_reads(m, host_syncs)
-            out = loop.decode(state, 8, stop_on_eos=False, mark=clock.mark)
-            inside = dict(host_syncs)
-    assert inside == {"cuda.synchronize": 1, "item": 0, "cpu": 0, "tolist": 0, "__bool__": 0}  # the 1: clock.start()
-    assert FakeEvent.syncs == 0 and out.forwards == 8
+            count_reads(m, host_syncs, order)
+            out = loop.decode(state, n, stop_on_eos=stop, mark=lambda: (order.append("step"), clock.mark()))
+    return order, out, clock
+
+
+def test_event_clock_makes_no_host_sync_inside_the_loop(model_tok: tuple[Any, Any], host_syncs: dict[str, int],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed-length run of the loop with the CUDA event clock: no sync and no value read until the last step is
+    queued, then one (the cut-off column and the cache check); one synchronize on the last event when the times are
+    read."""
+    model, tok = model_tok
+    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
+    order, out, clock = decode_log(loop, tok, 8, False, monkeypatch, host_syncs)
+    assert order == ["step"] * 7 + ["read"] and out.forwards == 8
+    assert host_syncs["cuda.synchronize"] == 1  # clock.start()
     seconds = clock.seconds()
-    assert FakeEvent.syncs == 1 and len(seconds) == 8 and seconds == sorted(seconds)
+    assert order[-1] == "read" and len(seconds) == 8 and seconds == sorted(seconds)
     ttft, tpot = trackers.ttft_tpot(seconds)
     assert ttft == pytest.approx(1e-3) and tpot == pytest.approx(1e-3)
+
+
+def test_eos_mode_syncs_at_most_once_per_two_steps(model_tok: tuple[Any, Any], host_syncs: dict[str, int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping on EOS (an id the model never writes, so all 12 tokens run): the host reads the stop flag only
+    before even steps, with the step before still queued, and at most once per two tokens in all."""
+    model, tok = model_tok
+    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None)
+    order, out, _ = decode_log(loop, tok, 12, True, monkeypatch, host_syncs)
+    assert out.forwards == 12 and order.count("step") == 11
+    reads = [i for i, e in enumerate(order) if e == "read"]
+    assert len(reads) <= 12 // 2, order
+    # the flag of step i - 2 is read before step i (i even), when steps up to i - 1 are queued; the last read is the end's
+    assert [order[:r].count("step") for r in reads] == [1, 3, 5, 7, 9, 11], order
 
 
 def test_token_timer_on_cuda_records_events_not_syncs(host_syncs: dict[str, int]) -> None:
@@ -301,3 +326,50 @@ def test_without_module_guards_the_loop_still_guards_its_own_inputs(model_tok: t
         got, want = run_loop(loop, tok, PROMPTS[:1], 8, stop), run_loop(eager, tok, PROMPTS[:1], 8, stop)
         assert torch.equal(got.ids, want.ids)
     assert counters["stats"]["unique_graphs"] - before == 2
+
+
+class CacheIgnoring(torch.nn.Module):
+    """A causal LM whose prefill takes the cache argument and drops it (as a transformers that does not know the name
+    would swallow it in **kwargs): the steps then decode without the prompt's context."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.inner, self.config, self.ignore = model, model.config, True
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, **kwargs: Any) -> Any:
+        return self.inner(input_ids, cache=None if self.ignore and input_ids.shape[1] > 1 else cache, **kwargs)
+
+
+def test_a_forward_that_ignores_the_cache_fails_loudly(model_tok: tuple[Any, Any]) -> None:
+    """The cache never written: an error at the prefill. Written by an earlier call, then ignored (reset to zeros,
+    never filled again): the device flag, read at the end of the call, fails it. Never a quiet context-free run."""
+    model, tok = model_tok
+    wrapped = CacheIgnoring(model)
+    loop = DecodeLoop(wrapped, {EOS}, tok.pad_token_id, compile_mode=None)
+    assert loop.cache_arg == "cache"
+    with pytest.raises(RuntimeError, match="never wrote the static cache"):
+        run_loop(loop, tok, PROMPTS[:1], 4, stop=False)
+    wrapped.ignore = False
+    want = run_loop(loop, tok, PROMPTS[:1], 4, stop=False)
+    assert torch.equal(want.ids, run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None), tok, PROMPTS[:1], 4, False).ids)
+    wrapped.ignore = True
+    for stop in (False, True):
+        with pytest.raises(RuntimeError, match="left the static cache empty"):
+            run_loop(loop, tok, PROMPTS[:1], 4, stop=stop)
+
+
+def test_cache_argument_name_follows_the_forward_signature() -> None:
+    from headline_bench.backends.compiled_loop import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids: Any, past_key_values: Any = None, **kwargs: Any) -> None: ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids: Any, cache: Any = None, **kwargs: Any) -> None: ...
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids: Any, **kwargs: Any) -> None: ...
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    with pytest.raises(RuntimeError, match="takes no `past_key_values` or `cache`"):
+        cache_kwarg(Neither())

@@ -9,9 +9,13 @@ does everything a step needs, traced with `fullgraph=True` (CUDA graphs on a GPU
 - argmax and the relative top-2 margin go into preallocated buffers at a device-side step index;
 - a device-side `done` flag per row is updated in-graph; rows that are done emit the pad id (as `generate` does).
 
-The host reads the "all rows done" flag one step late (a pinned copy + an event on CUDA), so the GPU never waits for
-the host; fixed-length runs (random weights: min_new_tokens == max_new_tokens) never read it. With EOS at step s the
-loop yields s + 1 tokens and runs at most one forward more than needed.
+Stopping on EOS, the host reads the "every row done" flag two steps late and every second step (a pinned copy + an
+event on CUDA), so one step is always queued behind the one it waits for and the host waits at most once per two
+steps; with EOS at step s the loop yields s + 1 tokens, runs at most two forwards more than needed and cuts their
+columns off. Fixed-length runs (random weights: min_new_tokens == max_new_tokens) read nothing until every step is
+queued. After the prefill a device flag records whether the cache was written (a forward that ignored the cache it
+was given would decode without context, with plausible timings); it is read with the stop column at the end of the
+call and fails loudly.
 
 The cache is sized to prompt + new tokens rounded up to `bucket` slots (a 640-slot cache for ~85-token contexts made
 every step read 7x the keys it needed) and reused across calls of the same bucket and batch size. Prefill runs eager
@@ -24,6 +28,7 @@ concatenated int4 matmuls and a C++ launcher (`decode_loop.inductor`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,11 +71,22 @@ def use_step_attention(model: Any) -> None:
 
 @dataclass
 class LoopOutput:
-    """What one call of DecodeLoop produced: ids [B, steps] (pad after a row's EOS), margins [B, steps], steps run."""
+    """What one call of DecodeLoop produced: ids [B, T] (pad after a row's EOS; T ends with the last row's EOS or at
+    max_new_tokens), margins [B, T], and the forwards run (prefill included; up to two more than T after EOS)."""
 
     ids: torch.Tensor
     margins: torch.Tensor
     forwards: int
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which this transformers' forward takes a cache (`past_key_values`; `cache` where renamed): a
+    name the forward does not declare would vanish into its **kwargs and the loop would decode without context."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("past_key_values", "cache"):
+        if name in params:
+            return name
+    raise RuntimeError(f"compiled_loop: {type(model).__name__}.forward takes no `past_key_values` or `cache` argument")
 
 
 def round_up(n: int, bucket: int) -> int:
@@ -81,7 +97,7 @@ class DecodeLoop:
     """Greedy decoding with one compiled step per token.
 
     Args:
-        model: a causal LM whose forward accepts a 4D boolean mask, position_ids, `cache` and logits_to_keep
+        model: a causal LM whose forward accepts a 4D boolean mask, position_ids, a cache (`cache_kwarg`) and logits_to_keep
             (transformers' Llama family does).
         eos_ids: ids that end a row (newline ids included for the headline task).
         pad_id: what a finished row emits afterwards.
@@ -106,6 +122,7 @@ class DecodeLoop:
         self.pad_id = pad_id
         self.bucket = bucket
         self.limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.cache_arg = cache_kwarg(model)
         self.step_fn: Callable[..., None] = self._step
         if compile_mode is not None:
             # torch.compile takes a mode or options, not both: the mode goes in as the inductor options it stands for
@@ -137,7 +154,9 @@ class DecodeLoop:
                 "keep": torch.zeros(batch, slots, dtype=torch.bool, device=d),  # False on left padding
                 "pad": torch.zeros(batch, dtype=torch.long, device=d),  # left pads per row
                 "done": torch.zeros(batch, dtype=torch.bool, device=d),
-                "all_done": torch.zeros(1, dtype=torch.bool, device=d),
+                "kept": torch.zeros(1, dtype=torch.long, device=d),  # columns written while some row was still going
+                "stop_at": torch.zeros(1, dtype=torch.long, device=d),  # `kept` once every row is done, 0 before
+                "cache_filled": torch.zeros((), dtype=torch.bool, device=d),  # the prefill wrote the cache (checked at the end)
                 "ids": torch.zeros(batch, steps, dtype=torch.long, device=d),
                 "margins": torch.zeros(batch, steps, dtype=torch.float32, device=d),
             }
@@ -157,8 +176,9 @@ class DecodeLoop:
         nxt = torch.where(s["done"], self.pad_id, nxt)
         s["ids"].index_copy_(1, s["t"], nxt[:, None])
         s["margins"].index_copy_(1, s["t"], margin[:, None])
+        s["kept"].add_((~s["done"].all()).long().view(1))
         s["done"].logical_or_(torch.isin(nxt, self.eos))
-        s["all_done"].copy_(s["done"].all().view(1))
+        s["stop_at"].copy_(torch.where(s["done"].all(), s["kept"], 0))
         s["token"].copy_(nxt[:, None])
         s["t"].add_(1)
 
@@ -168,7 +188,7 @@ class DecodeLoop:
         visible = (torch.arange(slots, device=s["keep"].device) <= s["pos"]) & s["keep"]  # [B, L]
         position_ids = (s["pos"] - s["pad"]).unsqueeze(1)  # [B, 1]: generate's cumsum(mask) - 1 for the new token
         out = self.model(input_ids=s["token"], attention_mask=visible[:, None, None, :], position_ids=position_ids,
-                         cache=s["cache"], use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: s["cache"]})
         s["pos"].add_(1)
         self._pick(out.logits[:, -1], s, suppress_eos)
 
@@ -180,6 +200,14 @@ class DecodeLoop:
         if self.limit:
             slots = min(slots, max(self.limit, length + max_new_tokens))
         return batch, slots, max_new_tokens
+
+    def _filled(self, cache: Any, length: int) -> torch.Tensor:
+        """Whether the prefill wrote every layer's cache at the prompt's last slot (never padding: prompts are left
+        padded), as a device flag read at the end of the call; a layer never written at all fails here, on the host."""
+        if not all(getattr(layer, "is_initialized", True) for layer in cache.layers):
+            raise RuntimeError(f"compiled_loop: the prefill never wrote the static cache: {type(self.model).__name__}.forward "
+                               f"ignored `{self.cache_arg}=`, so every step would decode without context")
+        return torch.stack([layer.keys[:, :, length - 1].ne(0).any() for layer in cache.layers]).all()
 
     # -- a call --------------------------------------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, suppress_eos: bool) -> dict[str, Any]:
@@ -195,51 +223,68 @@ class DecodeLoop:
         s["keep"].fill_(True)
         s["keep"][:, :length].copy_(attention_mask.bool())
         s["pad"].copy_(length - attention_mask.sum(dim=1))
-        for name in ("done", "all_done", "t", "margins", "ids"):
+        for name in ("done", "kept", "stop_at", "t", "margins", "ids"):
             s[name].zero_()
         s["pos"].fill_(length)
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=s["cache"],
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: s["cache"]})
         self.forwards += 1
+        s["cache_filled"].copy_(self._filled(s["cache"], length))
         self._pick(out.logits[:, -1], s, suppress_eos)
         return s
 
     def decode(self, s: dict[str, Any], max_new_tokens: int, stop_on_eos: bool, mark: Callable[[], None] = lambda: None) -> LoopOutput:
-        """Run the compiled step until max_new_tokens or (stop_on_eos) every row is done, read one step late.
+        """Run the compiled step until max_new_tokens or (stop_on_eos) every row is done.
+
+        The stop flag is read two steps late and every second step: before step i (i even) the host waits for the
+        flag queued after step i - 2, while step i - 1 is still queued behind it, so the GPU never runs dry and the
+        host waits at most once per two steps. The loop runs at most two forwards past the last row's EOS; the
+        columns they wrote are cut off (`stop_at`). A fixed-length run reads nothing until every step is queued.
 
         Args:
             mark: called after each step is queued (the step clock's stamp or CUDA event).
         """
-        flags = [torch.zeros(1, dtype=torch.bool, pin_memory=self.device.type == "cuda") for _ in range(2)]
-        events: list[Any] = [None, None]
+        host = torch.zeros(1, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        event = self._queue_stop(s, host) if stop_on_eos else None  # after the prefill's token (step 0)
         produced = 1
-        if stop_on_eos:  # the prefill's flag, read before the first step (it is one step old by then)
-            self._queue_flag(s, flags, events, 0)
         for i in range(1, max_new_tokens):
-            if stop_on_eos and self._read_flag(flags, events, (i - 1) % 2):
+            if stop_on_eos and i % 2 == 0 and self._read_stop(host, event):  # the flag of step i - 2
                 break
             self.step_fn(s, not stop_on_eos)  # a fixed-length run suppresses EOS, as min_new_tokens does in generate()
             self.forwards += 1
             produced += 1
             mark()
-            if stop_on_eos:
-                self._queue_flag(s, flags, events, i % 2)
-        return LoopOutput(s["ids"][:, :produced], s["margins"][:, :produced], produced)
+            if stop_on_eos and i % 2 == 0:
+                event = self._queue_stop(s, host)
+        return self._finish(s, produced)
 
-    def _queue_flag(self, s: dict[str, Any], flags: list[torch.Tensor], events: list[Any], slot: int) -> None:
-        """Copy the all-done flag to host memory without waiting (a pinned copy and an event on CUDA)."""
-        flags[slot].copy_(s["all_done"], non_blocking=self.device.type == "cuda")
-        if self.device.type == "cuda":
-            events[slot] = torch.cuda.Event()
-            events[slot].record()
+    def _queue_stop(self, s: dict[str, Any], host: torch.Tensor) -> Any:
+        """Copy `stop_at` to host memory without waiting (a pinned copy and an event on CUDA; None on CPU)."""
+        cuda = self.device.type == "cuda"
+        host.copy_(s["stop_at"], non_blocking=cuda)
+        if not cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     @staticmethod
-    def _read_flag(flags: list[torch.Tensor], events: list[Any], slot: int) -> bool:
-        """The flag queued one step ago: by now the GPU has usually finished it, so the wait is short or none."""
-        if events[slot] is not None:
-            events[slot].synchronize()
-        return bool(flags[slot][0])
+    def _read_stop(host: torch.Tensor, event: Any) -> bool:
+        """The flag queued two steps ago: the GPU has usually finished it, so the wait is short or none."""
+        if event is not None:
+            event.synchronize()
+        return bool(host[0])
+
+    def _finish(self, s: dict[str, Any], produced: int) -> LoopOutput:
+        """One read after the last step is queued (the caller copies the margins right after anyway): the columns to
+        keep, and the prefill's cache check (`cache_filled`), which fails loudly rather than time a context-free loop."""
+        stop_at, filled = torch.stack([s["stop_at"][0], s["cache_filled"].long()]).tolist()
+        if not filled:
+            raise RuntimeError(f"compiled_loop: the prefill left the static cache empty: {type(self.model).__name__}.forward "
+                               f"did not write the cache passed as `{self.cache_arg}=`, so every step would decode without context")
+        kept = min(produced, stop_at) if stop_at else produced
+        return LoopOutput(s["ids"][:, :kept], s["margins"][:, :kept], produced)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_on_eos: bool = True,
                  mark: Callable[[], None] = lambda: None) -> LoopOutput:
