@@ -250,6 +250,7 @@ def test_prewarm_compiles_every_cache_shape_before_the_timed_run(tiny_llama: Pat
     before = counters["stats"]["unique_graphs"]
     info["before_warmup"](prompts)
     assert [s[1] for s in info["decode_loop"]["compiled_shapes"]] == [16, 80] and info["compile_s"] > 0
+    assert info["inductor_options"] == {}  # CPU: mode "default" adds none, no decode_loop.inductor
     compiled = counters["stats"]["unique_graphs"]
     assert compiled - before == 2
     gens = [g for p in prompts for g in generate_fn([p])]
@@ -261,7 +262,7 @@ def test_inductor_knob_sets_nested_options_and_rejects_unknown_names() -> None:
     """decode_loop.inductor: a nested dict is a sub-config, an unknown name is a one-line InputError."""
     import torch._inductor.config as inductor
 
-    from headline_bench.backends.transformers import apply_inductor
+    from headline_bench.backends.compiled_loop import apply_inductor
     from headline_bench.errors import InputError
 
     with inductor.patch({"freezing": False, "cpp.enable_concat_linear": False}):
@@ -280,12 +281,11 @@ def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
     about the options."""
     import re
 
-    import torch._inductor.config as inductor
     import yaml
     from torch._inductor.utils import run_and_get_code
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from headline_bench.backends.transformers import apply_inductor
+    from headline_bench.backends.compiled_loop import apply_inductor, inductor_restored
     from headline_bench.files import ROOT
     from headline_bench.settings import parse
     from headline_bench.techniques.quantize import apply_quantize
@@ -298,7 +298,7 @@ def test_cpu_recipe_keeps_the_loop_ids(tiny_llama: Path) -> None:
     # the tiny model's rows are 64 wide and its 259-token head no multiple of 16 (int4 packing): group 32, dense head
     model = apply_quantize(model, recipe.quantize.model_copy(update={"group_size": 32, "include_lm_head": False}))
     torch._dynamo.reset()
-    with inductor.patch({}):
+    with inductor_restored():  # the recipe's options (freezing, cpp_wrapper) must not reach the later tests' compiles
         apply_inductor(recipe.decode_loop.inductor)
         loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default", attention=recipe.decode_loop.attention)
         got, code = run_and_get_code(run_loop, loop, tok, PROMPTS, 8, False)
@@ -373,3 +373,51 @@ def test_cache_argument_name_follows_the_forward_signature() -> None:
     assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
     with pytest.raises(RuntimeError, match="takes no `past_key_values` or `cache`"):
         cache_kwarg(Neither())
+
+
+def test_timed_run_counts_cudagraph_skips_and_recompiles_of_its_own_calls_only() -> None:
+    """runner.run's window: what the warm-up compiles or skips is not counted, what happens in the timed calls is."""
+    from torch._dynamo.utils import counters
+
+    from headline_bench.backends.base import Generation
+    from headline_bench.measure.runner import run
+
+    calls = []
+
+    def generate_fn(prompts: list[str]) -> list[Generation]:
+        calls.append(prompts)
+        counters["inductor"]["cudagraph_skips"] += 1
+        counters["stats"]["unique_graphs"] += 2 if len(calls) == 1 else 0  # the warm-up call compiles
+        return [Generation(p, p, 3, 2, 0.01, 0.004, 0.006) for p in prompts]
+
+    _, perf = run(generate_fn, ["a", "b"], 1, 1, "cpu")
+    assert perf["cudagraph_skips_in_timed_run"] == 2 and perf["recompiles_in_timed_run"] == 0
+
+
+def test_inductor_options_are_recorded_and_restored_between_techniques(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check's shared worker: technique a sets decode_loop.inductor options; b compiles with inductor's own
+    defaults again, and each perf.json names the options its compile ran with."""
+    import torch._inductor.config as inductor
+
+    from headline_bench import benchmark, files, gpu_check, settings
+    from headline_bench.backends.compiled_loop import apply_inductor, inductor_options
+
+    seen: dict[str, dict[str, Any]] = {}
+    written: dict[str, dict[str, Any]] = {}
+
+    def generate(name: str, params: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        seen[name] = inductor_options({})
+        if name == "a":
+            apply_inductor({"coordinate_descent_tuning": True, "cpp": {"enable_concat_linear": True}})
+        return [], {"technique": name, "inductor_options": inductor_options({"triton.cudagraphs": True})}
+
+    monkeypatch.setattr(benchmark, "generate", generate)
+    monkeypatch.setattr(benchmark, "write_outputs", lambda name, records, perf: written.__setitem__(name, perf))
+    monkeypatch.setattr(settings, "load_params", lambda required: {})
+    monkeypatch.setattr(files, "read_jsonl", lambda path: [{"id": 0}])
+    monkeypatch.chdir(tmp_path)
+    assert inductor_options({}) == {}  # the test starts from inductor's defaults
+    gpu_check.worker(["a", "b"], {})
+    assert seen == {"a": {}, "b": {}} and not inductor.coordinate_descent_tuning and not inductor.cpp.enable_concat_linear
+    assert written["a"]["inductor_options"] == {"coordinate_descent_tuning": True, "cpp.enable_concat_linear": True, "triton.cudagraphs": True}
+    assert written["b"]["inductor_options"] == {"triton.cudagraphs": True}

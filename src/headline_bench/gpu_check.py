@@ -161,11 +161,12 @@ PROGRESS = Path(".gpu-check")  # in the work folder: the worker's current and fi
 def worker(names: list[str], caps: dict[str, int]) -> None:
     """One process for many techniques (`--worker`): torch, transformers and the compiler are imported once; each
     technique builds its own model (a fresh copy: pruning and quantizers never touch another's weights), and the
-    compiler's state is reset between techniques."""
+    compiler's state (compiled frames, CUDA graph pools, inductor's process-wide options) is reset between techniques."""
     import gc
 
     import torch
 
+    from headline_bench.backends.compiled_loop import inductor_restored
     from headline_bench.benchmark import failure, generate, write_outputs
     from headline_bench.errors import Skip
     from headline_bench.files import TIMED_ROWS, read_jsonl
@@ -177,7 +178,8 @@ def worker(names: list[str], caps: dict[str, int]) -> None:
     for i, name in enumerate(names):
         (PROGRESS / "current").write_text(name)
         try:
-            records, perf = generate(name, params, rows[: caps.get(name, len(rows))])
+            with inductor_restored():  # one technique's decode_loop.inductor options never reach the next one's compile
+                records, perf = generate(name, params, rows[: caps.get(name, len(rows))])
         except Skip as e:
             records, perf = [], {"technique": name, "skipped": str(e)}
         except Exception as e:  # recorded like the generate stage does; the next technique still runs

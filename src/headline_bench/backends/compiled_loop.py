@@ -29,7 +29,8 @@ concatenated int4 matmuls and a C++ launcher (`decode_loop.inductor`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,49 @@ def step_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     weights = torch.softmax(scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf")), dim=-1)
     out = (weights[..., None] * value[:, :, None].float()).sum(-2)  # [b, groups, heads/group, d]
     return out.to(query.dtype).view(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def apply_inductor(overrides: dict[str, Any]) -> None:
+    """Set the decode loop's inductor options process-wide before the first compile; a nested dict is a sub-config
+    (cpp: {enable_concat_linear: true} sets cpp.enable_concat_linear). A name inductor does not know is an InputError,
+    not a silently ignored knob. A process that runs several techniques wraps each in `inductor_restored`."""
+    import torch._inductor.config as inductor
+
+    from headline_bench.errors import InputError
+
+    flat = {f"{name}.{sub}": v for name, value in overrides.items() if isinstance(value, dict) for sub, v in value.items()}
+    flat |= {name: value for name, value in overrides.items() if not isinstance(value, dict)}
+    for name, value in flat.items():
+        try:
+            setattr(inductor, name, value)
+        except AttributeError:
+            raise InputError(f"decode_loop.inductor: torch._inductor.config has no option {name!r}") from None
+
+
+@contextmanager
+def inductor_restored() -> Iterator[None]:
+    """Inductor's process-wide options as they were before the block, after it: in the GPU check's shared worker one
+    technique's options (coordinate_descent_tuning, freezing) must not carry into the next technique's compile."""
+    import torch._inductor.config as inductor
+
+    before = inductor.get_config_copy()
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if getattr(inductor, name) != value:
+                setattr(inductor, name, value)
+
+
+def inductor_options(passed: dict[str, Any]) -> dict[str, Any]:
+    """The inductor options a compile runs with, for perf.json: every process-wide option away from its default
+    (decode_loop.inductor, TORCHINDUCTOR_* variables), overlaid with the options given to torch.compile itself (its
+    mode's, e.g. triton.cudagraphs); a value that is not plain JSON as its repr."""
+    import torch._inductor.config as inductor
+
+    defaults = {name: entry.default for name, entry in inductor._config.items()}
+    changed = {k: v for k, v in inductor.get_config_copy().items() if not k.startswith("_") and k in defaults and v != defaults[k]}
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v) for k, v in {**changed, **passed}.items()}
 
 
 def use_step_attention(model: Any) -> None:
@@ -124,6 +168,7 @@ class DecodeLoop:
         self.limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.cache_arg = cache_kwarg(model)
         self.step_fn: Callable[..., None] = self._step
+        self.compile_options: dict[str, Any] = {}
         if compile_mode is not None:
             # torch.compile takes a mode or options, not both: the mode goes in as the inductor options it stands for
             options: dict[str, Any] = {}
@@ -131,6 +176,7 @@ class DecodeLoop:
                 from torch._inductor import list_mode_options
 
                 options = list_mode_options(compile_mode)
+            self.compile_options = dict(options)  # what perf.json's inductor_options lays on the process-wide ones
             if not module_guards:
                 options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend, options=options)
