@@ -234,7 +234,7 @@ def gpu_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "passes.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = ["bash", str(ROOT / "scripts" / "gpu-check"), "--passes", str(tmp / "passes.yaml"), "--out", str(tmp / "out"),
-           "--work", str(tmp / "work"), "--tokenizer", str(tokenizer)]
+           "--work", str(tmp / "work"), "--tokenizer", str(tokenizer), "--budget-s", "900"]  # a 2-core CPU, not the GPU's budget
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**env, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-4000:]
     (tmp / "stdout.txt").write_text(proc.stdout)
