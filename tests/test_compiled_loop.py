@@ -49,20 +49,22 @@ def run_loop(loop: DecodeLoop, tok: Any, prompts: list[str], n: int, stop: bool)
     return loop(inputs["input_ids"], inputs["attention_mask"], n, stop_on_eos=stop)
 
 
+@pytest.mark.parametrize("step", ["fused", "model"])
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fixed: bool, attention: str) -> None:
-    """Batch 1 and a left-padded batch of 2, EOS-stopped and fixed-length, with the model's sdpa and with the fused
-    step attention: same ids as generate() (sdpa throughout), margins within 1e-6. The step is traced with
-    fullgraph=True (the eager backend: dynamo's trace without inductor's compile time)."""
+def test_loop_equals_greedy_generate(model_tok: tuple[Any, Any], batch: int, fixed: bool, attention: str, step: str) -> None:
+    """Batch 1 and a left-padded batch of 2, EOS-stopped and fixed-length, with sdpa and with the arithmetic
+    attention, the written-out step (fused q/k/v and gate/up, grouped-query attention) and the model's own forward:
+    same ids as generate() (sdpa throughout), margins within 1e-6. The step is traced with fullgraph=True (the eager
+    backend: dynamo's trace without inductor's compile time)."""
     model, tok = model_tok
     prompts = PROMPTS[:batch]
     fixed_ids, _ = reference(model, tok, prompts, 10, {EOS}, fixed=True)
     # a stop id the model actually writes mid-way, so the EOS-stopped run really stops early (random weights)
     eos = {EOS} if fixed else {int(fixed_ids[0, 4])}
     want, want_margins = reference(model, tok, prompts, 10, eos, fixed)
-    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager", attention=attention)
+    loop = DecodeLoop(model, eos, tok.pad_token_id, compile_mode="default", backend="eager", attention=attention, step=step)
     try:
         out = run_loop(loop, tok, prompts, 10, stop=not fixed)
     finally:
@@ -251,6 +253,7 @@ def test_prewarm_compiles_every_cache_shape_before_the_timed_run(tiny_llama: Pat
     info["before_warmup"](prompts)
     assert [s[1] for s in info["decode_loop"]["compiled_shapes"]] == [16, 80] and info["compile_s"] > 0
     assert info["inductor_options"] == {}  # CPU: mode "default" adds none, no decode_loop.inductor
+    assert info["decode_loop"]["step"] == "fused"  # a Llama: the written-out step
     compiled = counters["stats"]["unique_graphs"]
     assert compiled - before == 2
     gens = [g for p in prompts for g in generate_fn([p])]
@@ -421,3 +424,36 @@ def test_inductor_options_are_recorded_and_restored_between_techniques(tmp_path:
     assert seen == {"a": {}, "b": {}} and not inductor.coordinate_descent_tuning and not inductor.cpp.enable_concat_linear
     assert written["a"]["inductor_options"] == {"coordinate_descent_tuning": True, "cpp.enable_concat_linear": True, "triton.cudagraphs": True}
     assert written["b"]["inductor_options"] == {"triton.cudagraphs": True}
+
+
+def test_fused_step_runs_two_matmuls_where_the_model_runs_five_and_never_copies_keys(model_tok: tuple[Any, Any]) -> None:
+    """The traced step (a graph-recording backend: no compile time): per layer q/k/v and gate/up are one linear each
+    (4 a layer, against the model forward's 7) and no key/value is expanded per query head (repeat_kv); the fused
+    weights are made once and the model's projections are views into them (no second copy)."""
+    model, tok = model_tok
+    layers = model.config.num_hidden_layers
+    bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def ops(step: str) -> tuple[int, int]:
+        graphs: list[torch.fx.GraphModule] = []
+
+        def record(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        run_loop(DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode="default", backend=record, step=step), tok, PROMPTS, 4, False)
+        nodes = [n for g in graphs for n in g.graph.nodes]
+        linears = sum(n.target in (torch._C._nn.linear, torch.nn.functional.linear) for n in nodes)
+        return linears, sum(n.target in ("expand", torch.Tensor.expand) for n in nodes)
+
+    assert ops("model") == (7 * layers + 1, 2 * layers)  # the contrast: what the test would see without the fusion
+    assert ops("fused") == (4 * layers + 1, 0)
+    attn = model.model.layers[0].self_attn
+    loop = DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None, step="fused")
+    fused = loop.fused.layers[0].qkv.weight
+    assert fused.shape[0] == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * fused.element_size()
+    assert DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None).fused.layers[0].qkv.weight is fused  # fused once
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == bytes_before

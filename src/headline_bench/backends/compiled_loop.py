@@ -7,7 +7,10 @@ does everything a step needs, traced with `fullgraph=True` (CUDA graphs on a GPU
 - the attention mask and the position ids are built in-graph from a device-side position `pos`, so no host value
   enters the step and two prompt lengths in the same cache bucket share one compiled frame;
 - argmax and the relative top-2 margin go into preallocated buffers at a device-side step index;
-- a device-side `done` flag per row is updated in-graph; rows that are done emit the pad id (as `generate` does).
+- a device-side `done` flag per row is updated in-graph; rows that are done emit the pad id (as `generate` does);
+- for Llama-family models the step is written out (backends/fused_llama.py): q/k/v and gate/up as one matmul each,
+  weights fused once at load, grouped-query attention without per-head copies of the keys; other models step through
+  their own forward.
 
 Stopping on EOS, the host reads the "every row done" flag two steps late and every second step (a pinned copy + an
 event on CUDA), so one step is always queued behind the one it waits for and the host waits at most once per two
@@ -22,7 +25,7 @@ every step read 7x the keys it needed) and reused across calls of the same bucke
 with the model's own 2D-mask handling (exactly what `generate` does, so left padding behaves the same).
 
 On CPU three more knobs pay (params `decode_loop`, measured in the README): the step's attention written as arithmetic
-that inductor fuses (`step_attention`), no dynamo guards on the model's modules, and inductor's freezing with
+that inductor fuses (`grouped_attention`), no dynamo guards on the model's modules, and inductor's freezing with
 concatenated int4 matmuls and a C++ launcher (`decode_loop.inductor`).
 """
 
@@ -36,6 +39,7 @@ from typing import Any
 
 import torch
 
+from headline_bench.backends.fused_llama import FusedStep, grouped_attention
 from headline_bench.measure.trackers import relative_margin
 
 STEP_ATTENTION = "headline_bench_step"  # the attention implementation name `use_step_attention` registers
@@ -52,12 +56,9 @@ def step_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
     if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     b, heads, _, d = query.shape
-    groups = key.shape[1]
-    q = query.view(b, groups, heads // groups, 1, d).float()
-    scores = (q * key[:, :, None].float()).sum(-1) * (scaling if scaling is not None else d**-0.5)  # [b, groups, heads/group, keys]
-    weights = torch.softmax(scores.masked_fill(~attention_mask.view(b, 1, 1, -1), float("-inf")), dim=-1)
-    out = (weights[..., None] * value[:, :, None].float()).sum(-2)  # [b, groups, heads/group, d]
-    return out.to(query.dtype).view(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    visible = attention_mask.view(b, -1)  # [B, L]
+    out = grouped_attention(query, key, value, visible, scaling if scaling is not None else d**-0.5, arithmetic=True)
+    return out.view(b, 1, heads, d), None
 
 
 def apply_inductor(overrides: dict[str, Any]) -> None:
@@ -148,17 +149,27 @@ class DecodeLoop:
         compile_mode: torch.compile mode ("default" on CPU, "reduce-overhead" for CUDA graphs), None: eager steps
             (for tests that compare the loop with and without compilation).
         bucket: cache slots are prompt + new tokens rounded up to a multiple of this.
-        backend: torch.compile backend; tests use "eager" to check the trace (fullgraph, frames) without inductor.
+        backend: torch.compile backend; tests use "eager" (or a graph-counting callable) to check the trace
+            (fullgraph, frames, ops) without inductor.
         module_guards: keep dynamo's guards on the model's modules. Checking them before every step cost ~1.1 ms of
             ~10 on a 2-core CPU (profiler: cache lookup 1.44 -> 0.32 ms a call without them); the loop never changes
             the model after setup, and with inductor's freezing its weights are compiled-in constants anyway. The
             guards on the loop's own state (buffers, cache, suppress_eos) stay.
-        attention: "sdpa" (the model's own) or "fused" (`step_attention` for the decode step; the model is switched).
+        attention: "sdpa" (torch's) or "fused" (multiply-sum arithmetic inductor fuses: `grouped_attention`; with the
+            model's own step the model is switched to `step_attention`).
+        step: "auto": the written-out step of backends/fused_llama.py (fused q/k/v and gate/up, grouped-query
+            attention without copies) where the architecture has one, else the model's own forward; "fused" or
+            "model" to insist on one (tests compare them).
     """
 
     def __init__(self, model: Any, eos_ids: set[int], pad_id: int, compile_mode: str | None = "default", bucket: int = 64,
-                 backend: str = "inductor", module_guards: bool = False, attention: str = "sdpa") -> None:
-        if attention == "fused":
+                 backend: str | Callable[..., Any] = "inductor", module_guards: bool = False, attention: str = "sdpa",
+                 step: str = "auto") -> None:
+        self.fused = FusedStep(model) if step != "model" and FusedStep.supports(model) else None
+        self.arithmetic = attention == "fused"  # the fused step's attention (an argument: guarded, unlike a module's field)
+        if step == "fused" and self.fused is None:
+            raise ValueError(f"compiled_loop: no fused step for model_type {getattr(model.config, 'model_type', None)!r}")
+        if attention == "fused" and self.fused is None:
             use_step_attention(model)
         self.model = model
         self.device = next(model.parameters()).device
@@ -167,7 +178,9 @@ class DecodeLoop:
         self.bucket = bucket
         self.limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.cache_arg = cache_kwarg(model)
-        self.step_fn: Callable[..., None] = self._step
+        # two methods, not one with a branch on self.fused: dynamo shares a code object's compiled frames across loops,
+        # and without module guards a frame traced through a FusedStep would be checked against a loop without one
+        self.step_fn: Callable[..., None] = self._fused_step if self.fused is not None else self._model_step
         self.compile_options: dict[str, Any] = {}
         if compile_mode is not None:
             # torch.compile takes a mode or options, not both: the mode goes in as the inductor options it stands for
@@ -179,7 +192,7 @@ class DecodeLoop:
             self.compile_options = dict(options)  # what perf.json's inductor_options lays on the process-wide ones
             if not module_guards:
                 options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False, backend=backend, options=options)
+            self.step_fn = torch.compile(self.step_fn, fullgraph=True, dynamic=False, backend=backend, options=options)
         self._state: dict[tuple[int, int, int], dict[str, Any]] = {}
         self.forwards = 0  # model forwards run, prefill included (tests count the extra one after EOS)
 
@@ -228,11 +241,23 @@ class DecodeLoop:
         s["token"].copy_(nxt[:, None])
         s["t"].add_(1)
 
-    def _step(self, s: dict[str, Any], suppress_eos: bool) -> None:
-        """One decode step, built to trace as a single graph: mask and positions come from `pos`, a device tensor."""
+    def _where(self, s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's mask and positions, from `pos`, a device tensor (no host value enters the step)."""
         slots = s["keep"].shape[1]
         visible = (torch.arange(slots, device=s["keep"].device) <= s["pos"]) & s["keep"]  # [B, L]
         position_ids = (s["pos"] - s["pad"]).unsqueeze(1)  # [B, 1]: generate's cumsum(mask) - 1 for the new token
+        return visible, position_ids
+
+    def _fused_step(self, s: dict[str, Any], suppress_eos: bool) -> None:
+        """One decode step through backends/fused_llama.py, built to trace as a single graph."""
+        visible, position_ids = self._where(s)
+        logits = self.fused(s["token"], position_ids, visible, s["cache"], s["pos"], self.arithmetic)
+        s["pos"].add_(1)
+        self._pick(logits, s, suppress_eos)
+
+    def _model_step(self, s: dict[str, Any], suppress_eos: bool) -> None:
+        """One decode step through the model's own forward, built to trace as a single graph."""
+        visible, position_ids = self._where(s)
         out = self.model(input_ids=s["token"], attention_mask=visible[:, None, None, :], position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: s["cache"]})
         s["pos"].add_(1)

@@ -185,6 +185,7 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     if cfg.decode_loop:
         generate_fn, loop = loop_setup(model, tokenizer, cfg, gen_kwargs, device)
         info |= loop_facts(cfg, device) | {"inductor_options": compile_options("inductor", None, loop.compile_options)}
+        info["decode_loop"]["step"] = "fused" if loop.fused is not None else "model"  # backends/fused_llama.py or the model's forward
         info["before_warmup"] = prewarm(loop, generate_fn, tokenizer, cfg.batch_size, device, gen_kwargs["max_new_tokens"], info)
         return generate_fn, tokenizer, info
 
