@@ -239,7 +239,7 @@ def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: d
                          f"with {clash or ['prompt lookup / use_cache: false']}")
     apply_inductor(settings.inductor)
     loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device), settings.bucket,
-                      module_guards=settings.module_guards, attention=settings.attention)
+                      module_guards=settings.module_guards, attention=settings.attention, step=settings.step)
     n = gen_kwargs["max_new_tokens"]
     fixed = gen_kwargs.get("min_new_tokens", 0) >= n
     eos = set(gen_kwargs["eos_token_id"])
