@@ -457,3 +457,27 @@ def test_fused_step_runs_two_matmuls_where_the_model_runs_five_and_never_copies_
     assert attn.k_proj.weight.data_ptr() == fused.data_ptr() + attn.q_proj.weight.numel() * fused.element_size()
     assert DecodeLoop(model, {EOS}, tok.pad_token_id, compile_mode=None).fused.layers[0].qkv.weight is fused  # fused once
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == bytes_before
+
+
+def test_compiled_loop_perf_records_compile_events_options_and_step(models_dir: Path) -> None:
+    """The compiled_loop technique through benchmark.generate (inductor on CPU): the ids of kv_cache's generate(),
+    and perf.json says which step ran, with which inductor options, and that the timed run neither recompiled nor
+    skipped a CUDA graph."""
+    import copy
+
+    from test_generate import BASE_PARAMS, ROWS
+
+    from headline_bench.backends.compiled_loop import inductor_restored
+    from headline_bench.benchmark import generate
+    from headline_bench.settings import parse
+
+    params = copy.deepcopy(BASE_PARAMS)
+    # coordinate_descent_tuning: gpt-fast's GPU option, a no-op for CPU kernels; restored after (the stage's process ends)
+    params["techniques"]["compiled_loop"] = {"decode_loop": {"mode": "default", "bucket": 64, "inductor": {"coordinate_descent_tuning": True}}}
+    expected, _ = generate("kv_cache", parse(params), ROWS)
+    torch._dynamo.reset()
+    with inductor_restored():
+        got, perf = generate("compiled_loop", parse(params), ROWS)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in expected]
+    assert perf["decode_loop"]["step"] == "fused" and perf["inductor_options"] == {"coordinate_descent_tuning": True}
+    assert perf["recompiles_in_timed_run"] == 0 and perf["cudagraph_skips_in_timed_run"] == 0

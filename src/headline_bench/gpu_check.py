@@ -448,6 +448,9 @@ def export(work: Path, archive: Path) -> None:
     log.info("gpu-check: results packed into %s (%.1f MB)", archive, archive.stat().st_size / 2**20)
 
 
+TIMED_EVENTS = {"recompiles_in_timed_run": "recompiles", "cudagraph_skips_in_timed_run": "CUDA graph skips"}  # 0 expected
+
+
 def table(results: dict[str, Path]) -> str:
     """Batch-1 tokens/s, TPOT and share of the bandwidth peak per pass and technique, for the end of the log.
 
@@ -464,8 +467,10 @@ def table(results: dict[str, Path]) -> str:
                 continue
             tpot = r.get("tpot_s_p50")
             mbu = r.get("bandwidth_share")
+            events = [f"{r[k]} {label} in the timed run" for k, label in TIMED_EVENTS.items() if r.get(k)]
+            note = "; ".join([r.get("compile_mode") or "", *events]).strip("; ")
             lines.append(f"| {name} | {technique} | {r.get('tokens_per_s') or 0:.1f} | {tpot * 1e3 if tpot else 0:.2f} | "
-                         f"{f'{mbu:.1%}' if mbu is not None else 'n/a'} | {r.get('peak_memory_mb') or 0:.0f} | {r.get('compile_mode') or ''} |")
+                         f"{f'{mbu:.1%}' if mbu is not None else 'n/a'} | {r.get('peak_memory_mb') or 0:.0f} | {note} |")
     return "\n".join(lines)
 
 
