@@ -170,3 +170,11 @@ def test_a_later_run_reports_beside_the_earlier_one(tmp_path: Path) -> None:
     (tmp_path / "p" / "run.json").write_text('{"started": "2026-12-06T0100Z"}')
     assert gpu_check.destination(tmp_path, "p", "2026-12-06T0100Z") == tmp_path / "p"  # the same run reported again
     assert gpu_check.measured_on(tmp_path, "p") == {"kv_cache"}
+
+
+def test_scratch_under_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device tool returns what is under $OUT: model builds and caches must stay in scratch elsewhere."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"is under \$OUT"):
+        gpu_check.main(["--work", str(tmp_path / "work"), "--phase", "generate"])
+    assert not (tmp_path / "work").exists()
