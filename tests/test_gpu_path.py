@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,18 @@ def gpu_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    "large": {"base": {"model": "large-random", "target": "large-random"}, "techniques": ["kv_cache", "baseline"]}},
     }
     (tmp / "passes.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(ROOT / "scripts" / "gpu-check"), "--passes", str(tmp / "passes.yaml"), "--out", str(tmp / "out"),
-           "--work", str(tmp / "work"), "--tokenizer", str(tokenizer)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**env, "PYTHON": sys.executable})
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    cmd = ["bash", str(ROOT / "scripts" / "gpu-check"), "--passes", str(tmp / "passes.yaml"), "--out", str(tmp / "out")]
+    # as on the lent machine: generation only, packed into one file; then scoring and reports from the unpacked copy
+    device = cmd + ["--phase", "generate", "--work", str(tmp / "work"), "--tokenizer", str(tokenizer), "--budget-s", "900",  # a 2-core CPU
+                    "--export", str(tmp / "back" / "work.tar.gz")]
+    proc = subprocess.run(device, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (tmp / "out").exists()  # nothing scored or reported on the device
+    with tarfile.open(tmp / "back" / "work.tar.gz") as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    proc = subprocess.run(cmd + ["--phase", "report", "--work", str(tmp / "unpacked"), "--card", "cpu"], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp

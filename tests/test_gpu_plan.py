@@ -89,3 +89,92 @@ def test_bench_decode_rounds_average_each_row_and_keep_every_round() -> None:
     assert out["tpot_ratio"]["per_round"] == pytest.approx([1.0, 1.2, 14 / 13])
     text = markdown(out, {"command": "x", "rounds": 3})
     assert "| 10.00, 12.00, 14.00 |" in text and "1.000, 1.200, 1.077" in text
+
+
+SPEC = {
+    "default_cost_s": 30,
+    "passes": {
+        "small": {"techniques": ["kv_cache", "static_compile", "compiled_loop", "baseline", "quant4"], "setup_s": 50,
+                  "costs": {"kv_cache": 10, "static_compile": 40, "compiled_loop": 45, "baseline": 15, "quant4": 20}},
+        "large": {"techniques": ["kv_cache", "static_compile", "compiled_loop", "baseline", "batched"], "setup_s": 10,
+                  "costs": {"kv_cache": 20, "static_compile": 50, "compiled_loop": 60, "baseline": 25}},
+        "real": {"techniques": ["baseline", "compiled_loop"], "needs": "no_such_package", "setup_s": 80},
+    },
+}
+PARAMS = {"techniques": {"kv_cache": {"reference": "baseline"}, "static_compile": {"reference": "baseline"},
+                         "compiled_loop": {"reference": "baseline"}, "baseline": {}, "quant4": {}, "batched": {"reference": "baseline"}}}
+
+
+def test_plan_puts_asked_techniques_and_their_references_first_and_fits_the_budget() -> None:
+    """Asked (--redo) techniques in every pass first, with the reference their token check needs; then what this
+    card has not measured; a pass's setup paid once; what does not fit is left out with its reason; a pass whose
+    package is missing is left out whole."""
+    measured = {"small": {"kv_cache", "static_compile", "baseline", "quant4"}, "large": {"kv_cache", "static_compile", "baseline"}}
+    plan = gpu_check.plan_passes(SPEC, PARAMS, 300, measured, {"static_compile", "compiled_loop"}, lambda pkg: False)
+    # tier 0: small 50 + 40 + 15 + 45 = 150, large 10 + 50 + 25 + 60 = 145 (295); tier 1: batched 30 > 5 left
+    assert plan.runs == {"small": ["static_compile", "compiled_loop", "baseline"], "large": ["static_compile", "compiled_loop", "baseline"]}
+    assert plan.seconds == {"small": 150, "large": 145} and sum(plan.seconds.values()) <= 300
+    assert plan.left_out["small"] == {"kv_cache": "already measured on this card (--redo to measure it again)",
+                                      "quant4": "already measured on this card (--redo to measure it again)"}
+    assert plan.left_out["large"]["batched"].startswith("over the budget: ~30 s planned, 5 s of 300 left")
+    assert set(plan.left_out["real"]) == {"baseline", "compiled_loop"} and "no_such_package" in plan.left_out["real"]["baseline"]
+    everything = gpu_check.plan_passes(SPEC, PARAMS, 10_000, {}, set(), lambda pkg: True)
+    assert everything.runs == {n: e["techniques"] for n, e in SPEC["passes"].items()}
+    assert not any(everything.left_out.values())
+    tight = gpu_check.plan_passes(SPEC, PARAMS, 100, {}, set(), lambda pkg: True)
+    assert tight.runs == {"small": ["kv_cache", "baseline", "quant4"]} and sum(tight.seconds.values()) == 95
+
+
+def test_shipped_plan_fits_eight_minutes_with_the_loops_on_both_models() -> None:
+    """gpu_check.yaml as shipped, this repo's H200 results, --redo compiled_loop,static_compile and the default budget:
+    both loops (and the baseline their token check needs) on 1B and 8B, within the budget; smollm2 left out without
+    its package; a new card (no results) still fits."""
+    spec = yaml.safe_load((ROOT / "src" / "headline_bench" / "gpu_check.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    budget = gpu_check.parser().get_default("budget_s")
+    assert budget + 150 <= 480  # machine start, wheel install and the trip back in what is left of 8 minutes
+    out = ROOT / "metrics" / "gpu" / "nvidia-h200"
+    measured = {name: gpu_check.measured_on(out, name) for name in spec["passes"]}
+    assert {"kv_cache", "static_compile", "baseline"} <= measured["llama-3.1-8b"] and "compiled_loop" not in measured["llama-3.1-8b"]
+    for done in (measured, {}):
+        plan = gpu_check.plan_passes(spec, params, budget, done, {"compiled_loop", "static_compile"}, lambda pkg: False)
+        assert sum(plan.seconds.values()) <= budget
+        for name in ("llama-3.2-1b", "llama-3.1-8b"):
+            assert {"compiled_loop", "static_compile", "baseline"} <= set(plan.runs[name]), (name, plan.left_out)
+        assert "smollm2" not in plan.runs
+
+
+def test_export_packs_results_without_weights_or_links(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "models" / "m").mkdir(parents=True)
+    (work / "models" / "m" / "config.json").write_text("{}")
+    (work / "models" / "m" / "model.safetensors").write_bytes(b"x" * 1000)
+    (work / "p" / "metrics" / "techniques" / "kv_cache").mkdir(parents=True)
+    (work / "p" / "metrics" / "techniques" / "kv_cache" / "perf.json").write_text("{}")
+    gpu_check.link_models(work / "p", work / "models")
+    (work / "p" / ".gpu-check").mkdir()
+    (work / "p" / ".gpu-check" / "done").write_text("kv_cache")
+    gpu_check.export(work, tmp_path / "out" / "w.tar.gz")
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "w.tar.gz") as tar:
+        names = sorted(n for n in tar.getnames() if tar.getmember(n).isfile())
+    assert names == ["./models/m/config.json", "./p/metrics/techniques/kv_cache/perf.json"]
+
+
+def test_a_later_run_reports_beside_the_earlier_one(tmp_path: Path) -> None:
+    assert gpu_check.destination(tmp_path, "p", "2026-12-06T0100Z") == tmp_path / "p"
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "summary.json").write_text('{"techniques": {"kv_cache": {"tokens_per_s": 1}, "vllm": {"skipped": "no"}}}')
+    assert gpu_check.destination(tmp_path, "p", "2026-12-06T0100Z") == tmp_path / "p" / "2026-12-06T0100Z"
+    (tmp_path / "p" / "run.json").write_text('{"started": "2026-12-06T0100Z"}')
+    assert gpu_check.destination(tmp_path, "p", "2026-12-06T0100Z") == tmp_path / "p"  # the same run reported again
+    assert gpu_check.measured_on(tmp_path, "p") == {"kv_cache"}
+
+
+def test_scratch_under_out_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device tool returns what is under $OUT: model builds and caches must stay in scratch elsewhere."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"is under \$OUT"):
+        gpu_check.main(["--work", str(tmp_path / "work"), "--phase", "generate"])
+    assert not (tmp_path / "work").exists()

@@ -210,6 +210,9 @@ class DecodeLoop(Section):  # backends/compiled_loop.py: the gpt-fast style loop
     # fused: the step's attention as arithmetic inductor fuses (backends/compiled_loop.step_attention); sdpa: the model's own
     attention: Literal["sdpa", "fused"] = "sdpa"
     module_guards: bool = False  # dynamo re-checks the model's modules before every step (~1.1 of ~10 ms on CPU); off: the loop never changes them
+    # auto: the written-out Llama step (backends/fused_llama.py: fused q/k/v and gate/up, grouped-query attention without
+    # copies) where the architecture has one; model: the model's own forward (the step before issue 29, for A/B runs)
+    step: Literal["auto", "fused", "model"] = "auto"
 
 
 class Speculative(Section):

@@ -161,6 +161,7 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
         compile_config._compile_all_devices = device == "cpu"  # generate() compiles on GPUs only unless told
         gen_kwargs["compile_config"] = compile_config
         info["compile_mode"] = settings["mode"]
+        info["inductor_options"] = compile_options(settings["backend"], settings["mode"], settings["options"])
     acceptance = AcceptanceTracker()
     if cfg.speculative:
         draft_cfg = cfg.model_copy(update={"model_name": params.base.model, "quantize": None, "prune": None, "parallel": None, "device_map": None})
@@ -183,7 +184,8 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
 
     if cfg.decode_loop:
         generate_fn, loop = loop_setup(model, tokenizer, cfg, gen_kwargs, device)
-        info |= loop_facts(cfg, device)
+        info |= loop_facts(cfg, device) | {"inductor_options": compile_options("inductor", None, loop.compile_options)}
+        info["decode_loop"]["step"] = "fused" if loop.fused is not None else "model"  # backends/fused_llama.py or the model's forward
         info["before_warmup"] = prewarm(loop, generate_fn, tokenizer, cfg.batch_size, device, gen_kwargs["max_new_tokens"], info)
         return generate_fn, tokenizer, info
 
@@ -209,19 +211,16 @@ def loop_facts(cfg: ResolvedTechnique, device: str) -> dict[str, Any]:
     return {"decode_loop": {**knobs, "mode": loop_mode(cfg, device)}, "compile_mode": loop_mode(cfg, device)}
 
 
-def apply_inductor(overrides: dict[str, Any]) -> None:
-    """Set the decode loop's inductor options process-wide (each technique runs in its own process) before the first
-    compile; a nested dict is a sub-config (cpp: {enable_concat_linear: true} sets cpp.enable_concat_linear). A name
-    inductor does not know is an InputError, not a silently ignored knob."""
-    import torch._inductor.config as inductor
+def compile_options(backend: str, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """perf.json's inductor_options: the process-wide options with the mode's and the given ones on top (None for
+    another backend)."""
+    if backend != "inductor":
+        return None
+    from torch._inductor import list_mode_options
 
-    flat = {f"{name}.{sub}": v for name, value in overrides.items() if isinstance(value, dict) for sub, v in value.items()}
-    flat |= {name: value for name, value in overrides.items() if not isinstance(value, dict)}
-    for name, value in flat.items():
-        try:
-            setattr(inductor, name, value)
-        except AttributeError:
-            raise InputError(f"decode_loop.inductor: torch._inductor.config has no option {name!r}") from None
+    from headline_bench.backends.compiled_loop import inductor_options
+
+    return inductor_options({**(list_mode_options(mode) if mode else {}), **(options or {})})
 
 
 def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: dict[str, Any], device: str) -> tuple[GenerateFn, Any]:
@@ -230,7 +229,7 @@ def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: d
 
     Returns:
         the generate function and the DecodeLoop behind it."""
-    from headline_bench.backends.compiled_loop import DecodeLoop
+    from headline_bench.backends.compiled_loop import DecodeLoop, apply_inductor
     from headline_bench.settings import DecodeLoop as LoopSettings
 
     settings = cfg.decode_loop or LoopSettings()
@@ -240,7 +239,7 @@ def loop_setup(model: Any, tokenizer: Any, cfg: ResolvedTechnique, gen_kwargs: d
                          f"with {clash or ['prompt lookup / use_cache: false']}")
     apply_inductor(settings.inductor)
     loop = DecodeLoop(model, set(gen_kwargs["eos_token_id"]), tokenizer.pad_token_id, loop_mode(cfg, device), settings.bucket,
-                      module_guards=settings.module_guards, attention=settings.attention)
+                      module_guards=settings.module_guards, attention=settings.attention, step=settings.step)
     n = gen_kwargs["max_new_tokens"]
     fixed = gen_kwargs.get("min_new_tokens", 0) >= n
     eos = set(gen_kwargs["eos_token_id"])

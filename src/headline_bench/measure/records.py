@@ -130,6 +130,9 @@ class Perf(Record):
     warmup_s: list[Num] | None = kept("seconds of each warm-up call")
     graphs_compiled_before_timing: int | None = kept("torch.compile graphs built before the timed run")
     recompiles_in_timed_run: int | None = row("graphs compiled during the timed run (> 0: it paid for compiling)")
+    cudagraph_skips_in_timed_run: int | None = row("compiled graphs inductor ran without CUDA graphs during the timed run (0 expected)")
+    inductor_options: dict[str, Any] | None = kept("inductor options of the compile: process-wide ones away from their default, "
+                                                   "with the ones passed to torch.compile (its mode's) on top")
     energy_j: Num | None = kept("GPU energy of this session's timed run, J (NVML)")
     energy_source: str | None = row("where the energy number comes from, or why it is n/a")
     energy_j_per_headline: Num | None = row("energy_j / rows this session generated")

@@ -24,6 +24,14 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def cudagraph_skips() -> int:
+    """Compiled graphs that inductor ran without CUDA graphs so far in this process (a mutated input, a CPU op, ...):
+    each one launches its kernels one by one from Python, the overhead reduce-overhead exists to remove."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str,
         after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
         on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
@@ -49,7 +57,7 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
     after_warmup()
     memory, energy = MemoryTracker(device), EnergyTracker(device)
     gens: list[Generation] = list(done)
-    graphs = dynamo_graphs()
+    graphs, skips = dynamo_graphs(), cudagraph_skips()
     wall = time.perf_counter()
     with memory.track(), energy.track():
         for group in tqdm(groups, desc="generate", unit="batch", mininterval=2):
@@ -71,6 +79,7 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
         "warmup_s": warmup_s,
         "graphs_compiled_before_timing": graphs,
         "recompiles_in_timed_run": dynamo_graphs() - graphs,  # > 0: shapes changed and the timed run paid for compiling
+        "cudagraph_skips_in_timed_run": cudagraph_skips() - skips,  # > 0: a compiled step ran without its CUDA graph
         **energy_numbers(energy.joules, energy.reason, gens[len(done) :]),
         **{k: v for k, v in asdict(memory.get_memory()).items() if v is not None and k != "unit"},
         "rss_reset": memory.rss_reset,  # False: VmHWM could not be reset, so peak_rss_mb may be an earlier peak

@@ -68,6 +68,7 @@ def extras(r: Row) -> str:
              f"compile {r['compile_s']:.1f} s" if finite(r.get("compile_s")) else "",
              f"2:4 kernels {r['sparse_kernels']}" if str(r.get("sparse_kernels", "")).startswith(("skipped", "applied")) else "",
              f"{r['recompiles_in_timed_run']} recompiles in the timed run" if r.get("recompiles_in_timed_run") else "",
+             f"{r['cudagraph_skips_in_timed_run']} CUDA graph skips in the timed run" if r.get("cudagraph_skips_in_timed_run") else "",
              f"compile mode {r['compile_mode']}" if r.get("compile_mode") else "",
              "draft " + ", ".join(f"{k}={v}" for k, v in r["speculative_used"].items()) if r.get("speculative_used") else "",
              f"sparsity {r['sparsity_overall']:.0%} of {r.get('sparsity_layers') or 'pruned layers'}, {r['sparsity_all_params']:.0%} of all parameters"
