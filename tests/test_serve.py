@@ -25,7 +25,7 @@ from headline_bench.serving.goodput import (
 )
 from headline_bench.serving.loadgen import poisson_arrivals, run_concurrency, run_rate, stream_request
 from headline_bench.serving.server import PortTaken, Server, ServerError, free_port, group_alive
-from headline_bench.settings import Serve, parse
+from headline_bench.settings import Score, Serve, parse
 
 FAKE = Path(__file__).resolve().parent / "fake_openai_server.py"
 SLO = {"ttft_s": 2.0, "tpot_s": 0.1, "share": 0.9, "confidence": 0.95}
@@ -216,15 +216,16 @@ def fake_entry(monkeypatch, *flags: str, token_prompts: bool = True, serve_setti
         return servers[-1], ServerSpec([], "/health", "fake", 1, token_prompts=token_prompts), {"engine": "fake", "port": port}
 
     def fake_payloads(rows, params, entry, spec):
-        return [{"prompt": [1, 2, 3] if spec.token_prompts else "x"}] * 2, rows, [[1, 2, 3], [1, 2, 3]], [False, False]
+        n = len(rows)
+        return [{"prompt": [1, 2, 3] if spec.token_prompts else "x", "max_tokens": 8}] * n, rows, [[1, 2, 3]] * n, [False] * n
 
     rows = [{"id": f"r{i}", "summary": "s", "reference": "Hello world"} for i in range(2)]
     monkeypatch.setattr(serve, "server_for", fake_server_for)
     monkeypatch.setattr(serve, "payloads_for", fake_payloads)
     monkeypatch.setattr(serve, "env_info", lambda: {})
-    params = parse({"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}},
+    params = parse({"base": {"seed": 1, "model": "m"}, "serving": {"e": {"engine": "transformers"}}, "generate": {"max_new_tokens": 8}, "score": {},
               "serve": {"rates": [20, 40], "overload_share": 0.5, "runs": 1, "concurrency": [2], "requests": 4, "max_duration_s": 5, "timeout_s": 5,
-                        "warmup_requests": 1, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30, "min_identical_share": 0.9,
+                        "warmup_requests": 1, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 30,
                         "slo": SLO | {"tpot_s": 0.5}} | (serve_settings or {})})
     return params, rows, servers
 
@@ -289,28 +290,37 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
                 "tpot_s": summarize([0.05] * n), "itl_s": summarize([0.05] * 90), "e2e_s": summarize([1.0] * n),
                 "verdict": verdict({"goodput_share_interval": wilson(round(n * share), n, 0.95)}, 0.9)}
 
-    def result(engine, shares, rows_identical=10):
+    def result(engine, shares, deltas, equivalent=None):
         levels = [lv("rate", r, s) for r, s in shares.items()] + [lv("concurrency", 1, 1.0)]
+        check = {"compared": 40, "identical": 40 if equivalent else 10, "near_tie": 0, "real_difference": 0 if equivalent else 30, "unclassified": 0}
         return {"config": {"engine": engine, "reference": "kv_cache"}, "levels": levels, "load": {"requests": 30}, "requests_needed": 25,
                 "sustainable_rate": combine_runs([sustainable_rate(levels, 0.9) | {"run": 1}]),
                 "prompt_check": {"mode": "token ids", "rows": 10, "identical_ids": 10, "differing_rows": []},
-                "quality": {"rougeL": 0.2, "identical_to_offline": 3 * rows_identical, "compared_to_offline": 30, "rows_identical": rows_identical, "rows_compared": 10,
-                            "first_difference": {"id": "r1", "level": "rate 1", "served": "A", "offline": "B"}}}
+                "served_quality": {"reference": "baseline", "rougeL_deltas": deltas, "equivalence": equivalent, "token_check": check, "logprobs": True},
+                "client_check": {"floor_ttft_s_p90_max": 0.002, "floor_itl_s_p90_max": 0.0001, "client_cpu_share_max": 0.05, "client_bound_levels": []},
+                "quality": {"rougeL": 0.2, "first_difference": {"id": "r1", "level": "rate 1", "served": "A", "offline": "B"}}}
 
-    results = {"fast": result("transformers", {1: 1.0, 2: 1.0, 4: 0.2}), "slow": result("llama_cpp_python", {1: 1.0, 2: 0.5}),
-               "garbage": result("transformers", {1: 1.0, 2: 1.0, 4: 1.0}, rows_identical=0),
+    rng = np.random.default_rng(0)
+    results = {"fast": result("transformers", {1: 1.0, 2: 1.0, 4: 0.2}, [0.0] * 40, "equivalent to baseline up to float32 numerics (40 identical + 0 near-tie)"),
+               "slow": result("llama_cpp_python", {1: 1.0, 2: 0.5}, list(rng.normal(0, 0.01, 40))),       # batching changed rows, not quality
+               "garbage": result("transformers", {1: 1.0, 2: 1.0, 4: 1.0}, list(rng.normal(-0.3, 0.05, 40))),
                "gpu": {"config": {"engine": "vllm"}, "skipped": "vLLM needs a CUDA GPU"},
                "dead": {"config": {"engine": "transformers"}, "failed": "ServerError: exited", "levels": []}}
-    summary = serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO, min_identical_share=0.9))
+    summary = serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO), Score())
+    states = [(e.get("served_quality") or {}).get("quality_state") for e in summary["entries"]]
+    assert states == ["equivalent", "non-inferior", "worse", None, None]
     assert summary["recommendation"]["choice"] == "fast" and summary["recommendation"]["runner_up"] == "slow"   # garbage is fastest, never picked
-    assert summary["entries"][2]["ineligible"].startswith("served headlines equal its offline reference on 0/10 rows")
+    assert summary["recommendation"]["eligible_by"] == "equivalent"
+    assert summary["entries"][2]["ineligible"] == "served quality worse vs baseline"
     text = serve_report.render(summary, "serving_report/")
     assert "**Online serving: fast** (2 req/s (fails at 4" in text and "skipped: vLLM needs a CUDA GPU" in text and "failed: ServerError" in text
-    assert "max 0.200 (n=30)" in text and "10/10 (30/30) vs kv_cache" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
-    assert "30/30 = 1.00 [0.92, 1.00] pass" in text and "spread 2–2 req/s" in text and "10/10 (ids sent)" in text and "no: served headlines" in text
+    assert "max 0.200 (n=30)" in text and "equivalent vs baseline: ΔROUGE-L +0.0000 (40 identical + 0 near-tie of 40)" in text
+    assert "yes (equivalent)" in text and "yes (non-inferior)" in text and "no: served quality worse vs baseline" in text
+    assert "2.0 / 0.10 ms; CPU ≤ 5% of a core; 0 client-bound" in text and "![Latency vs load](serving_report/latency_vs_load.png)" in text
+    assert "30/30 = 1.00 [0.92, 1.00] pass" in text and "spread 2–2 req/s" in text and "10/10 (ids sent)" in text
     assert "Indicative" not in text
     results["fast"]["load"]["requests"] = 10
-    assert "**Indicative only**: 10 requests per level cannot show it" in serve_report.render(serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO, min_identical_share=0.9)))
+    assert "**Indicative only**: 10 requests per level cannot show it" in serve_report.render(serving_summary.summarize(list(results), results, Serve(rates=[1], slo=SLO), Score()))
     serve_report.write_charts(summary["entries"], SLO, tmp_path)
     assert all((tmp_path / name).stat().st_size > 0 for name in (*serve_report.CHARTS, "latency_vs_load.json", "goodput_vs_rate.json"))
     assert serving_summary.recommend_online([summary["entries"][3]])["choice"] is None
@@ -320,43 +330,30 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
 
 @pytest.mark.parametrize("text, headline", [("zzz zzz\n", "zzz zzz"), ("\n", ""), ("", "")], ids=["garbage", "newline", "empty"])
 def test_goodput_counts_only_real_headlines_and_garbage_is_never_picked(tmp_path, monkeypatch, text, headline):
-    """A server that streams garbage at once is fast but ineligible; newline-only or empty streams are empty
-    headlines (not errors) and never good."""
+    """A server that streams garbage at once is fast but its served quality is worse than offline, so it is never
+    picked; newline-only or empty streams are empty headlines (not errors) and never good."""
     from headline_bench.serving import summary as serving_summary
 
     monkeypatch.chdir(tmp_path)
     params, rows, _ = fake_entry(monkeypatch, "--fast", "--text", text, serve_settings={"rates": [20], "requests": 25, "concurrency": []})
-    offline = [{"id": r["id"], "prediction": "Hello world"} for r in rows]
-    monkeypatch.setattr(serve, "read_jsonl", lambda path: offline)
-    (tmp_path / "data" / "generations").mkdir(parents=True)
-    (tmp_path / "data" / "generations" / "ref.jsonl").write_text("")
-    monkeypatch.setattr(serve, "GENERATIONS", tmp_path / "data" / "generations")
-    monkeypatch.setattr(serve, "quality", lambda records, off, seed: real_quality(records, off))
-    params.serving["e"] = params.serving["e"].model_copy(update={"reference": "ref"})
-    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
+    quality_rows, offline = offline_set(32)
+    monkeypatch.setattr(serve, "offline_quality", lambda params, entry: ("ref", offline))
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows, quality_rows)
     lv = result["levels"][0]
     assert "failed" not in result and lv["errors"] == 0 and lv["ok"] == 25        # an empty finished stream is not an error
     assert {r["prediction"] for r in records} == {headline}
     assert lv["good"] == (25 if headline else 0) and lv["empty"] == (0 if headline else 25)
-    entry = serving_summary.entry_row("e", result)
-    entry["ineligible"] = serving_summary.eligibility(entry, 0.9)
-    assert entry["rows_identical"] == 0 and entry["ineligible"].startswith("served headlines equal its offline reference on 0/2 rows")
-    assert serving_summary.recommend_online([entry])["choice"] is None
+    summary = serving_summary.summarize(["e"], {"e": result}, params.serve, params.score)
+    assert summary["entries"][0]["served_quality"]["quality_state"] == "worse"
+    assert summary["entries"][0]["ineligible"] == "served quality worse vs ref" and summary["recommendation"]["choice"] is None
 
 
-def real_quality(records, offline):
-    """serve.quality without ROUGE (the metric module is not what these probes test)."""
-    import headline_bench.quality.rouge as rouge_module
-
-    original = rouge_module.rouge
-    rouge_module.rouge = lambda preds, refs, seed: {"rougeL": 0.0}
-    try:
-        return QUALITY(records, offline, 0)
-    finally:
-        rouge_module.rouge = original
-
-
-QUALITY = serve.quality
+def offline_set(n: int, prediction: str = "Hello world", token_ids: list[int] | None = None, margins: list[float] | None = None):
+    """n quality rows whose reference headline is "Hello world", and an offline reference's records for them."""
+    rows = [{"id": f"q{i}", "summary": "s", "reference": "Hello world"} for i in range(n)]
+    offline = [{"id": r["id"], "reference": r["reference"], "prediction": prediction, "token_ids": token_ids or [100, 101, 102],
+                "margins": margins or [5.0, 5.0, 5.0]} for r in rows]
+    return rows, offline
 
 
 def test_a_port_taken_by_another_process_is_detected_and_retried_on_a_new_port(tmp_path, monkeypatch):
