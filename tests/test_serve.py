@@ -15,6 +15,7 @@ from headline_bench.serving import run as serve
 from headline_bench.serving.goodput import (
     combine_runs,
     level_summary,
+    meets_slo,
     next_rate,
     passes,
     requests_needed,
@@ -238,6 +239,7 @@ def test_a_server_that_dies_mid_run_gives_a_recorded_failure(tmp_path, monkeypat
     assert result["failed"].startswith("ServerError: server exited with code 7 during run 1 rate 40")
     assert [lv["level"] for lv in result["levels"]] == ["run 1 rate 20", "run 1 rate 40"]      # what was measured is kept
     assert result["levels"][0]["ok"] == 4 and result["levels"][1]["errors"] >= 1   # 1 warm-up + 6 served, then it died
+    assert result["levels"][1]["server_died"] and result["levels"][1]["verdict"] == "failed: server died" and not result["levels"][0]["server_died"]
     assert len(records) == 8 and gone(servers[0])
     assert result["sustainable_rate"]["runs"][0]["bracket"] == [None, 20]   # 4 good of 4 do not show 90%: no rate passed
 
@@ -266,8 +268,12 @@ def test_transformers_serve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, ti
               "prompt": {"template": "Headline for: {summary}", "few_shot": []}, "generate": {"max_new_tokens": 6, "max_input_tokens": 256},
               "serving": {"e": entry}, "serve": {"rates": [4], "overload_share": 0.5, "runs": 1, "concurrency": [2], "requests": 2, "max_duration_s": 5, "timeout_s": 30,
                                                  "warmup_requests": 2, "search_steps": 0, "search_min_gap": 0.15, "startup_timeout_s": 120, "slo": SLO}})
-    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows)
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows, rows)
     assert "failed" not in result, result.get("failed")
+    assert [r["level"] for r in records[:2]] == ["quality concurrency 1"] * 2 and result["prompt_check"]["server_counts_match_quality_rows"] == [2, 2]
+    assert result["served_quality"] == {"quality_state": None, "note": "no offline quality pass to pair with (reference none)"}
+    assert all(lv["client_floor"]["errors"] == 0 and lv["client_floor"]["ttft_s"]["p90"] < lv["ttft_s"]["p50"] for lv in result["levels"])
+    records = records[2:]
     assert [lv["ok"] for lv in result["levels"]] == [2, 2] and len(records) == 4
     assert ("--continuous-batching" in result["server"]["argv"]) == cb and result["server"]["exit_code"] is not None
     assert result["prompt_check"]["server_counts_match"] == [2, 2]  # the server tokenized the offline prompt to as many tokens
@@ -432,3 +438,161 @@ def test_served_prompts_equal_offline_prompts_by_token_ids(tiny_llama, tmp_path,
     assert (q["identical_to_offline"], q["rows_identical"], q["rows_compared"], q["prompt_differs_rows"]) == (1, 1, 2, ["eos"])
     check = serve.prompt_check(text_spec, ids, [False, True], kept, [])
     assert check["identical_ids"] == 1 and check["differing_rows"] == ["eos"]
+
+
+# --- issue 30: served quality by the offline rule, goodput on the offline prompt, the client's own floor ----------
+
+def served_run(monkeypatch, tmp_path, *flags: str, offline: list[dict], quality_request: dict | None = None, serve_settings: dict | None = None,
+               fast: bool = True):
+    """serve.serve against the fake server (answering at once unless `fast` is false) with the quality rows of `offline`, the first
+    two of them timed; returns (result, records, summary)."""
+    from headline_bench.serving import summary as serving_summary
+
+    monkeypatch.chdir(tmp_path)
+    params, _, servers = fake_entry(monkeypatch, *(["--fast"] if fast else []), *flags, serve_settings={"rates": [20], "requests": 4, "concurrency": []} | (serve_settings or {}))
+    params.serving["e"] = params.serving["e"].model_copy(update={"quality_request": quality_request or {}})
+    monkeypatch.setattr(serve, "offline_quality", lambda params, entry: ("ref", offline))
+    quality_rows = [{"id": r["id"], "summary": "s", "reference": r["reference"]} for r in offline]
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, quality_rows[:2], quality_rows)  # timed rows: the first quality rows
+    assert all(gone(s) for s in servers)
+    return result, records, serving_summary.summarize(["e"], {"e": result}, params.serve, params.score)
+
+
+@pytest.mark.parametrize("offline_prediction, offline_ids, margins, logprobs, state, counts", [
+    ("Hello world", [100, 101, 102], None, False, "equivalent", (32, 0, 0, 0)),          # every row identical
+    ("Hello there", [100, 999, 102], [5.0, 1e-7, 5.0], True, "equivalent", (0, 32, 0, 0)),   # ids from logprobs: a near-tie at step 1
+    ("Hello there", [100, 999, 102], [5.0, 1e-7, 5.0], False, "non-inferior", (0, 0, 0, 32)),  # no logprobs: unclassifiable, so ROUGE decides
+    ("Hello there", [100, 999, 102], [5.0, 5.0, 5.0], True, "non-inferior", (0, 0, 32, 0)),   # a real difference, better ROUGE
+], ids=["identical", "near-tie-by-logprobs", "no-logprobs", "real-difference"])
+def test_served_quality_pairs_every_quality_row_with_the_offline_reference(tmp_path, monkeypatch, offline_prediction, offline_ids, margins,
+                                                                             logprobs, state, counts):
+    """Every quality row is served once at concurrency 1 and decided by the offline rule: equivalent when identical or
+    a near-tie by the lossless check (token ids only where the server returns logprobs), else the paired ROUGE-L test;
+    the pick then rests on that state, and the report says which."""
+    from headline_bench.render.serving import render
+
+    _, offline = offline_set(32, offline_prediction, offline_ids, margins)
+    result, records, summary = served_run(monkeypatch, tmp_path, offline=offline, quality_request={"logprobs": 2} if logprobs else None)
+    served = [r for r in records if r["level"] == "quality concurrency 1"]
+    assert "failed" not in result and len(served) == 32 and {r["id"] for r in served} == {r["id"] for r in offline}
+    assert all(r["token_ids"] == ([100, 101, 102] if logprobs else None) for r in served)      # up to and with the stop's chunk
+    sq = summary["entries"][0]["served_quality"]
+    c = sq["token_check"]
+    assert (c["identical"], c["near_tie"], c["real_difference"], c["unclassified"]) == counts
+    assert sq["quality_state"] == state and sq["reference"] == "ref" and sq["rows"] == 32 and sq["logprobs"] == logprobs
+    if state == "non-inferior":
+        assert sq["rougeL_delta"] == pytest.approx(0.5) and sq["quality_note"] == "significantly above the reference" and sq["comparisons"] == 1
+    assert summary["entries"][0]["ineligible"] is None
+    assert f"yes ({state})" in render(summary)
+
+
+def test_a_row_not_served_or_sent_otherwise_never_counts_as_identical():
+    """Served quality cannot be helped by leaving rows out or by answering another prompt: both score 0 and are unclassified."""
+    from headline_bench.quality.fidelity import near_tie_threshold
+    from headline_bench.serving.served_quality import served_quality
+    from headline_bench.serving.summary import decide
+
+    _, offline = offline_set(32)
+    served = [{"id": r["id"], "reference": r["reference"], "prediction": "Hello world", "token_ids": [100, 101, 102], "level": "q"} for r in offline]
+    served[0]["prompt_mismatch"] = True     # its prompt reached the server as other token ids
+    del served[1]                            # never answered (an error or a time-out drops out of the records' predictions)
+    threshold, rule = near_tie_threshold("float32", "cpu", {}, 4)
+    pairing = served_quality(served, offline, "ref", threshold, rule, "float32")
+    c = pairing["token_check"]
+    assert (c["identical"], c["unclassified"], c["compared"]) == (30, 2, 32) and pairing["equivalence"] is None
+    assert sorted(pairing["rougeL_deltas"]) == [-1.0, -1.0] + [0.0] * 30 and pairing["prompt_mismatch_rows"] == ["q0"]
+    assert decide(pairing, 1, Score())["quality_state"] == "inconclusive"       # 2 of 32 rows lost: not shown within one ROUGE point
+    fixed = [s | {"prompt_mismatch": False} for s in served]
+    all_same = served_quality(fixed + [fixed[0] | {"id": "q1"}], offline, "ref", threshold, rule, "float32")
+    assert decide(all_same, 1, Score())["quality_state"] == "equivalent"
+
+
+def test_a_prompt_the_server_counts_differently_is_never_good(tmp_path, monkeypatch):
+    """The server counts one prompt token more than offline (a BOS of its own): fast, non-empty answers, none good."""
+    _, offline = offline_set(32)
+    result, records, summary = served_run(monkeypatch, tmp_path, "--prompt-extra", "1", offline=offline)
+    lv = result["levels"][0]
+    assert "failed" not in result and lv["ok"] == lv["sent"] == 4 and lv["empty"] == 0
+    assert lv["prompt_mismatch"] == 4 and lv["good"] == 0 and lv["verdict"] == "fail"
+    assert result["prompt_check"]["server_counts_match_quality_rows"] == [0, 32]
+    assert all(r["prompt_mismatch"] for r in records)
+    assert summary["entries"][0]["served_quality"]["quality_state"] == "worse"   # other prompts score 0: never identical, never better
+
+
+def test_goodput_needs_the_offline_prompt_and_a_living_server():
+    ok = req(0.5, 0.05)
+    assert meets_slo(ok, SLO) and not meets_slo(ok | {"prompt_mismatch": True}, SLO)
+    lv = level_summary([ok] * 30 + [ok | {"prompt_mismatch": True}] * 2, 10.0, SLO)
+    assert (lv["good"], lv["prompt_mismatch"]) == (30, 2)
+    perfect = {"rate": 4, "goodput_share": 1.0, "goodput_share_interval": wilson(30, 30, 0.95)}
+    assert passes(perfect, 0.9) and not passes(perfect | {"server_died": True}, 0.9)
+    assert verdict(perfect | {"server_died": True}, 0.9) == "failed: server died"
+    search = levels({1: 1.0, 2: 1.0}) + [perfect | {"server_died": True}]
+    assert sustainable_rate(search, 0.9)["bracket"] == [2, 4]                   # the level the server died in is a failed level
+
+
+def test_client_cpu_and_a_client_bound_level_that_never_passes():
+    from headline_bench.serving.client_check import client_bound, cpu_facts, mark, timed
+
+    async def busy():
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        return [], 0.3
+
+    _, wall, cpu = timed(busy())
+    facts = cpu_facts(cpu, max(wall, 0.3), 3)
+    assert cpu >= 0.3 and facts["client_cpu_s_per_request"] == pytest.approx(cpu / 3) and facts["client_cpu_share"] > 0.5
+    level = {"level": "rate 4", "kind": "rate", "rate": 4, "goodput_share": 1.0, "goodput_share_interval": wilson(30, 30, 0.95), "client_cpu_share": 0.1}
+    assert client_bound(level, None, SLO, 0.5, 0.1) is None
+    assert client_bound(level | {"client_cpu_share": 0.7}, None, SLO, 0.5, 0.1) == "the client used 70% of a core (limit 50%)"
+    slow_client = {"ttft_s": {"p90": 0.3}, "tpot_s": {"p90": 0.001}}
+    assert client_bound(level, slow_client, SLO, 0.5, 0.1).startswith("the client's own P90 TTFT 300.0 ms is >= 10% of the SLO's 2000 ms")
+    lvs = levels({1: 1.0, 2: 1.0}, n=30) + [level]
+    for lv in lvs:
+        lv["kind"] = "rate"
+    mark(lvs, {("rate", 4): slow_client}, SLO, 0.9, 0.5, 0.1)
+    assert lvs[2]["verdict"] == "failed: client-bound" and not passes(lvs[2], 0.9) and lvs[0]["verdict"] == "pass"
+    assert sustainable_rate(lvs, 0.9)["bracket"] == [2, 4]
+
+
+def test_the_null_server_floor_is_the_clients_own_latency(tmp_path):
+    """Against the null server (instant, the same token counts) the client measures only itself: every request gets
+    its row's token count, and TTFT and ITL are loopback-and-parsing small."""
+    from headline_bench.serving.client_check import calibrate, null_payloads
+
+    payloads = null_payloads([{"prompt": [1, 2, 3], "max_tokens": 24}] * 3, [5, 7, 1])
+    assert [p["max_tokens"] for p in payloads] == [5, 7, 1]
+    seen: list[list] = []
+
+    def replay(url, kind, value):
+        async def go():
+            results, wall = await (run_rate(url, payloads, value, 12, 1, 5.0, 5.0) if kind == "rate" else run_concurrency(url, payloads, int(value), 12, 5.0, 5.0))
+            seen.append(results)
+            return results, wall
+        return go()
+
+    floors = calibrate([("concurrency", 2), ("rate", 50.0)], replay, tmp_path / "null.log")
+    assert set(floors) == {("concurrency", 2), ("rate", 50.0)}
+    assert all(r.error is None and r.tokens == [5, 7, 1][r.index % 3] for results in seen for r in results)
+    for f in floors.values():
+        assert f["sent"] == 12 and f["errors"] == 0 and f["ttft_s"]["p90"] < 0.1 and f["itl_s"]["p90"] < 0.02 and f["client_cpu_s"] > 0
+
+
+@pytest.mark.parametrize("max_floor_share, bound", [(0.1, False), (0.0, True)], ids=["server-bound", "client-bound"])
+def test_every_level_carries_the_client_check(tmp_path, monkeypatch, max_floor_share, bound):
+    """The stage replays each level against the null server; the client's floor lies far below the scripted server's
+    0.2 s TTFT. With a floor share of 0 every level is client-bound and no rate passes, whatever its goodput share."""
+    _, offline = offline_set(32 if bound else 2)   # the scripted server takes 0.5 s a row: 2 quality rows are enough here
+    client = {"calibrate": True, "max_cpu_share": 0.5, "max_floor_share": max_floor_share}
+    result, _, summary = served_run(monkeypatch, tmp_path, offline=offline, fast=bound,
+                                    serve_settings={"requests": 25, "rates": [5], "max_duration_s": 10, "client": client})
+    lv = result["levels"][0]
+    assert "failed" not in result and lv["good"] == 25 and lv["client_cpu_s"] > 0 and lv["client_cpu_share"] < 0.5
+    assert lv["client_floor"]["sent"] == 25 and lv["client_floor"]["ttft_s"]["p90"] < 0.1 and (bound or lv["ttft_s"]["p50"] > 0.18)
+    assert bool(lv["client_bound"]) == bound and (lv["verdict"] == "failed: client-bound") == bound
+    assert result["client_check"]["client_bound_levels"] == (["run 1 rate 5"] if bound else [])
+    assert result["sustainable_rate"]["bound"] == ("below" if bound else "at least")
+    assert summary["entries"][0]["sustainable_rate"]["rate"] == (None if bound else 5)
+    if bound:   # equivalent served quality, every request good: still never picked
+        assert summary["entries"][0]["served_quality"]["quality_state"] == "equivalent" and summary["recommendation"]["choice"] is None
