@@ -343,7 +343,7 @@ def test_goodput_counts_only_real_headlines_and_garbage_is_never_picked(tmp_path
     monkeypatch.chdir(tmp_path)
     params, rows, _ = fake_entry(monkeypatch, "--fast", "--text", text, serve_settings={"rates": [20], "requests": 25, "concurrency": []})
     quality_rows, offline = offline_set(32)
-    monkeypatch.setattr(serve, "offline_quality", lambda params, entry: ("ref", offline))
+    monkeypatch.setattr("headline_bench.serving.served_quality.offline_quality", lambda params, entry: ("ref", offline))
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows, quality_rows)
     lv = result["levels"][0]
     assert "failed" not in result and lv["errors"] == 0 and lv["ok"] == 25        # an empty finished stream is not an error
@@ -451,7 +451,7 @@ def served_run(monkeypatch, tmp_path, *flags: str, offline: list[dict], quality_
     monkeypatch.chdir(tmp_path)
     params, _, servers = fake_entry(monkeypatch, *(["--fast"] if fast else []), *flags, serve_settings={"rates": [20], "requests": 4, "concurrency": []} | (serve_settings or {}))
     params.serving["e"] = params.serving["e"].model_copy(update={"quality_request": quality_request or {}})
-    monkeypatch.setattr(serve, "offline_quality", lambda params, entry: ("ref", offline))
+    monkeypatch.setattr("headline_bench.serving.served_quality.offline_quality", lambda params, entry: ("ref", offline))
     quality_rows = [{"id": r["id"], "summary": "s", "reference": r["reference"]} for r in offline]
     result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, quality_rows[:2], quality_rows)  # timed rows: the first quality rows
     assert all(gone(s) for s in servers)

@@ -17,11 +17,15 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from headline_bench.logs import log
 from headline_bench.serving.goodput import summarize, verdict
 from headline_bench.serving.loadgen import RequestResult
 from headline_bench.serving.server import Server, free_port
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Serve
 
 NULL_SERVER = Path(__file__).with_name("null_server.py")
 Arrivals = Coroutine[Any, Any, tuple[list[RequestResult], float]]
@@ -86,3 +90,34 @@ def mark(levels: list[dict[str, Any]], floors: dict[tuple[str, float], dict[str,
         lv["client_floor"] = floors.get((lv["kind"], lv[lv["kind"]]))
         lv["client_bound"] = client_bound(lv, lv["client_floor"], slo, max_cpu_share, max_floor_share)
         lv["verdict"] = verdict(lv, share)
+
+
+def tokens_per_row(records: list[dict[str, Any]]) -> dict[Any, int]:
+    """The most text chunks the real server sent for each row (row id -> count): what the null server sends back."""
+    tokens: dict[Any, int] = {}
+    for r in records:
+        tokens[r["id"]] = max(tokens.get(r["id"], 0), r.get("tokens") or 0)
+    return tokens
+
+
+def check(levels: list[dict[str, Any]], replay: Callable[[str, str, float], Arrivals], log_path: Path, s: Serve) -> dict[str, Any]:
+    """Replay every measured level against the null server, mark client-bound levels (in place) and return the
+    calibration's facts for serve.json; a calibration that cannot run is recorded, and levels keep the CPU check only.
+
+    Args:
+        levels: the measured levels.
+        replay: (null server's completions url, kind, value) -> the level's arrivals with the null payloads.
+        log_path: the null server's log.
+        s: params `serve` (slo, client).
+    """
+    keys = sorted({(lv["kind"], lv[lv["kind"]]) for lv in levels})
+    try:
+        floors = calibrate(keys, replay, log_path)
+    except Exception as e:
+        log.error("client floor not measured: %s", e)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    mark(levels, floors, s.slo.model_dump(), s.slo.share, s.client.max_cpu_share, s.client.max_floor_share)
+    top = {m: max((f[m].get("p90") or 0) for f in floors.values()) for m in ("ttft_s", "itl_s", "tpot_s")}
+    return {"levels": len(keys), "client_bound_levels": [lv["level"] for lv in levels if lv.get("client_bound")],
+            "floor_ttft_s_p90_max": top["ttft_s"], "floor_itl_s_p90_max": top["itl_s"], "floor_tpot_s_p90_max": top["tpot_s"],
+            "client_cpu_share_max": max((lv.get("client_cpu_share") or 0) for lv in levels)}

@@ -10,12 +10,13 @@ from typing import Any
 
 from headline_bench.backends.base import ServerSpec
 from headline_bench.errors import InputError, Skip
-from headline_bench.files import GENERATIONS, SERVING_METRICS, read_json, read_jsonl
+from headline_bench.files import GENERATIONS, SERVING_METRICS, read_jsonl
 from headline_bench.logs import log
 from headline_bench.measure.environment import env_info
-from headline_bench.serving.client_check import Arrivals, calibrate, client_bound, cpu_facts, mark, null_payloads, timed
+from headline_bench.serving.client_check import Arrivals, check, client_bound, cpu_facts, null_payloads, timed, tokens_per_row
 from headline_bench.serving.goodput import combine_runs, level_summary, next_rate, requests_needed, sustainable_rate, verdict
 from headline_bench.serving.loadgen import RequestResult, run_concurrency, run_rate
+from headline_bench.serving.served_quality import served_states
 from headline_bench.serving.server import HOST, PortTaken, Server, ServerError, free_port
 from headline_bench.settings import Params, Serve, ServingEntry
 
@@ -208,26 +209,6 @@ def prompt_check(spec: ServerSpec | None, ids: list[list[int]], differs: list[bo
             "server_counts_match": [sum(r.prompt_tokens == n for r, n in reported), len(reported)]}
 
 
-def offline_quality(params: Params, entry: ServingEntry) -> tuple[str | None, list[dict[str, Any]]]:
-    """The offline records served quality is paired with: the quality pass that stands for the entry's reference
-    technique (its own, or, for a lossless one, its chain of references' end: quality/score.quality_owner)."""
-    from headline_bench.quality.score import quality_owner, quality_records
-
-    if not entry.reference or entry.reference not in params.techniques:
-        return None, []
-    owner = quality_owner(params, entry.reference)
-    return owner, quality_records(owner)
-
-
-def near_tie(params: Params, entry: ServingEntry, device: str | None) -> tuple[float | None, str]:
-    """The lossless check's near-tie threshold for the entry's dtype on its device (score's calibration, else epsilons)."""
-    from headline_bench.quality.fidelity import near_tie_threshold
-
-    s = params.score
-    path = Path(s.near_tie_calibration or "")
-    return near_tie_threshold(entry.dtype or params.base.dtype, device, read_json(path) if path.is_file() else {}, s.near_tie_units)
-
-
 def prompt_counts(results: list[RequestResult], ids: list[list[int]], kept: list[dict[str, Any]]) -> dict[Any, int]:
     """The server's own prompt-token count of each row it reported one for (row id -> count)."""
     return {kept[r.index % len(kept)]["id"]: r.prompt_tokens for r in results if r.prompt_tokens is not None}
@@ -312,7 +293,9 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
     records = [record(label, r, kept, ids, mismatch) for label, r in timed_requests]
     q_records = [record(label, r, q_kept, q_ids, q_mismatch) for label, r in served_q]
     if levels and s.client.calibrate and "failed" not in out:
-        out["client_check"] = client_floor(name, levels, payloads, records + q_records, kept, params)
+        tokens = tokens_per_row(records + q_records)
+        nulls = null_payloads(payloads, [tokens.get(row["id"]) or params.generate.max_new_tokens for row in kept])
+        out["client_check"] = check(levels, lambda url, kind, value: arrivals(url, nulls, kind, value, 1, s, seed), SERVING_METRICS / name / "null_server.log", s)
     reference = GENERATIONS / f"{entry.reference}.jsonl"
     offline = read_jsonl(reference) if entry.reference and reference.exists() else None
     out |= {"samples": len(kept), "levels": levels, "sustainable_rate": rate_runs(levels, s.slo.share),
@@ -327,43 +310,3 @@ def count_match(counts: dict[Any, int], ids: list[list[int]], kept: list[dict[st
     """[rows whose server prompt count equals the offline count, rows the server reported a count for]."""
     offline = {row["id"]: len(i) for row, i in zip(kept, ids)}
     return [sum(counts[k] == offline.get(k) for k in counts), len(counts)]
-
-
-def served_states(q_records: list[dict[str, Any]], params: Params, entry: ServingEntry, device: str | None) -> dict[str, Any]:
-    """The served rows paired with the offline reference, per quality pass (concurrency 1, and under `at_rate` the
-    sustainable rate where it ran); the report decides the states (summary.decide)."""
-    from headline_bench.serving.served_quality import served_quality
-
-    owner, offline = offline_quality(params, entry)
-    if not offline:
-        return {"quality_state": None, "note": f"no offline quality pass to pair with (reference {entry.reference or 'unset'})"}
-    threshold, rule = near_tie(params, entry, device)
-    by_level: dict[str, list[dict[str, Any]]] = {}
-    for r in q_records:
-        by_level.setdefault(r["level"], []).append(r)
-    states = {label: served_quality(recs, offline, owner, threshold, rule, entry.dtype or params.base.dtype) for label, recs in by_level.items()}
-    first = states.get("quality concurrency 1") or {"quality_state": None, "note": "the served quality pass did not run"}
-    return first | {"at_rate": next((st for label, st in states.items() if label.startswith("quality rate")), None)}
-
-
-def client_floor(name: str, levels: list[dict[str, Any]], payloads: list[dict[str, Any]], records: list[dict[str, Any]],
-                 kept: list[dict[str, Any]], params: Params) -> dict[str, Any]:
-    """Replay every measured level against the null server with each row's served token count, mark client-bound
-    levels (in place) and return the calibration's facts."""
-    s = serve_settings(params)
-    tokens: dict[Any, int] = {}
-    for r in records:
-        tokens[r["id"]] = max(tokens.get(r["id"], 0), r.get("tokens") or 0)
-    nulls = null_payloads(payloads, [tokens.get(row["id"]) or params.generate.max_new_tokens for row in kept])
-    keys = sorted({(lv["kind"], lv[lv["kind"]]) for lv in levels})
-    try:
-        floors = calibrate(keys, lambda url, kind, value: arrivals(url, nulls, kind, value, 1, s, params.base.seed), SERVING_METRICS / name / "null_server.log")
-    except Exception as e:  # the check could not run: recorded; levels keep the CPU check only
-        log.error("%s: client floor not measured: %s", name, e)
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    mark(levels, floors, s.slo.model_dump(), s.slo.share, s.client.max_cpu_share, s.client.max_floor_share)
-    worst = max(floors.values(), key=lambda f: (f["ttft_s"].get("p90") or 0))
-    return {"levels": len(keys), "client_bound_levels": [lv["level"] for lv in levels if lv.get("client_bound")],
-            "floor_ttft_s_p90_max": worst["ttft_s"].get("p90"), "floor_itl_s_p90_max": max((f["itl_s"].get("p90") or 0) for f in floors.values()),
-            "floor_tpot_s_p90_max": max((f["tpot_s"].get("p90") or 0) for f in floors.values()),
-            "client_cpu_share_max": max((lv.get("client_cpu_share") or 0) for lv in levels)}

@@ -13,13 +13,18 @@ near-tie, so equivalence then needs every headline identical.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from headline_bench.quality.fidelity import equivalence, fidelity, token_check
+from headline_bench.files import TECHNIQUE_METRICS, read_json
+from headline_bench.quality.fidelity import equivalence, fidelity, near_tie_threshold, token_check
 from headline_bench.quality.rouge import row_scores
-from headline_bench.quality.score import paired_rows
+from headline_bench.quality.score import paired_rows, quality_owner, quality_records
+
+if TYPE_CHECKING:
+    from headline_bench.settings import Params, ServingEntry
 
 
 def usable(served: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,3 +78,38 @@ def served_quality(served: list[dict[str, Any]], offline: list[dict[str, Any]], 
             "token_ids": by_ids if by_ids["compared"] else None, "logprobs": any(r.get("logprob_gaps") for r in served),
             "prompt_mismatch_rows": [r["id"] for r in served if r.get("prompt_mismatch")], "token_check": check,
             "equivalence": equivalence(check, dtype, reference)}
+
+
+def offline_quality(params: Params, entry: ServingEntry) -> tuple[str | None, list[dict[str, Any]]]:
+    """The offline records served quality is paired with: the quality pass that stands for the entry's reference
+    technique (its own, or, for a lossless one, its chain of references' end: quality/score.quality_owner)."""
+    if not entry.reference or entry.reference not in params.techniques:
+        return None, []
+    owner = quality_owner(params, entry.reference)
+    return owner, quality_records(owner)
+
+
+def near_tie(params: Params, entry: ServingEntry, device: str | None) -> tuple[float | None, str, str | None]:
+    """(threshold, rule, dtype) of the lossless check: the near-tie threshold of the reference technique's dtype and
+    device as its perf.json records them (the offline check's own), else the entry's; score's calibration, else epsilons."""
+    s = params.score
+    perf_path = TECHNIQUE_METRICS / str(entry.reference) / "perf.json"
+    perf = read_json(perf_path) if perf_path.is_file() else {}
+    dtype, device = perf.get("dtype") or entry.dtype or params.base.dtype, perf.get("device") or device
+    path = Path(s.near_tie_calibration or "")
+    return (*near_tie_threshold(dtype, device, read_json(path) if path.is_file() else {}, s.near_tie_units), dtype)
+
+
+def served_states(q_records: list[dict[str, Any]], params: Params, entry: ServingEntry, device: str | None) -> dict[str, Any]:
+    """The served rows paired with the offline reference, per quality pass (concurrency 1, and under `at_rate` the
+    sustainable rate where it ran); the report decides the states (summary.decide)."""
+    owner, offline = offline_quality(params, entry)
+    if not offline:
+        return {"quality_state": None, "note": f"no offline quality pass to pair with (reference {entry.reference or 'unset'})"}
+    threshold, rule, dtype = near_tie(params, entry, device)
+    by_level: dict[str, list[dict[str, Any]]] = {}
+    for r in q_records:
+        by_level.setdefault(r["level"], []).append(r)
+    states = {label: served_quality(recs, offline, owner, threshold, rule, dtype) for label, recs in by_level.items()}
+    first = states.get("quality concurrency 1") or {"quality_state": None, "note": "the served quality pass did not run"}
+    return first | {"at_rate": next((st for label, st in states.items() if label.startswith("quality rate")), None)}
