@@ -572,7 +572,7 @@ def test_the_null_server_floor_is_the_clients_own_latency(tmp_path):
             return results, wall
         return go()
 
-    floors = calibrate([("concurrency", 2), ("rate", 50.0)], replay, tmp_path / "null.log")
+    floors = calibrate([("concurrency", 2), ("rate", 50.0)], replay)
     assert set(floors) == {("concurrency", 2), ("rate", 50.0)}
     assert all(r.error is None and r.tokens == [5, 7, 1][r.index % 3] for results in seen for r in results)
     for f in floors.values():
@@ -596,3 +596,15 @@ def test_every_level_carries_the_client_check(tmp_path, monkeypatch, max_floor_s
     assert summary["entries"][0]["sustainable_rate"]["rate"] == (None if bound else 5)
     if bound:   # equivalent served quality, every request good: still never picked
         assert summary["entries"][0]["served_quality"]["quality_state"] == "equivalent" and summary["recommendation"]["choice"] is None
+
+
+def test_the_quality_rows_again_at_the_sustainable_rate(tmp_path, monkeypatch):
+    """serve.quality.at_sustainable_rate: every quality row once more at the sustainable rate, decided apart."""
+    _, offline = offline_set(32)
+    result, records, summary = served_run(monkeypatch, tmp_path, offline=offline, serve_settings={"requests": 25, "quality": {"at_sustainable_rate": True}})
+    assert result["sustainable_rate"]["rate"] == 20 and sum(r["level"] == "quality rate 20" for r in records) == 32
+    sq = summary["entries"][0]["served_quality"]
+    assert sq["quality_state"] == "equivalent" and sq["at_rate"]["quality_state"] == "equivalent" and sq["at_rate"]["rows"] == 32
+    from headline_bench.render.serving import render
+
+    assert "Served quality at the sustainable rate (every quality row once more, under load): equivalent vs ref" in render(summary)

@@ -144,6 +144,9 @@ def render(summary: dict[str, Any], link_prefix: str = "") -> str:
                                               "Req/s", "Tok/s", "Goodput req/s", "Empty headlines / other prompts",
                                               "Client: CPU per request, share of a core; floor P90 TTFT / ITL",
                                               f"Good share [Wilson, {conf:.0%} one-sided ends]"], lv_rows)]
+        at_rate = (r.get("served_quality") or {}).get("at_rate")
+        if at_rate:
+            parts.append(f"Served quality at the sustainable rate (every quality row once more, under load): {served_text({'served_quality': at_rate})}.")
         if r.get("first_difference"):
             d = r["first_difference"]
             why = " (its served prompt differs from the offline prompt by token ids)" if d.get("prompt_differs") else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -55,17 +56,16 @@ def floor(results: list[RequestResult], wall_s: float, cpu_s: float) -> dict[str
             "itl_s": summarize([g for r in ok for g in r.itl_s]), "tpot_s": summarize([r.tpot_s for r in ok]), **cpu_facts(cpu_s, wall_s, len(results))}
 
 
-def calibrate(keys: list[tuple[str, float]], replay: Callable[[str, str, float], Arrivals], log_path: Path,
+def calibrate(keys: list[tuple[str, float]], replay: Callable[[str, str, float], Arrivals],
               startup_timeout_s: float = 30) -> dict[tuple[str, float], dict[str, Any]]:
-    """Each level (kind, value) replayed once against a null server on 127.0.0.1.
+    """Each level (kind, value) replayed once against a null server on 127.0.0.1 (its log in a temporary folder).
 
     Args:
         keys: the distinct levels measured.
         replay: (null server's completions url, kind, value) -> the level's arrivals with the null payloads.
-        log_path: the null server's log.
     """
     port = free_port()
-    with Server([sys.executable, str(NULL_SERVER), str(port)], port, "/health", log_path) as null:
+    with tempfile.TemporaryDirectory() as tmp, Server([sys.executable, str(NULL_SERVER), str(port)], port, "/health", Path(tmp) / "null.log") as null:
         null.start(startup_timeout_s)
         return {key: floor(*timed(replay(null.url + "/v1/completions", *key))) for key in keys}
 
@@ -100,19 +100,18 @@ def tokens_per_row(records: list[dict[str, Any]]) -> dict[Any, int]:
     return tokens
 
 
-def check(levels: list[dict[str, Any]], replay: Callable[[str, str, float], Arrivals], log_path: Path, s: Serve) -> dict[str, Any]:
+def check(levels: list[dict[str, Any]], replay: Callable[[str, str, float], Arrivals], s: Serve) -> dict[str, Any]:
     """Replay every measured level against the null server, mark client-bound levels (in place) and return the
     calibration's facts for serve.json; a calibration that cannot run is recorded, and levels keep the CPU check only.
 
     Args:
         levels: the measured levels.
         replay: (null server's completions url, kind, value) -> the level's arrivals with the null payloads.
-        log_path: the null server's log.
         s: params `serve` (slo, client).
     """
     keys = sorted({(lv["kind"], lv[lv["kind"]]) for lv in levels})
     try:
-        floors = calibrate(keys, replay, log_path)
+        floors = calibrate(keys, replay)
     except Exception as e:
         log.error("client floor not measured: %s", e)
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

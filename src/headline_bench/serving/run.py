@@ -209,7 +209,7 @@ def prompt_check(spec: ServerSpec | None, ids: list[list[int]], differs: list[bo
             "server_counts_match": [sum(r.prompt_tokens == n for r, n in reported), len(reported)]}
 
 
-def prompt_counts(results: list[RequestResult], ids: list[list[int]], kept: list[dict[str, Any]]) -> dict[Any, int]:
+def prompt_counts(results: list[RequestResult], kept: list[dict[str, Any]]) -> dict[Any, int]:
     """The server's own prompt-token count of each row it reported one for (row id -> count)."""
     return {kept[r.index % len(kept)]["id"]: r.prompt_tokens for r in results if r.prompt_tokens is not None}
 
@@ -271,7 +271,7 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
                 q_payloads = [p | entry.quality_request for p in q_payloads]
                 results, wall = asyncio.run(run_concurrency(url, q_payloads, 1, len(q_payloads), s.quality.max_duration_s, s.timeout_s, drain=True))
                 served_q += [("quality concurrency 1", r) for r in results]
-                counts = prompt_counts(results, q_ids, q_kept)
+                counts = prompt_counts(results, q_kept)
                 log.info("%s: served quality pass, %d rows in %.1f s", name, len(results), wall)
                 if not server.alive(grace_s=1.0):
                     raise ServerError(f"server exited with code {server.proc.returncode} during the served quality pass: {server.log_tail()}")
@@ -295,7 +295,7 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
     if levels and s.client.calibrate and "failed" not in out:
         tokens = tokens_per_row(records + q_records)
         nulls = null_payloads(payloads, [tokens.get(row["id"]) or params.generate.max_new_tokens for row in kept])
-        out["client_check"] = check(levels, lambda url, kind, value: arrivals(url, nulls, kind, value, 1, s, seed), SERVING_METRICS / name / "null_server.log", s)
+        out["client_check"] = check(levels, lambda url, kind, value: arrivals(url, nulls, kind, value, 1, s, seed), s)
     reference = GENERATIONS / f"{entry.reference}.jsonl"
     offline = read_jsonl(reference) if entry.reference and reference.exists() else None
     out |= {"samples": len(kept), "levels": levels, "sustainable_rate": rate_runs(levels, s.slo.share),
