@@ -330,6 +330,7 @@ def test_serving_report_table_recommendation_and_charts(tmp_path):
     serve_report.write_charts(summary["entries"], SLO, tmp_path)
     assert all((tmp_path / name).stat().st_size > 0 for name in (*serve_report.CHARTS, "latency_vs_load.json", "goodput_vs_rate.json"))
     assert serving_summary.recommend_online([summary["entries"][3]])["choice"] is None
+    assert serving_summary.recommend_online([summary["entries"][2]])["note"].startswith("no entry that ran is eligible")
 
 
 # --- issue 18 probes: garbage, empty answers, a port someone else holds, grandchildren, control strings -----------

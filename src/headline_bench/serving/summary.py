@@ -81,7 +81,10 @@ def recommend_online(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "the SLO share (the lower end of its interval) of requests returning a headline to the offline prompt within both latency targets, at "
             "levels where neither the server died nor the client was the bottleneck; ties: lower P50 TTFT at the lowest rate")
     if not ok:
-        return {"choice": None, "rule": rule, "note": "no entry met the SLO at any rate tried; lower serve.rates or relax serve.slo"}
+        ran = [r for r in rows if r.get("status") == "ran"]
+        note = ("no entry that ran is eligible (served quality equivalent or non-inferior to its offline reference)" if ran and all(r.get("ineligible") for r in ran)
+                else "no eligible entry met the SLO at any rate tried; lower serve.rates or relax serve.slo")
+        return {"choice": None, "rule": rule, "note": note}
     ranked = sorted(ok, key=lambda r: (-r["sustainable_rate"]["rate"], r.get("ttft_s_p50_low") or float("inf")))
     best = ranked[0]
     note = "its limit lies above the rates tried; add higher serve.rates" if best["sustainable_rate"]["bound"] == "at least" else ""
