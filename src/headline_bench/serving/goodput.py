@@ -2,9 +2,14 @@
 request rate. Pure functions over plain dicts, so the serve stage and the tests share one definition.
 
 Definitions (stated in the report):
-- TTFT: request sent -> first streamed chunk with text. E2E: request sent -> last chunk.
+All times are the client's clock (perf_counter), from just before the request is POSTed, so they include the
+client's own cost (client_check.py measures that floor).
+- TTFT: request sent -> first streamed chunk with text (prefill, queueing and the first decode step included).
+- E2E: request sent -> last text chunk read, i.e. the chunk holding the stop (newline) or the stream's last text;
+  a stream that ends with no text is timed to its end.
 - ITL: every gap between consecutive text chunks; a chunk that carries several tokens is one gap.
-- TPOT per request: (E2E - TTFT) / (output tokens - 1), MLPerf's definition; none for one-token outputs.
+- TPOT per request: (E2E - TTFT) / (text chunks - 1), MLPerf's definition; none for one-chunk outputs. Output
+  tokens are text chunks (one per decode step on these servers).
 - Goodput: requests that finished without error, returned a non-empty cleaned headline, met every SLO
   (TTFT <= ttft_s, TPOT <= tpot_s) and whose prompt reached the server as offline (the same token ids, and the
   server's own prompt-token count, where it reported one, equal to the offline count), per second of the level's
