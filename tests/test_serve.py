@@ -609,3 +609,17 @@ def test_the_quality_rows_again_at_the_sustainable_rate(tmp_path, monkeypatch):
     from headline_bench.render.serving import render
 
     assert "Served quality at the sustainable rate (every quality row once more, under load): equivalent vs ref" in render(summary)
+
+
+def test_token_ids_and_logprob_gaps_from_each_servers_logprobs():
+    """llama-server's `content` entries name ids; OpenAI's legacy form names them only as vLLM's "token_id:N"
+    (return_tokens_as_token_ids); other strings give no ids, so those rows are compared as headlines."""
+    from headline_bench.serving.loadgen import token_logprobs
+
+    llama = {"choices": [{"text": "Hi", "logprobs": {"content": [{"id": 7, "token": "Hi", "logprob": -0.1,
+                                                                   "top_logprobs": [{"id": 7, "logprob": -0.1}, {"id": 9, "logprob": -1.6}]}]}}]}
+    vllm = {"choices": [{"text": "Hi", "logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-0.1],
+                                                     "top_logprobs": [{"token_id:7": -0.1, "token_id:9": -1.6}]}}]}
+    legacy = {"choices": [{"text": "Hi", "logprobs": {"tokens": ["Hi"], "token_logprobs": [-0.1], "top_logprobs": [{"Hi": -0.1}]}}]}
+    assert token_logprobs(llama) == token_logprobs(vllm) == [(7, pytest.approx(1.5))]
+    assert token_logprobs(legacy) == [(None, None)] and token_logprobs({"choices": [{"text": "Hi"}]}) == []
