@@ -82,12 +82,12 @@ def token_logprobs(event: dict[str, Any]) -> list[tuple[int | None, float | None
     with `id` and `top_logprobs`). The gap of two logprobs equals the gap of the two logits."""
     lp = ((event.get("choices") or [{}])[0] or {}).get("logprobs") or {}
 
-    def gap(values: list[float]) -> float | None:
-        top = sorted(values, reverse=True)
+    def gap(values: list[float | None]) -> float | None:
+        top = sorted((v for v in values if v is not None), reverse=True)
         return top[0] - top[1] if len(top) >= 2 else None
 
     if lp.get("content") is not None:
-        return [(c.get("id"), gap([t["logprob"] for t in c.get("top_logprobs") or []])) for c in lp["content"]]
+        return [(c.get("id"), gap([t.get("logprob") for t in c.get("top_logprobs") or []])) for c in lp["content"]]
     tops = lp.get("top_logprobs") or []
     out = []
     for i, tok in enumerate(lp.get("tokens") or []):
