@@ -1,5 +1,6 @@
-"""Stage serve: one serving entry (argv[1], params `serving.<entry>`) under load -> metrics/serving/<entry>/serve.json,
-metrics/serving/<entry>/server.log and data/served/<entry>.jsonl."""
+"""Stage serve: one serving entry (argv[1], params `serving.<entry>`) over data/prepared/quality.jsonl (served quality,
+paired with the offline reference's data/quality records) and under load on data/prepared/timed.jsonl ->
+metrics/serving/<entry>/serve.json, metrics/serving/<entry>/server.log and data/served/<entry>.jsonl."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import sys
 
 from headline_bench.errors import InputError, fail
-from headline_bench.files import SERVED, SERVING_METRICS, TIMED_ROWS, read_jsonl, write_json, write_jsonl
+from headline_bench.files import QUALITY_ROWS, SERVED, SERVING_METRICS, TIMED_ROWS, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log, setup_logging
 from headline_bench.serving.run import resolve_entry, serve
 from headline_bench.settings import load_params
@@ -20,12 +21,12 @@ from headline_bench.settings import load_params
 def main() -> None:
     setup_logging()
     name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/serve.py <serving entry>")
-    params = load_params(required=["base", "prompt", "generate", "serve", "serving"])
+    params = load_params(required=["base", "prompt", "generate", "score", "serve", "serving"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs the Server's stop, like Ctrl-C
     try:
         entry = resolve_entry(params, name)
-        rows = read_jsonl(TIMED_ROWS)
-        result, records = serve(name, entry, params, rows)
+        rows, quality_rows = read_jsonl(TIMED_ROWS), read_jsonl(QUALITY_ROWS)
+        result, records = serve(name, entry, params, rows, quality_rows)
     except InputError as e:
         fail(f"serve {name}: {e}")
     write_json(SERVING_METRICS / name / "serve.json", result)

@@ -16,11 +16,11 @@ from headline_bench.settings import load_params
 
 def main() -> None:
     setup_logging()
-    params = load_params(required=["serve", "serving"])
+    params = load_params(required=["score", "serve", "serving"])
     names = list(params.serving)
     results = {n: read_json(SERVING_METRICS / n / "serve.json") if (SERVING_METRICS / n / "serve.json").exists()
                else {"entry": n, "skipped": "serve.json missing (stage not run)"} for n in names}
-    summary = summarize(names, results, params.serve)
+    summary = summarize(names, results, params.serve, params.score)
     SERVING_REPORT.mkdir(parents=True, exist_ok=True)
     write_charts(summary["entries"], summary["slo"], SERVING_REPORT)
     write_json(SERVING_REPORT / "summary.json", summary)

@@ -19,8 +19,8 @@ from headline_bench.settings import Params, load_params, parse
 from headline_bench.techniques.config import resolve
 
 PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
-SERVE_KEYS = "concurrency, max_duration_s, min_identical_share, overload_share, rates, requests, runs, search_min_gap, search_steps, slo, startup_timeout_s, timeout_s, warmup_requests"
-ENTRY_KEYS = "args, binary, cb, compile, continuous_batching, dtype, engine, interrupt_requests, model, parallel, reference, request, server, threads"
+SERVE_KEYS = "client, concurrency, max_duration_s, overload_share, quality, rates, requests, runs, search_min_gap, search_steps, slo, startup_timeout_s, timeout_s, warmup_requests"
+ENTRY_KEYS = "args, binary, cb, compile, continuous_batching, dtype, engine, interrupt_requests, model, parallel, quality_request, reference, request, server, threads"
 
 
 def changed(path: str | tuple[str, ...], value: Any = None, delete: bool = False) -> dict[str, Any]:
@@ -58,7 +58,7 @@ BAD = [  # (change, the one error line); the issue's list first
     (changed("generate.max_new_tokens", -5), "generate.max_new_tokens = -5: should be greater than or equal to 1"),
     (changed("serving.a/b", {"engine": "vllm"}), "serving: 'a/b': names may hold only letters, digits and _ (each names output files)"),
     (changed("serving.hf_serve.server", "llama_server"),
-     "serving.hf_serve: server: not a setting of engine transformers (it takes: engine, model, reference, dtype, threads, request, "
+     "serving.hf_serve: server: not a setting of engine transformers (it takes: engine, model, reference, dtype, threads, request, quality_request, "
      "continuous_batching, compile, cb)"),
     (changed("serving.hf_serve.engine", "onnx"), "serving.hf_serve.engine = 'onnx': should be 'transformers', 'llama_cpp' or 'vllm'"),
     (changed("serving.hf_serve.reference", "nope"), "serving.hf_serve.reference: 'nope' is not one of techniques"),

@@ -308,6 +308,21 @@ class SLO(Section):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95  # one-sided level of the Wilson bound that must clear `share`
 
 
+class ServedQuality(Section):
+    """The served quality pass (serving/served_quality.py): every quality row once, paired with the offline reference."""
+
+    at_sustainable_rate: bool = False  # also serve every quality row once at the sustainable rate (does load change outputs?)
+    max_duration_s: PosFloat = 1800  # no new quality request after this long (a bound, not a target: rows left out score 0)
+
+
+class ClientCheck(Section):
+    """When the load generator, not the server, sets the numbers (serving/client_check.py)."""
+
+    calibrate: bool = True  # replay every level against a null server (instant, same token counts) for the client's own floor
+    max_cpu_share: Share = 0.5  # client-bound: the client's CPU time over a level's wall time reaches this share of one core
+    max_floor_share: Share = 0.1  # client-bound: the null-server P90 TTFT or TPOT reaches this share of the SLO limit
+
+
 class Serve(Section):
     """Load settings shared by every serving entry (serving/run.measure)."""
 
@@ -322,8 +337,9 @@ class Serve(Section):
     search_steps: NonNegInt = 2
     search_min_gap: Annotated[float, Field(gt=0, lt=1)] = 0.15
     startup_timeout_s: PosFloat = 240
-    min_identical_share: Share = 0.9  # eligibility for the online-serving pick: served headlines equal to the offline reference on this share of rows
     slo: SLO
+    quality: ServedQuality = ServedQuality()
+    client: ClientCheck = ClientCheck()
 
 
 class ContinuousBatching(Section):  # `transformers serve --cb-*` flags; None: the server's default
@@ -348,6 +364,7 @@ class ServingEntry(Section):
     dtype: DType | None = None  # None: base.dtype
     threads: PosInt | None = None  # None: torch's thread count
     request: dict[str, Any] = {}  # extra request fields (engine-specific sampling knobs)
+    quality_request: dict[str, Any] = {}  # extra fields of the served quality pass only, e.g. {logprobs: 2} where the server returns them
     continuous_batching: bool = False
     compile: bool = False
     cb: ContinuousBatching | None = None

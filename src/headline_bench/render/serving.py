@@ -48,6 +48,38 @@ def prompt_text(r: dict[str, Any]) -> str:
     return f"{pc['identical_ids']}/{pc['rows']} ({how}{listed})"
 
 
+def served_text(r: dict[str, Any]) -> str:
+    """The served quality state vs the offline reference, with the paired ΔROUGE-L interval or the equivalence counts."""
+    sq = r.get("served_quality") or {}
+    if not sq.get("quality_state"):
+        return f"— ({sq['note']})" if sq.get("note") else "—"
+    c = sq.get("token_check") or {}
+    how = f"{c.get('identical')} identical + {c.get('near_tie')} near-tie of {c.get('compared')}" + ("" if sq.get("logprobs") else ", no logprobs")
+    low, high = sq.get("rougeL_delta_low"), sq.get("rougeL_delta_high")
+    interval = f" [{fmt(low, '+.4f')}, {fmt(high, '+.4f')}]" if low is not None else ""
+    return f"{sq['quality_state']} vs {sq.get('reference')}: ΔROUGE-L {fmt(sq.get('rougeL_delta'), '+.4f')}{interval} ({how})"
+
+
+def floor_text(r: dict[str, Any]) -> str:
+    """The client's own worst P90 TTFT / ITL against the null server, its highest CPU share, and the client-bound levels."""
+    cc = r.get("client_check") or {}
+    if cc.get("error"):
+        return f"not measured ({cc['error']})"
+    if not cc:
+        return "—"
+    bound = len(cc.get("client_bound_levels") or [])
+    return (f"{fmt(1000 * (cc.get('floor_ttft_s_p90_max') or 0), '.1f')} / {fmt(1000 * (cc.get('floor_itl_s_p90_max') or 0), '.2f')} ms; "
+            f"CPU ≤ {fmt(100 * (cc.get('client_cpu_share_max') or 0), '.0f')}% of a core; {bound} client-bound")
+
+
+def client_text(lv: dict[str, Any]) -> str:
+    """One level's client cost and floor, and why it is client-bound where it is."""
+    f = lv.get("client_floor") or {}
+    floor = f"; floor {fmt(1000 * f['ttft_s']['p90'], '.1f')} / {fmt(1000 * (f['itl_s'].get('p90') or 0), '.2f')} ms" if (f.get("ttft_s") or {}).get("p90") is not None else ""
+    cpu = f"{fmt(1000 * (lv.get('client_cpu_s_per_request') or 0), '.1f')} ms, {fmt(100 * (lv.get('client_cpu_share') or 0), '.0f')}%" if "client_cpu_share" in lv else "—"
+    return cpu + floor + (f"; **client-bound**: {lv['client_bound']}" if lv.get("client_bound") else "")
+
+
 def rate_text(sr: dict[str, Any] | None) -> str:
     if not sr or sr.get("bound") == "not measured":
         return "—"
@@ -64,19 +96,19 @@ def render(summary: dict[str, Any], link_prefix: str = "") -> str:
     """The serving section as markdown; `link_prefix` points the chart links at metrics/serving_report/ from where the text lives."""
     slo, rows, rec = summary["slo"], summary["entries"], summary["recommendation"]
     head = ["Entry", "Engine (knobs)", "Sustainable rate (lowest run) [each run; spread]", "P50 TTFT / TPOT at lowest rate (s)", "Max goodput (req/s)",
-            "Max output tok/s", "Served ROUGE-L", "Prompt ids = offline", "Identical to offline: rows (requests)", "Eligible"]
+            "Max output tok/s", "Served quality (every quality row, concurrency 1)", "Prompt ids = offline",
+            "Client floor: P90 TTFT / ITL (null server)", "Eligible"]
     body = []
     for r in rows:
         if r.get("status") != "ran" and not r.get("levels"):
             body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", f"{r['status']}: {r.get('reason')}"] + ["—"] * 7)
             continue
-        same = (f"{r['rows_identical']}/{r['rows_compared']} ({r['identical_to_offline']}/{r['compared_to_offline']}) vs {r['offline_reference']}"
-                if r.get("rows_compared") else "—")
         status = "" if r["status"] == "ran" else f" ({r['status']}: {r.get('reason')})"
         body.append([r["entry"], f"{r.get('engine')} ({r.get('knobs')})", runs_text(r.get("sustainable_rate")) + status,
                      f"{fmt(r.get('ttft_s_p50_low'))} / {fmt(r.get('tpot_s_p50_low'), '.4f')} @ {fmt(r.get('low_rate'), 'g')}",
-                     fmt(r.get("max_goodput"), ".2f"), fmt(r.get("max_output_token_throughput"), ".1f"), fmt(r.get("rougeL"), ".4f"), prompt_text(r), same,
-                     "yes" if r["status"] == "ran" and not r.get("ineligible") else f"no: {r.get('ineligible') or r['status']}"])
+                     fmt(r.get("max_goodput"), ".2f"), fmt(r.get("max_output_token_throughput"), ".1f"), served_text(r), prompt_text(r), floor_text(r),
+                     f"yes ({(r.get('served_quality') or {}).get('quality_state')})" if r["status"] == "ran" and not r.get("ineligible")
+                     else f"no: {r.get('ineligible') or r['status']}"])
     pick = (f"**Online serving: {rec['choice']}** ({rate_text(next(r for r in rows if r['entry'] == rec['choice'])['sustainable_rate'])}"
             + (f"; runner-up {rec['runner_up']}" if rec.get("runner_up") else "") + f"). Rule: {rec['rule']}."
             if rec.get("choice") else "**Online serving: none.**") + (f" Note: {rec['note']}." if rec.get("note") else "")
@@ -87,21 +119,34 @@ def render(summary: dict[str, Any], link_prefix: str = "") -> str:
              f"{slo['share']:.0%}; that needs at least {needed} requests, every one good." if needed else "")
     if needed and per_level and per_level < needed:
         claim += f" **Indicative only**: {per_level} requests per level cannot show it, so no level can pass (raise serve.requests)."
-    parts = [f"SLO: a request is good when it returns a non-empty headline with TTFT ≤ {slo['ttft_s']:g} s and TPOT ≤ {slo['tpot_s'] * 1000:g} ms "
-             f"(errors, time-outs and empty headlines count as misses); the SLO asks {slo['share']:.0%} of the requests sent to be good. {claim} "
+    client = summary.get("client") or {}
+    parts = [f"SLO: a request is good when it returns a non-empty headline to the offline prompt (the same token ids; the server's own prompt-token "
+             f"count, where it reports one, equal to the offline count) with TTFT ≤ {slo['ttft_s']:g} s and TPOT ≤ {slo['tpot_s'] * 1000:g} ms "
+             f"(errors, time-outs, empty headlines and other prompts count as misses); the SLO asks {slo['share']:.0%} of the requests sent to be good. "
+             f"{claim} A level during which the server died is failed; so is a client-bound one: the client used "
+             f"{client.get('max_cpu_share', 0.5):.0%} of a core over it, or, replayed against a null server (instant answers of the same token "
+             f"counts on 127.0.0.1), its own P90 TTFT or TPOT reached {client.get('max_floor_share', 0.1):.0%} of the SLO limit. "
              "The sustainable rate is searched in independent runs (own arrival schedules); the lowest is reported, with each run's and the "
-             f"spread. An entry is eligible for the pick only when its served headlines equal its offline reference on at least "
-             f"{summary.get('min_identical_share', 0):.0%} of rows; rows whose served prompt differs from the offline prompt by token ids never "
-             "count as identical. TTFT: request sent to first streamed text; TPOT: (E2E − TTFT) / (chunks − 1), MLPerf's definition; ITL: every "
-             "gap between text chunks. Percentiles: numpy linear; below 100 samples the maximum is shown instead of P99.", table(head, body), pick]
+             "spread. Served quality: every quality row served once at concurrency 1 and paired with the offline reference technique's quality "
+             "pass on the same rows; equivalent when every row is identical or a near-tie by the lossless check (token ids where the server returns "
+             "logprobs), else the offline rule on per-row ΔROUGE-L (paired t, a family of the serving entries, Bonferroni): non-inferior, worse, "
+             "inconclusive. An entry is eligible for the pick only when equivalent or non-inferior. TTFT: request sent to the first streamed chunk "
+             "with text; ITL: every gap between consecutive text chunks (a multi-token chunk is one gap); TPOT: (E2E − TTFT) / (chunks − 1), "
+             "MLPerf's definition; E2E: request sent to the last text chunk (the stop). Percentiles: numpy linear; below 100 samples the maximum is "
+             "shown instead of P99.", table(head, body), pick]
     for r in rows:
         if not r.get("levels"):
             continue
         lv_rows = [[lv["level"], f"{lv['ok']}/{lv['sent']}", f"{lv['errors']}/{lv['timeouts']}", dist(lv.get("ttft_s")), dist(lv.get("itl_s"), ".4f"),
                     dist(lv.get("tpot_s"), ".4f"), dist(lv.get("e2e_s")), fmt(lv["request_throughput"], ".2f"), fmt(lv["output_token_throughput"], ".1f"),
-                    fmt(lv["goodput"], ".2f"), str(lv.get("empty", "—")), share_text(lv)] for lv in r["levels"]]
+                    fmt(lv["goodput"], ".2f"), f"{lv.get('empty', '—')}/{lv.get('prompt_mismatch', '—')}", client_text(lv), share_text(lv)] for lv in r["levels"]]
         parts += [f"### {r['entry']}", table(["Level", "OK/sent", "Errors/time-outs", "TTFT s: mean / P50 / P90 / P99", "ITL s", "TPOT s", "E2E s",
-                                              "Req/s", "Tok/s", "Goodput req/s", "Empty headlines", f"Good share [Wilson, {conf:.0%} one-sided ends]"], lv_rows)]
+                                              "Req/s", "Tok/s", "Goodput req/s", "Empty headlines / other prompts",
+                                              "Client: CPU per request, share of a core; floor P90 TTFT / ITL",
+                                              f"Good share [Wilson, {conf:.0%} one-sided ends]"], lv_rows)]
+        at_rate = (r.get("served_quality") or {}).get("at_rate")
+        if at_rate:
+            parts.append(f"Served quality at the sustainable rate (every quality row once more, under load): {served_text({'served_quality': at_rate})}.")
         if r.get("first_difference"):
             d = r["first_difference"]
             why = " (its served prompt differs from the offline prompt by token ids)" if d.get("prompt_differs") else ""

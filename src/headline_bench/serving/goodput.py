@@ -2,12 +2,21 @@
 request rate. Pure functions over plain dicts, so the serve stage and the tests share one definition.
 
 Definitions (stated in the report):
-- TTFT: request sent -> first streamed chunk with text. E2E: request sent -> last chunk.
+All times are the client's clock (perf_counter), from just before the request is POSTed, so they include the
+client's own cost (client_check.py measures that floor).
+- TTFT: request sent -> first streamed chunk with text (prefill, queueing and the first decode step included).
+- E2E: request sent -> last text chunk read, i.e. the chunk holding the stop (newline) or the stream's last text;
+  a stream that ends with no text is timed to its end.
 - ITL: every gap between consecutive text chunks; a chunk that carries several tokens is one gap.
-- TPOT per request: (E2E - TTFT) / (output tokens - 1), MLPerf's definition; none for one-token outputs.
-- Goodput: requests that finished without error, returned a non-empty cleaned headline and met every SLO
-  (TTFT <= ttft_s, TPOT <= tpot_s), per second of the level's wall time; goodput share: those requests over all
-  requests sent (errors, time-outs and empty headlines count as misses).
+- TPOT per request: (E2E - TTFT) / (text chunks - 1), MLPerf's definition; none for one-chunk outputs. Output
+  tokens are text chunks (one per decode step on these servers).
+- Goodput: requests that finished without error, returned a non-empty cleaned headline, met every SLO
+  (TTFT <= ttft_s, TPOT <= tpot_s) and whose prompt reached the server as offline (the same token ids, and the
+  server's own prompt-token count, where it reported one, equal to the offline count), per second of the level's
+  wall time; goodput share: those requests over all requests sent (errors, time-outs, empty headlines and prompts
+  that reached the server otherwise count as misses).
+- A level during which the server died, or during which the client was the bottleneck (client_check.py), is
+  failed whatever its share.
 - The share is a binomial proportion of n requests: it is reported with a Wilson interval whose ends are one-sided
   bounds at slo.confidence, and a level passes only when the lower bound clears slo.share, so a claim never rests
   on fewer requests than can show it (requests_needed)."""
@@ -70,8 +79,9 @@ def requests_needed(share: float, confidence: float) -> int | None:
 
 def meets_slo(request: dict[str, Any], slo: dict[str, float]) -> bool:
     """A request counts toward goodput when it finished without error, returned a non-empty headline (garbage
-    newlines are not an answer) and met both latency targets."""
-    if request.get("error") or request.get("ttft_s") is None or not request.get("headline"):
+    newlines are not an answer), its prompt reached the server as offline (`prompt_mismatch` false: a fast answer to
+    another input is not the benchmark's answer) and it met both latency targets."""
+    if request.get("error") or request.get("ttft_s") is None or not request.get("headline") or request.get("prompt_mismatch"):
         return False
     t = request.get("tpot_s")
     return request["ttft_s"] <= slo["ttft_s"] and (t is None or t <= slo["tpot_s"])
@@ -96,20 +106,30 @@ def level_summary(requests: list[dict[str, Any]], wall_s: float, slo: dict[str, 
         "goodput": len(good) / wall, "goodput_share": len(good) / len(requests) if requests else None,
         "goodput_share_interval": wilson(len(good), len(requests), slo["confidence"]), "confidence": slo["confidence"],
         "empty": sum(not r.get("error") and not r.get("headline") for r in requests),
+        "prompt_mismatch": sum(bool(r.get("prompt_mismatch")) for r in requests),
         "ttft_s": summarize([r.get("ttft_s") for r in ok]), "tpot_s": summarize([r.get("tpot_s") for r in ok]),
         "itl_s": summarize([g for r in ok for g in r.get("itl_s") or []]), "e2e_s": summarize([r.get("e2e_s") for r in ok]),
         "output_tokens": summarize([r.get("tokens") for r in ok]),
     }
 
 
+def failed_by(level: Level) -> str | None:
+    """Why a level fails whatever its share: the server died during it, or the client was the bottleneck."""
+    return "server died" if level.get("server_died") else "client-bound" if level.get("client_bound") else None
+
+
 def passes(level: Level, share: float) -> bool:
-    """The level showed the SLO share: the lower end of its interval clears it (n too small to show it is no pass)."""
+    """The level showed the SLO share: the lower end of its interval clears it (n too small to show it is no pass),
+    and neither a dead server nor a saturated client makes it a failed level."""
     interval = level.get("goodput_share_interval")
-    return interval is not None and interval[0] >= share
+    return interval is not None and interval[0] >= share and failed_by(level) is None
 
 
 def verdict(level: Level, share: float) -> str:
-    """pass (lower bound clears the share), fail (upper bound below it) or undecided (the interval straddles it)."""
+    """pass (lower bound clears the share), fail (upper bound below it), undecided (the interval straddles it), or
+    "failed: server died" / "failed: client-bound" (failed_by)."""
+    if failed_by(level):
+        return f"failed: {failed_by(level)}"
     interval = level.get("goodput_share_interval")
     if interval is None:
         return "not measured"

@@ -39,6 +39,8 @@ class RequestResult:
     finish_reason: str | None = None
     error: str | None = None
     timed_out: bool = False
+    token_ids: list[int] | None = None   # generated ids, where the server's logprobs name them (up to the stop)
+    logprob_gaps: list[float | None] = field(default_factory=list)  # top1 - top2 logprob per token, where top_logprobs >= 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,8 +76,28 @@ def chunk_text(event: dict[str, Any]) -> str:
     return c.get("text") or (c.get("delta") or {}).get("content") or ""
 
 
+def token_logprobs(event: dict[str, Any]) -> list[tuple[int | None, float | None]]:
+    """(token id, top1 - top2 logprob) of each token a chunk's logprobs describe: OpenAI's completions form (`tokens`,
+    `top_logprobs`; vLLM names ids as "token_id:N" with return_tokens_as_token_ids) or llama-server's (`content` entries
+    with `id` and `top_logprobs`). The gap of two logprobs equals the gap of the two logits."""
+    lp = ((event.get("choices") or [{}])[0] or {}).get("logprobs") or {}
+
+    def gap(values: list[float | None]) -> float | None:
+        top = sorted((v for v in values if v is not None), reverse=True)
+        return top[0] - top[1] if len(top) >= 2 else None
+
+    if lp.get("content") is not None:
+        return [(c.get("id"), gap([t.get("logprob") for t in c.get("top_logprobs") or []])) for c in lp["content"]]
+    tops = lp.get("top_logprobs") or []
+    out = []
+    for i, tok in enumerate(lp.get("tokens") or []):
+        tid = int(tok.split(":", 1)[1]) if isinstance(tok, str) and tok.startswith("token_id:") else None
+        out.append((tid, gap(list((tops[i] or {}).values())) if i < len(tops) else None))
+    return out
+
+
 async def stream_request(session: Any, url: str, payload: dict[str, Any], timeout_s: float, index: int, t0: float,
-                         stop: str | None = "\n") -> RequestResult:
+                         stop: str | None = "\n", drain: bool = False) -> RequestResult:
     """Send one streamed completion and time it from the client's side.
 
     Args:
@@ -86,10 +108,14 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
         index: the request's position in its level.
         t0: the level's start (perf_counter), for `sent_s`.
         stop: stop reading once the text holds this; None reads to the end of the stream.
+        drain: after the stop, read the rest of the stream for the server's usage report only (the quality pass:
+            the server's prompt-token count of every row); text, stamps and logprobs end at the stop.
     """
     start = time.perf_counter()
     res = RequestResult(index=index, sent_s=start - t0)
     stamps: list[float] = []
+    tokens: list[tuple[int | None, float | None]] = []
+    stopped = False
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, json={**payload, "stream": True}) as resp:
@@ -110,12 +136,17 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
                     res.prompt_tokens = usage.get("prompt_tokens", res.prompt_tokens)
                     res.finish_reason = next((c.get("finish_reason") for c in event.get("choices") or [] if c.get("finish_reason")), res.finish_reason)
                     text = chunk_text(event)
+                    if stopped:
+                        continue
+                    tokens += token_logprobs(event)
                     if text:
                         stamps.append(time.perf_counter())
                         res.text += text
                         if stop and stop in text:
                             res.finish_reason = res.finish_reason or "client stop"
-                            break
+                            stopped = True
+                            if not drain:
+                                break
     except TimeoutError:
         res.error, res.timed_out = f"timed out after {timeout_s:g} s", True
     except Exception as e:  # connection refused or reset, bad JSON: recorded with the request
@@ -130,6 +161,10 @@ async def stream_request(session: Any, url: str, payload: dict[str, Any], timeou
         res.itl_s = [b - a for a, b in zip(stamps, stamps[1:])]
         res.tokens = len(stamps)
         res.tpot_s = tpot(res.e2e_s, res.ttft_s, res.tokens)
+    if tokens:
+        ids = [t for t, _ in tokens]
+        res.token_ids = None if None in ids else ids  # type: ignore[assignment]
+        res.logprob_gaps = [g for _, g in tokens]
     return res
 
 
@@ -161,10 +196,10 @@ async def run_rate(url: str, payloads: list[dict[str, Any]], rate: float, n: int
 
 
 async def run_concurrency(url: str, payloads: list[dict[str, Any]], concurrency: int, n: int, max_duration_s: float,
-                          timeout_s: float, stop: str | None = "\n") -> tuple[list[RequestResult], float]:
+                          timeout_s: float, stop: str | None = "\n", drain: bool = False) -> tuple[list[RequestResult], float]:
     """Closed loop: `concurrency` workers each send the next request as soon as their previous one ends,
     until `n` requests were sent or `max_duration_s` has passed. `stop=None` reads every stream to its end
-    (warm-up: the server's usage report then arrives)."""
+    (warm-up: the server's usage report then arrives); `drain` keeps reading after the stop for that report only."""
     async with new_session(timeout_s) as session:
         t0 = time.perf_counter()
         results: list[RequestResult] = []
@@ -174,7 +209,7 @@ async def run_concurrency(url: str, payloads: list[dict[str, Any]], concurrency:
             for i in counter:
                 if time.perf_counter() - t0 > max_duration_s:
                     return
-                results.append(await stream_request(session, url, payloads[i % len(payloads)], timeout_s, i, t0, stop))
+                results.append(await stream_request(session, url, payloads[i % len(payloads)], timeout_s, i, t0, stop, drain))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return sorted(results, key=lambda r: r.index), time.perf_counter() - t0
