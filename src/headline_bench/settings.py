@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import functools
+import os
 import re
 import types
 import typing
@@ -566,3 +567,19 @@ def load_params(path: Path = PARAMS, required: Iterable[str] = ()) -> Params:
     if problems or params is None:
         fail("\n".join(f"{path}: {p}" for p in problems))
     return params  # type: ignore[return-value]
+
+
+def stage_key(stage: str, given: str | None) -> str:
+    """The technique or serving entry a foreach stage runs: `given` (its command-line argument, run by hand), else the
+    key in DVC_STAGE, which DVC sets for every stage command ("generate@<key>"). Refused unless it matches NAME.
+
+    Why: DVC runs a stage's cmd through a shell, so a `${key}` in dvc.yaml's cmd would run a name such as
+    `x;id>hb_pwned` before this schema could refuse it, and no quoting helps (a `'` in the name ends the quote)."""
+    if given is None:
+        addressing = os.environ.get("DVC_STAGE", "").rpartition(":")[2]  # "sub/dvc.yaml:generate@key" outside the root
+        prefix, _, given = addressing.partition("@")
+        if prefix != stage or not given:
+            fail(f"usage: python stages/{stage}.py <name> (DVC gives the name in DVC_STAGE={stage}@<name>)")
+    if not re.match(NAME, given):
+        fail(f"{given!r}: names may hold only letters, digits and _ (each names output files)")
+    return given

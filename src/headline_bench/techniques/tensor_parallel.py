@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from headline_bench.children import run_child
 from headline_bench.errors import InputError, Skip
 from headline_bench.files import ROOT
 from headline_bench.logs import log
@@ -113,7 +113,7 @@ def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, st
     cmd = launch_command(technique, size, script, extra)
     per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
     log.info("%s: tensor parallel over %d ranks: %s", technique, size, " ".join(cmd))
-    return subprocess.run(cmd, env=launch_env(per_node, env)).returncode
+    return run_child(cmd, launch_env(per_node, env))  # torchrun dies with the stage, and its ranks with it (timed_process)
 
 
 def init(cfg: ResolvedTechnique, device: str) -> None:

@@ -1,0 +1,147 @@
+"""Nothing lost, nothing run that was not asked: a failed or skipped rerun keeps the last finished outputs of every
+stage, a child process killed by a signal is a recorded failure, and a stage's children end with it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_generate import BASE_PARAMS, ROWS
+
+from conftest import ROOT, stage
+from headline_bench import files
+from headline_bench.benchmark import write_outputs, write_quality
+from headline_bench.children import TEST_SIGNAL
+
+GOOD = {"technique": "kv_cache", "samples": 3, "started_at": "2026-12-05T10:00:00+0000"}
+
+
+def workspace(tmp: Path, tiny: Path, generate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A folder shaped like the repo (params.yaml, data/prepared, data/models/tiny) for running stages as DVC does."""
+    (tmp / "data/models").mkdir(parents=True)
+    (tmp / "data/models/tiny").symlink_to(tiny, target_is_directory=True)
+    files.write_jsonl(tmp / "data/prepared/timed.jsonl", ROWS)
+    files.write_jsonl(tmp / "data/prepared/quality.jsonl", ROWS)
+    params = copy.deepcopy(BASE_PARAMS)
+    params["generate"] |= generate or {}
+    params["techniques"] = {"kv_cache": {}, "batched": {"batch_size": 2}}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def no_core_dump() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGILL / SIGSEGV would write one
+
+
+def run_stage(tmp: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=tmp, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, preexec_fn=no_core_dump)
+
+
+def errors(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in out.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture()
+def tiny_source(tiny_llama: Path, tmp_path: Path) -> Path:
+    """The tiny model with the source.json the models stage writes."""
+    import shutil
+
+    path = tmp_path / "tiny-model"
+    shutil.copytree(tiny_llama, path)
+    (path / "source.json").write_text('{"name": "tiny", "id": "tiny-random-llama"}')
+    return path
+
+
+# --- a child process killed by a signal ---------------------------------------------------------------------------
+
+def test_a_timed_process_killed_by_a_signal_is_a_recorded_failure(tiny_source: Path, tmp_path: Path) -> None:
+    """generate@kv_cache's timed process dies by SIGILL (an engine built for another CPU): perf.json records the
+    failure naming the signal and the stage exits 0, so `dvc repro` goes on to the next technique."""
+    work = tmp_path / "work"
+    workspace(work, tiny_source, {"processes": 2})
+    out = run_stage(work, "generate.py", "kv_cache", **{TEST_SIGNAL: "kv_cache:SIGILL"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    perf = json.loads((work / "metrics/techniques/kv_cache/perf.json").read_text())
+    assert "timed process 1 of 2 died by signal SIGILL (Illegal instruction)" in perf["failed"]
+    assert (work / "data/generations/kv_cache.jsonl").read_text() == ""
+
+
+def test_the_quality_process_killed_by_a_signal_is_a_recorded_failure_and_keeps_a_finished_pass(tiny_source: Path, tmp_path: Path) -> None:
+    """The quality pass runs in a child: SIGSEGV there is kv_cache's recorded failure (exit 0) while nothing finished
+    exists; once a pass finished, the same death leaves it byte for byte and fails the stage with one line."""
+    work = tmp_path / "work"
+    workspace(work, tiny_source)
+    died = run_stage(work, "quality.py", "kv_cache", **{TEST_SIGNAL: "kv_cache:SIGSEGV"})
+    assert died.returncode == 0, died.stderr[-2000:]
+    facts = json.loads((work / "metrics/techniques/kv_cache/quality.json").read_text())
+    assert "quality process died by signal SIGSEGV" in facts["failed"]
+    assert run_stage(work, "quality.py", "kv_cache").returncode == 0
+    outs = [work / "data/quality/kv_cache.jsonl", work / "metrics/techniques/kv_cache/quality.json"]
+    before = [p.read_bytes() for p in outs]
+    assert len(before[0].splitlines()) == len(ROWS) and b"failed" not in before[1]
+    again = run_stage(work, "quality.py", "kv_cache", **{TEST_SIGNAL: "kv_cache:SIGKILL"})
+    assert again.returncode != 0 and len(errors(again)) == 1
+    assert "kv_cache failed: ProcessDied" in errors(again)[0] and "SIGKILL" in errors(again)[0] and "last finished outputs" in errors(again)[0]
+    assert [p.read_bytes() for p in outs] == before
+
+
+# --- a failure or skip never replaces finished outputs ------------------------------------------------------------
+
+@pytest.mark.parametrize("outcome", [{"failed": "ImportError: no module named llama_cpp"}, {"skipped": "llama-cpp-python is not installed"}])
+def test_a_failure_or_skip_never_replaces_finished_generations_or_quality(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          outcome: dict[str, str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    gens, perf = tmp_path / "data/generations/kv_cache.jsonl", tmp_path / "metrics/techniques/kv_cache/perf.json"
+    quality, facts = tmp_path / "data/quality/kv_cache.jsonl", tmp_path / "metrics/techniques/kv_cache/quality.json"
+    write_outputs("kv_cache", [], {"technique": "kv_cache"} | outcome)  # nothing finished yet: recorded
+    write_quality("kv_cache", [], {"technique": "kv_cache"} | outcome)
+    assert json.loads(perf.read_text()).keys() & outcome.keys() and json.loads(facts.read_text()).keys() & outcome.keys()
+    files.write_jsonl(gens, [{"id": "r0", "prediction": "x"}])
+    files.write_json(perf, GOOD)
+    files.write_jsonl(quality, [{"id": "r0", "prediction": "x"}])
+    files.write_json(facts, GOOD)
+    before = [p.read_bytes() for p in (gens, perf, quality, facts)]
+    for write in (write_outputs, write_quality):
+        with pytest.raises(SystemExit, match="kv_cache (failed|skipped): .*last finished outputs .*measured 2026-12-05T10:00:00"):
+            write("kv_cache", [], {"technique": "kv_cache"} | outcome)
+    assert [p.read_bytes() for p in (gens, perf, quality, facts)] == before
+
+
+def test_a_failed_serve_rerun_keeps_the_finished_serve_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve.json and data/served are `persist: true`; a server that dies on the rerun leaves them and fails the stage."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    files.write_jsonl(tmp_path / "data/prepared/timed.jsonl", ROWS)
+    monkeypatch.chdir(tmp_path)
+    entry = next(iter(yaml.safe_load((ROOT / "params.yaml").read_text())["serving"]))
+    served, metrics = tmp_path / f"data/served/{entry}.jsonl", tmp_path / f"metrics/serving/{entry}/serve.json"
+    outcomes = iter([({"entry": entry, "failed": "ServerError: exited before ready"}, []),
+                     ({"entry": entry, "levels": [{"ok": 2}]}, [{"id": "r0", "prediction": "x"}]),
+                     ({"entry": entry, "failed": "ServerError: the server died"}, [])])
+    monkeypatch.setattr(sys, "argv", ["serve.py", entry])
+
+    def run_serve() -> None:
+        module = stage("serve")
+        monkeypatch.setattr(module, "serve", lambda *_: next(outcomes))
+        module.main()
+
+    run_serve()  # nothing finished: the failure is recorded, exit 0
+    assert "failed" in json.loads(metrics.read_text())
+    run_serve()
+    before = [served.read_bytes(), metrics.read_bytes()]
+    with pytest.raises(SystemExit, match=f"serve {entry} failed: ServerError: the server died; its last finished outputs"):
+        run_serve()
+    assert [served.read_bytes(), metrics.read_bytes()] == before
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["serve"]["do"]["outs"]
+    assert all(next(iter(out.values())).get("persist") for out in dvc if isinstance(out, dict) and "server.log" not in next(iter(out)))
+    assert all(isinstance(out, dict) for out in dvc)
