@@ -145,3 +145,43 @@ def test_a_failed_serve_rerun_keeps_the_finished_serve_outputs(tmp_path: Path, m
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["serve"]["do"]["outs"]
     assert all(next(iter(out.values())).get("persist") for out in dvc if isinstance(out, dict) and "server.log" not in next(iter(out)))
     assert all(isinstance(out, dict) for out in dvc)
+
+
+# --- names never reach a shell ------------------------------------------------------------------------------------
+
+HOSTILE = ["x;touch hb_pwned", "y';touch hb_pwned;'"]  # the second ends any single quotes around it
+
+
+def test_dvc_yaml_commands_carry_no_template() -> None:
+    """DVC runs `cmd` through a shell: a templated name there runs before any schema sees it (settings.stage_key)."""
+    for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        assert "${" not in spec.get("do", spec)["cmd"], name
+
+
+def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> None:
+    """`dvc repro` of generate, quality and serve for names that would run `touch hb_pwned` if they reached the shell:
+    each stage fails with one line naming the bad name, and no hb_pwned file appears."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ["dvc.yaml", "stages", "src", "calibration"]:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["techniques"] |= {name: {} for name in HOSTILE}
+    params["serving"] = {name: {"engine": "transformers", "reference": "baseline"} for name in HOSTILE}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    for path in ["data/prepared/timed.jsonl", "data/prepared/quality.jsonl", "data/generations/baseline.jsonl", "data/models/README"]:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
+    for name in HOSTILE:
+        for stage_name in ("generate", "quality", "serve"):
+            out = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", f"{stage_name}@{name}"], cwd=repo, capture_output=True,
+                                 text=True, env=env, timeout=300)
+            assert not list(repo.rglob("hb_pwned*")), f"{stage_name}@{name} ran the shell command in its name"
+            assert out.returncode != 0, out.stdout
+            assert f"error: {name!r}: names may hold only letters, digits and _" in out.stderr + out.stdout, out.stderr[-2000:]
