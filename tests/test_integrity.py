@@ -185,3 +185,68 @@ def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> N
             assert not list(repo.rglob("hb_pwned*")), f"{stage_name}@{name} ran the shell command in its name"
             assert out.returncode != 0, out.stdout
             assert f"error: {name!r}: names may hold only letters, digits and _" in out.stderr + out.stdout, out.stderr[-2000:]
+
+
+# --- a stage's children end with it -------------------------------------------------------------------------------
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, state)} of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            state, ppid = (entry / "stat").read_text().rpartition(")")[2].split()[:2] if entry.name.isdigit() else (None, None)
+        except OSError:
+            continue
+        if state:
+            table[int(entry.name)] = (int(ppid), state)
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: state} of every process below `pid`."""
+    table, found, todo = process_table(), {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, state) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = state
+                todo.append(child)
+    return found
+
+
+def running(pids: list[int]) -> list[int]:
+    table = process_table()
+    return [p for p in pids if p in table and table[p][1] not in "ZX"]  # a zombie has ended; its new parent may never reap it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(("technique", "stopped"), [("kv_cache", 1), ("tp2", 2)])
+def test_the_stages_children_end_with_it(tiny_source: Path, tmp_path: Path, sig: signal.Signals, technique: str, stopped: int) -> None:
+    """generate's timed process (kv_cache, 2 processes) or torchrun and its 2 ranks (tp2) stop themselves (SIGSTOP);
+    SIGTERM or SIGKILL of the stage then ends every one of them: none is left to hold the cores or write results."""
+    work = tmp_path / "work"
+    params = workspace(work, tiny_source, {"processes": 2} if technique == "kv_cache" else {"warmup_runs": 0})
+    params["techniques"]["tp2"] = {"parallel": {"tp_size": 2}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TEST_SIGNAL: f"{technique}:SIGSTOP"}
+    with open(work / "stage.log", "w") as log:
+        stage_proc = subprocess.Popen([sys.executable, str(ROOT / "stages/generate.py"), technique], cwd=work, env=env, stdout=log, stderr=log)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while sum(state == "T" for state in descendants(stage_proc.pid).values()) < stopped:
+            assert stage_proc.poll() is None and time.monotonic() < deadline, (work / "stage.log").read_text()[-2000:]
+            time.sleep(0.2)
+        children = list(descendants(stage_proc.pid))
+        stage_proc.send_signal(sig)
+        stage_proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while running(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(children), f"left running after {sig.name} of the stage: {running(children)}"
+    finally:
+        for pid in running(children):
+            os.kill(pid, signal.SIGKILL)
+        if stage_proc.poll() is None:
+            stage_proc.kill()
