@@ -250,3 +250,32 @@ def test_the_stages_children_end_with_it(tiny_source: Path, tmp_path: Path, sig:
             os.kill(pid, signal.SIGKILL)
         if stage_proc.poll() is None:
             stage_proc.kill()
+
+
+# --- score reads only what it declares, and nothing missing is read as empty ---------------------------------------
+
+def test_a_reference_outside_scores_declared_deps_is_a_schema_error() -> None:
+    from headline_bench.settings import check
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["techniques"]["kv_cache"]["reference"] = "batched"  # score@kv_cache would read batched's files, undeclared
+    problems = check(params)
+    assert len(problems) == 1 and problems[0].startswith("techniques.kv_cache.reference: 'batched' is not one of baseline, target_only")
+
+
+def test_a_missing_reference_file_is_an_error_not_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache's lossless check reads baseline's timed rows: without the file the score stops with one line naming
+    it, where it used to find "no rows to compare"."""
+    from headline_bench.errors import InputError
+    from headline_bench.quality.score import score_technique
+    from headline_bench.settings import parse
+
+    params = parse(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    monkeypatch.chdir(tmp_path)
+    files.write_json(Path("metrics/techniques/kv_cache/perf.json"), {"technique": "kv_cache", "dtype": "float32", "device": "cpu"})
+    files.write_jsonl(Path("data/generations/kv_cache.jsonl"), [{"id": "0", "prediction": "x", "token_ids": [1, 2], "margins": [1.0, 1.0]}])
+    with pytest.raises(InputError, match="data/generations/baseline.jsonl: missing"):
+        score_technique("kv_cache", params)
+    files.write_jsonl(Path("data/generations/baseline.jsonl"), [{"id": "0", "prediction": "x", "token_ids": [1, 2], "margins": [1.0, 1.0]}])
+    with pytest.raises(InputError, match="data/quality/baseline.jsonl: missing"):
+        score_technique("kv_cache", params)

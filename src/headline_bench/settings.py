@@ -34,6 +34,12 @@ PosFloat = Annotated[float, Field(gt=0)]
 NAME = r"^[A-Za-z0-9_]+$"  # technique and serving entry names: each is a path component of its outputs
 
 
+# what a technique's `reference` may name: the techniques whose generations and quality files dvc.yaml declares as
+# deps of every score stage (score reads its reference's files; an undeclared one would leave the score stale while
+# `dvc status` is clean). Naming another technique means declaring its files there too (tests/test_deps.py checks).
+REFERENCES = ("baseline", "target_only")
+
+
 ENGINES = ("transformers", "llama_cpp", "vllm")  # backends/<engine>.py; `engine:` of techniques and serving entries
 
 
@@ -401,6 +407,9 @@ class Params(Section):
         for name, entry in self.techniques.items():
             if entry and entry.reference and entry.reference not in self.techniques:
                 raise ValueError(f"techniques.{name}.reference: '{entry.reference}' is not one of techniques ({', '.join(names)})")
+            if entry and entry.reference and entry.reference not in REFERENCES:
+                raise ValueError(f"techniques.{name}.reference: '{entry.reference}' is not one of {', '.join(REFERENCES)} (the references "
+                                 "whose files dvc.yaml's score stage declares; settings.REFERENCES)")
         for name, serving in self.serving.items():
             if serving.reference and self.techniques and serving.reference not in self.techniques:
                 raise ValueError(f"serving.{name}.reference: '{serving.reference}' is not one of techniques ({', '.join(names)})")
