@@ -279,3 +279,76 @@ def test_a_missing_reference_file_is_an_error_not_empty(tmp_path: Path, monkeypa
     files.write_jsonl(Path("data/generations/baseline.jsonl"), [{"id": "0", "prediction": "x", "token_ids": [1, 2], "margins": [1.0, 1.0]}])
     with pytest.raises(InputError, match="data/quality/baseline.jsonl: missing"):
         score_technique("kv_cache", params)
+
+
+# --- shared files: built in the workspace's cache, atomically; nothing written into data/models -------------------
+
+def fake_chunked_package(monkeypatch: pytest.MonkeyPatch, payload: bytes, fail_after: int | None = None) -> None:
+    """A stand-in for a chunked GGUF package: assemble() writes `payload` to the path it is given (stopping with an
+    OSError after `fail_after` bytes, as a full disk or a kill would) and checks the sha256 like the real one."""
+    import hashlib
+    import types
+
+    module = types.ModuleType("chunked_gguf")
+    module.MODEL_NAME, module.EXPECTED_SHA256 = "m.gguf", hashlib.sha256(payload).hexdigest()
+
+    def assemble(output_path: Path, overwrite: bool = False) -> Path:
+        with open(output_path, "wb") as f:
+            f.write(payload[:fail_after])
+            if fail_after is not None:
+                raise OSError(28, "No space left on device")
+        return Path(output_path)
+
+    module.assemble = assemble
+    monkeypatch.setitem(sys.modules, "chunked_gguf", module)
+
+
+def test_a_chunked_gguf_is_assembled_atomically_in_the_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headline_bench.errors import Skip
+    from headline_bench.models.convert import assemble_gguf
+
+    monkeypatch.chdir(tmp_path)
+    target = Path(".cache/gguf/chunked_gguf/m.gguf")
+    fake_chunked_package(monkeypatch, b"GGUF" * 1000, fail_after=100)
+    with pytest.raises(Skip, match="could not assemble its GGUF file .*No space left"):
+        assemble_gguf("chunked_gguf")
+    assert not target.exists() and not list(target.parent.iterdir())  # no truncated file, no partial one left
+    fake_chunked_package(monkeypatch, b"GGUF" * 1000)
+    assert assemble_gguf("chunked_gguf") == target and target.read_bytes() == b"GGUF" * 1000
+    target.write_bytes(b"GGUF")  # damaged in place (by some other writer): rebuilt, not trusted
+    assert assemble_gguf("chunked_gguf") == target and target.read_bytes() == b"GGUF" * 1000
+
+
+def test_random_weights_for_disk_loaders_go_to_the_workspace_cache(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random-weight model in data/models has no checkpoint; a loader that reads from disk gets one written once
+    under .cache/random-weights, and data/models (the models stage's output) stays as the stage left it."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from headline_bench.models.convert import weights_folder
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data/models/rand"
+    shutil.copytree(tiny_llama, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "source.json").write_text(json.dumps({"name": "rand", "random": True, "seed": 3, "init_device": "cpu", "dtype": "float32"}))
+    before = sorted(p.name for p in folder.iterdir())
+    cached = weights_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert cached.parent == Path(".cache/random-weights") and list(cached.glob("*.safetensors"))
+    stamp = [p.stat().st_mtime_ns for p in cached.glob("*.safetensors")]
+    assert weights_folder(folder) == cached and [p.stat().st_mtime_ns for p in cached.glob("*.safetensors")] == stamp  # written once
+    from headline_bench.models.convert import random_model
+
+    loaded = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    built = random_model(folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), built.state_dict().values()))
+    assert weights_folder(tiny_llama) == tiny_llama  # a model with a checkpoint is loaded where it is
+
+
+def test_the_inductor_cache_is_the_workspaces_own() -> None:
+    code = "import _workspace, torch._inductor.runtime.cache_dir_utils as c; print(c.cache_dir())"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "stages", env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == str(ROOT / ".cache" / "inductor")
