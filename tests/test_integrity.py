@@ -352,3 +352,41 @@ def test_the_inductor_cache_is_the_workspaces_own() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "stages", env=env, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == str(ROOT / ".cache" / "inductor")
+
+
+# --- the schema refuses what the code would refuse, overwrite or ignore --------------------------------------------
+
+@pytest.mark.parametrize(("path", "value", "line"), [
+    ("serving.hf_serve.reference", None, "serving.hf_serve: reference: null is not allowed"),
+    ("serving.vllm_serve.args", ["--host", "0.0.0.0"], "serving.vllm_serve: args: --host: set by the harness (the server listens on 127.0.0.1 only"),
+    ("serving.vllm_serve.args", ["--port=8001"], "serving.vllm_serve: args: --port=8001: set by the harness"),
+    ("techniques.kv_cache.generate", {"do_sample": True}, "techniques.kv_cache.generate: do_sample: set by the harness (greedy decoding: False)"),
+    ("techniques.kv_cache.generate", {"pad_token_id": 0}, "techniques.kv_cache.generate: pad_token_id: set by the harness"),
+    ("techniques.kv_cache.generate", {"logits_processor": []}, "techniques.kv_cache.generate: logits_processor: set by the harness"),
+    ("techniques.kv_cache.generate", {"streamer": "x"}, "techniques.kv_cache.generate: streamer: set by the harness"),
+    ("techniques.kv_cache.generate", {"eos_token_id": [2]}, "techniques.kv_cache.generate: eos_token_id: set by the harness"),
+    ("techniques.llamacpp.generate", {"use_cache": False}, "techniques.llamacpp: generate.use_cache: not applied by engine llama_cpp"),
+    ("techniques.vllm.generate", {"num_beams": 2}, "techniques.vllm: generate.num_beams: not applied by engine vllm"),
+    ("techniques.compiled_loop.generate", {"cache_implementation": "static"},
+     "techniques.compiled_loop: generate.cache_implementation: not applied by the compiled decode loop"),
+])
+def test_settings_the_code_would_refuse_overwrite_or_ignore_are_one_line_errors(path: str, value: Any, line: str) -> None:
+    from headline_bench.settings import check
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *parents, key = path.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[key] = value
+    problems = check(params)
+    assert len(problems) == 1 and problems[0].startswith(line), problems
+
+
+def test_the_engines_still_take_the_generate_keys_they_apply() -> None:
+    from headline_bench.settings import check
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["techniques"]["llamacpp"]["generate"] = {"max_new_tokens": 8}
+    params["techniques"]["compiled_loop"]["generate"] = {"min_new_tokens": 8}
+    assert check(params) == []

@@ -269,7 +269,10 @@ class GenerateKwargs(BaseModel):
     @model_validator(mode="after")
     def known_and_typed(self) -> GenerateKwargs:
         problems = [f"{k}: null is not allowed (leave it out for transformers' default)" for k in self.model_fields_set if getattr(self, k) is None]
+        problems += [f"{k}: set by the harness ({HARNESS_KWARGS[k]}), not a setting" for k in sorted(self.set_keys() & HARNESS_KWARGS.keys())]
         for key, value in (self.model_extra or {}).items():
+            if key in HARNESS_KWARGS:
+                continue
             if key not in generate_kwarg_names():
                 problems.append(unknown_kwarg(key))
             elif (wrong := mistyped(key, value)) is not None:
@@ -281,6 +284,21 @@ class GenerateKwargs(BaseModel):
     def kwargs(self) -> dict[str, Any]:
         """The generate() keyword arguments: the keys that were set."""
         return self.model_dump(exclude_unset=True)
+
+    def set_keys(self) -> set[str]:
+        return set(self.model_fields_set) | set(self.model_extra or {})
+
+
+# generate() arguments the harness passes itself (backends/transformers.py): a technique's value would be refused by
+# generate() ("multiple values") or silently replaced, so the schema refuses it
+HARNESS_KWARGS = {"do_sample": "greedy decoding: False", "pad_token_id": "the tokenizer's", "logits_processor": "the per-token timer",
+                  "streamer": "the per-token timer reads every step", "eos_token_id": "the model's EOS and newline ids",
+                  "tokenizer": "the technique's tokenizer", "inputs": "the prompts", "assistant_model": "speculative: sets it",
+                  "assistant_tokenizer": "speculative: sets it", "compile_config": "compile: sets it"}
+
+
+# the technique-level `generate` keys an engine or the compiled loop applies; any other would be silently ignored
+APPLIED_GENERATE = {"llama_cpp": ("max_new_tokens",), "vllm": ("max_new_tokens",), "decode_loop": ("max_new_tokens", "min_new_tokens", "use_cache")}
 
 
 class Technique(Section):
@@ -301,6 +319,16 @@ class Technique(Section):
     only_on: Literal["cpu", "cuda"] | None = None
     vllm: Vllm | None = None  # vLLM engine arguments
     decode_loop: DecodeLoop | None = None  # the compiled decode loop instead of generate() (compiled_loop)
+
+    @model_validator(mode="after")
+    def generate_keys_it_applies(self) -> Technique:
+        runner = "decode_loop" if self.engine == "transformers" and self.decode_loop else self.engine
+        applied = APPLIED_GENERATE.get(runner)
+        ignored = sorted(self.generate.set_keys() - set(applied)) if applied is not None else []
+        if ignored:
+            raise ValueError(f"generate.{', generate.'.join(ignored)}: not applied by {'the compiled decode loop' if runner == 'decode_loop' else 'engine ' + runner} "
+                             f"(it applies generate.{', generate.'.join(applied)})")
+        return self
 
 
 class SLO(Section):
@@ -343,12 +371,15 @@ ENGINE_KEYS = {"transformers": ("continuous_batching", "compile", "cb"), "llama_
                "vllm": ("args",)}
 
 
+SERVER_FLAGS = ("--host", "--port", "--model", "--dtype", "--seed")  # what backends/vllm.py server() passes `vllm serve` itself
+
+
 class ServingEntry(Section):
     """One engine under load, with its knobs (backends/<engine>.py server())."""
 
     engine: Engine
     model: str | None = None  # None: base.model
-    reference: str | None = None  # the technique whose offline headlines the served ones are compared to
+    reference: str | None = None  # the technique whose offline headlines the served ones are compared to (dvc.yaml: a dep of serve)
     dtype: DType | None = None  # None: base.dtype
     threads: PosInt | None = None  # None: torch's thread count
     request: dict[str, Any] = {}  # extra request fields (engine-specific sampling knobs)
@@ -367,6 +398,12 @@ class ServingEntry(Section):
         if foreign:
             common = [k for k in type(self).model_fields if not any(k in keys for keys in ENGINE_KEYS.values())]
             raise ValueError(f"{', '.join(foreign)}: not a setting of engine {self.engine} (it takes: {', '.join(common + list(ENGINE_KEYS[self.engine]))})")
+        if "reference" in self.model_fields_set and self.reference is None:  # dvc.yaml would depend on data/generations/None.jsonl
+            raise ValueError("reference: null is not allowed (name the technique whose offline headlines the served ones are compared to)")
+        harness = [str(a) for a in self.args if str(a).split("=")[0] in SERVER_FLAGS]
+        if harness:
+            raise ValueError(f"args: {', '.join(harness)}: set by the harness (the server listens on 127.0.0.1 only; model, port, dtype "
+                             "and seed come from the entry)")
         return self
 
 
