@@ -390,3 +390,57 @@ def test_the_engines_still_take_the_generate_keys_they_apply() -> None:
     params["techniques"]["llamacpp"]["generate"] = {"max_new_tokens": 8}
     params["techniques"]["compiled_loop"]["generate"] = {"min_new_tokens": 8}
     assert check(params) == []
+
+
+# --- scripts: one-line errors, scratch folders removed -------------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "line"), [(["--techniques", "compiled_loop_cpu,foo"], "error: --techniques: foo not in params.yaml's techniques"),
+                                            (["--rounds", "0"], "error: --rounds 0: at least 1 round is needed")])
+def test_decode_bench_bad_arguments_are_one_line(argv: list[str], line: str) -> None:
+    from headline_bench import decode_bench
+
+    with pytest.raises(SystemExit) as e:
+        decode_bench.main(argv)
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_decode_bench_removes_its_scratch_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headline_bench import decode_bench
+
+    root = tmp_path / "repo"
+    (root / "data/models/smollm2-135m").mkdir(parents=True)
+    (root / "data/models/smollm2-135m/config.json").write_text("{}")
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.setattr(decode_bench, "ROOT", root)
+    monkeypatch.setattr(decode_bench, "stage", lambda *_: (1, 0.0))  # prepare fails after the scratch folder is made
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="prepare failed"):
+        decode_bench.main(["--out", str(tmp_path / "out")])
+    assert not list(tmp_path.glob("bench-decode-*"))
+
+
+def test_gpu_check_refuses_an_alias_in_its_passes_file_and_removes_its_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headline_bench import gpu_check
+
+    passes = tmp_path / "passes.yaml"
+    passes.write_text("common: &c {generate: {max_new_tokens: 2}}\npasses: {a: *c}\n")
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--passes", str(passes)])
+    assert str(e.value).startswith(f"error: --passes {passes}: line 1: YAML anchors and aliases are not allowed") and "\n" not in str(e.value)
+
+    def crash(args: Any, spec: Any, params: Any, names: Any, work: Path, deadline: float) -> None:
+        (work / "models").mkdir(parents=True)
+        raise RuntimeError("the device part crashed")
+
+    passes.write_text("passes: {a: {}}\n")
+    monkeypatch.setattr(gpu_check, "run_passes", crash)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with pytest.raises(RuntimeError):
+        gpu_check.main(["--passes", str(passes), "--out", str(tmp_path / "out")])
+    assert not list(tmp_path.glob("gpu-check-*"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a b", "-x", ""])
+def test_quality_run_refuses_a_name_that_is_not_a_folder_name(name: str, tmp_path: Path) -> None:
+    out = subprocess.run(["bash", str(ROOT / "scripts/quality-run"), name, "3", "float32", "kv_cache"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: NAME '{name}'") and len(out.stderr.splitlines()) == 1
