@@ -444,3 +444,43 @@ def test_gpu_check_refuses_an_alias_in_its_passes_file_and_removes_its_scratch(t
 def test_quality_run_refuses_a_name_that_is_not_a_folder_name(name: str, tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(ROOT / "scripts/quality-run"), name, "3", "float32", "kv_cache"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.startswith(f"error: NAME '{name}'") and len(out.stderr.splitlines()) == 1
+
+
+# --- tensor parallel: every socket the ranks and torchrun listen on is on the loopback interface --------------------
+
+def listening(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets `pids` listen on (`ss -ltnp`)."""
+    import re
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines() if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/ss").exists() and not Path("/bin/ss").exists(), reason="needs ss (iproute2)")
+def test_tensor_parallel_listens_on_loopback_only(tiny_source: Path, tmp_path: Path) -> None:
+    """A 2-rank TP run of the generate stage on CPU, its process tree's listening sockets sampled with `ss` throughout:
+    the rendezvous store on the --master-port torchrun was given, and every other socket (gloo pairs), bind 127.0.0.1."""
+    import re
+
+    work = tmp_path / "work"
+    params = workspace(work, tiny_source, {"warmup_runs": 2, "repeats": 2})
+    params["techniques"] = {"tp2": {"parallel": {"tp_size": 2}}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    with open(work / "stage.log", "w") as log:
+        stage_proc = subprocess.Popen([sys.executable, str(ROOT / "stages/generate.py"), "tp2"], cwd=work, stdout=log, stderr=log,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+        seen: set[str] = set()
+        try:
+            while stage_proc.poll() is None:
+                seen |= listening({stage_proc.pid, *descendants(stage_proc.pid)})
+                time.sleep(0.05)
+        finally:
+            if stage_proc.poll() is None:
+                stage_proc.kill()
+    text = (work / "stage.log").read_text()
+    assert stage_proc.returncode == 0, text[-2000:]
+    perf = json.loads((work / "metrics/techniques/tp2/perf.json").read_text())
+    assert "failed" not in perf and perf["tp_size"] == 2 and perf["samples"] == len(ROWS), text[-2000:]
+    port = re.search(r"--master-addr 127\.0\.0\.1 --master-port (\d+)", text).group(1)
+    assert f"127.0.0.1:{port}" in seen, seen  # the rendezvous store was seen, bound to loopback
+    assert all(addr.startswith(("127.0.0.1:", "[::1]:")) for addr in seen), seen
