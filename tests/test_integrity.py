@@ -158,6 +158,19 @@ def test_dvc_yaml_commands_carry_no_template() -> None:
         assert "${" not in spec.get("do", spec)["cmd"], name
 
 
+def test_a_stage_takes_its_name_from_dvc_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from headline_bench.settings import stage_key
+
+    monkeypatch.setenv("DVC_STAGE", "generate@kv_cache")
+    assert stage_key("generate", None) == "kv_cache" and stage_key("generate", "batched") == "batched"  # by hand: the argument
+    monkeypatch.setenv("DVC_STAGE", "sub/dvc.yaml:quality@kv_cache")
+    assert stage_key("quality", None) == "kv_cache"
+    for stage_name, addressing in [("quality", "generate@kv_cache"), ("score", ""), ("serve", "serve@")]:
+        monkeypatch.setenv("DVC_STAGE", addressing)
+        with pytest.raises(SystemExit, match=f"usage: python stages/{stage_name}.py <name>"):
+            stage_key(stage_name, None)
+
+
 def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> None:
     """`dvc repro` of generate, quality and serve for names that would run `touch hb_pwned` if they reached the shell:
     each stage fails with one line naming the bad name, and no hb_pwned file appears."""
