@@ -19,3 +19,6 @@ if sys.path[:1] != [SRC]:
     sys.path.insert(0, SRC)
 _rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != SRC]
 os.environ["PYTHONPATH"] = os.pathsep.join([SRC, *_rest])
+# torch.compile's cache in this workspace, not /tmp/torchinductor_<user> shared by every run on the machine: compile and
+# warm-up times then depend on this workspace's own earlier runs only (a user's TORCHINDUCTOR_CACHE_DIR wins)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(SRC).parent / ".cache" / "inductor"))

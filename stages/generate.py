@@ -19,17 +19,17 @@ from headline_bench.errors import InputError, fail
 from headline_bench.files import TIMED_ROWS
 from headline_bench.logs import setup_logging
 from headline_bench.measure import checkpoints
-from headline_bench.settings import load_params
+from headline_bench.settings import load_params, stage_key
 
 
 def main() -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("technique")
+    parser.add_argument("technique", nargs="?", help="default: the one in DVC_STAGE (generate@<technique>), as DVC runs it")
     parser.add_argument("--process", type=int, help="run timed process k in this process (started by the stage itself)")
     parser.add_argument("--out", type=Path, help="where timed process k writes its records and perf")
     args = parser.parse_args()
-    name = args.technique
+    name = stage_key("generate", args.technique)
     params = load_params(required=["base", "generate", "prompt", "techniques"])
     if args.process is not None:
         return timed_process(name, params, TIMED_ROWS, args.process, args.out)

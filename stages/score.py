@@ -13,12 +13,12 @@ from headline_bench.errors import InputError, fail
 from headline_bench.files import TECHNIQUE_METRICS, write_json
 from headline_bench.logs import log, setup_logging
 from headline_bench.quality.score import score_technique
-from headline_bench.settings import load_params
+from headline_bench.settings import load_params, stage_key
 
 
 def main() -> None:
     setup_logging()
-    name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/score.py <technique>")
+    name = stage_key("score", sys.argv[1] if len(sys.argv) == 2 else None)
     params = load_params(required=["base", "score", "techniques"])
     out = TECHNIQUE_METRICS / name / "score.json"
     try:

@@ -12,15 +12,15 @@ import signal
 import sys
 
 from headline_bench.errors import InputError, fail
-from headline_bench.files import QUALITY_ROWS, SERVED, SERVING_METRICS, TIMED_ROWS, read_jsonl, write_json, write_jsonl
+from headline_bench.files import QUALITY_ROWS, SERVED, SERVING_METRICS, TIMED_ROWS, keep_finished, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log, setup_logging
 from headline_bench.serving.run import resolve_entry, serve
-from headline_bench.settings import load_params
+from headline_bench.settings import load_params, stage_key
 
 
 def main() -> None:
     setup_logging()
-    name = sys.argv[1] if len(sys.argv) == 2 else fail("usage: python stages/serve.py <serving entry>")
+    name = stage_key("serve", sys.argv[1] if len(sys.argv) == 2 else None)
     params = load_params(required=["base", "prompt", "generate", "score", "serve", "serving"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs the Server's stop, like Ctrl-C
     try:
@@ -29,6 +29,7 @@ def main() -> None:
         result, records = serve(name, entry, params, rows, quality_rows)
     except InputError as e:
         fail(f"serve {name}: {e}")
+    keep_finished(f"serve {name}", result, SERVED / f"{name}.jsonl", SERVING_METRICS / name / "serve.json")  # outs persist (dvc.yaml)
     write_json(SERVING_METRICS / name / "serve.json", result)
     write_jsonl(SERVED / f"{name}.jsonl", records)
     server_log = SERVING_METRICS / name / "server.log"

@@ -100,3 +100,13 @@ def test_report_does_not_depend_on_serving() -> None:
     """`dvc repro report` must never start a server: nothing of the serving branch is among its deps."""
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
     assert not [d for d in body["deps"] if "serving" in d or "served" in d]
+
+
+def test_score_declares_the_files_of_every_reference_the_schema_allows() -> None:
+    """score reads its reference's generations and quality pass (quality/score.py); the schema lets `reference` name only
+    techniques whose files every score stage declares, so `dvc status` sees each file a score depends on."""
+    from headline_bench.settings import REFERENCES
+
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["score"]["do"]["deps"]
+    for name in (*REFERENCES, "${key}"):
+        assert f"data/generations/{name}.jsonl" in deps and f"data/quality/{name}.jsonl" in deps, name

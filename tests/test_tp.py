@@ -77,7 +77,7 @@ def test_needs_launch_only_for_hf_tp_outside_torchrun(monkeypatch: pytest.Monkey
 
 def test_launch_command_single_and_multi_node(monkeypatch: pytest.MonkeyPatch) -> None:
     cmd = tp.launch_command("tensor_parallel", 2)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "headline_bench.techniques.torchrun"]  # torchrun, its store bound to loopback first
     # one node: torchrun's static rendezvous on loopback (no --standalone: its c10d rendezvous unpickles the store's state)
     assert "--standalone" not in cmd and "--rdzv-backend" not in cmd and cmd[cmd.index("--master-addr") + 1] == "127.0.0.1"
     assert 0 < int(cmd[cmd.index("--master-port") + 1]) < 65536 and cmd[cmd.index("--nnodes") + 1] == "1"
@@ -89,7 +89,7 @@ def test_launch_command_single_and_multi_node(monkeypatch: pytest.MonkeyPatch) -
     assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["NCCL_SOCKET_IFNAME"] == "lo" and env["EXTRA"] == "x" and env["OMP_NUM_THREADS"] == "3"
     monkeypatch.setenv("PET_NNODES", "2")  # torchrun reads the rendezvous from PET_* itself
     cmd = tp.launch_command("tensor_parallel", 4)
-    assert "--master-addr" not in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--master-addr" not in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert "GLOO_SOCKET_IFNAME" not in tp.launch_env(2)  # several nodes: the user's network settings
     with pytest.raises(InputError, match="not a multiple"):
         tp.launch_command("tensor_parallel", 3)

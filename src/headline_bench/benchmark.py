@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,9 +14,10 @@ import torch
 
 from headline_bench import backends
 from headline_bench.backends.base import Generation
+from headline_bench.children import die_with_parent, run_child, send_test_signal
 from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, ProcessDied, Skip, exit_reason, fail
-from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl, write_json, write_jsonl
+from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, keep_finished, read_json, read_jsonl, write_json, write_jsonl
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
@@ -131,25 +131,10 @@ def failure(name: str, params: Params, error: BaseException) -> dict[str, Any]:
     return assemble(Perf, perf)
 
 
-def good_outputs(name: str) -> bool:
-    """The technique's outputs on disk are a finished measurement (not a skip, a failure or nothing)."""
-    gens, perf_path = GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json"
-    try:
-        old = read_json(perf_path)
-    except (OSError, ValueError):
-        return False
-    return not (old.get("failed") or old.get("skipped")) and gens.exists() and gens.stat().st_size > 0
-
-
 def write_outputs(name: str, records: list[dict[str, Any]], perf: dict[str, Any]) -> None:
-    """Write the technique's generations and perf.json. A failure never replaces a finished measurement: where good
-    outputs exist, they stay untouched and the stage exits non-zero, so DVC keeps them (`persist: true`) and does not
-    record them in dvc.lock for the settings that failed; a failure with nothing good to keep is recorded (exit 0), so
-    the report shows it and the other techniques run."""
-    if "failed" in perf and good_outputs(name):
-        fail(f"{name} failed: {perf['failed']}; its last finished outputs ({GENERATIONS / name}.jsonl, {TECHNIQUE_METRICS / name}/perf.json, "
-             f"measured {read_json(TECHNIQUE_METRICS / name / 'perf.json').get('started_at', 'earlier')}) are kept and the stage fails, "
-             "so dvc.lock does not pair them with these settings")
+    """Write the technique's generations and perf.json. A failure or skip never replaces a finished measurement
+    (files.keep_finished: the stage exits non-zero and DVC keeps them); with nothing finished to keep it is recorded."""
+    keep_finished(name, perf, GENERATIONS / f"{name}.jsonl", TECHNIQUE_METRICS / name / "perf.json")
     perf = assemble(Perf, perf)  # every perf.json written is checked against its one definition
     write_jsonl(GENERATIONS / f"{name}.jsonl", records)
     write_json(TECHNIQUE_METRICS / name / "perf.json", perf)
@@ -177,7 +162,22 @@ def guarded(name: str, params: Params, work: Callable[[], tuple[list[dict[str, A
         return [], failure(name, params, e)
 
 
-WORKERS = checkpoint.CHECKPOINTS.parent / "processes"  # each timed process's records and perf, until they are merged
+WORKERS = checkpoint.CHECKPOINTS.parent / "processes"  # each timed or quality process's result, until the stage reads it
+
+
+def worker(cmd: list[str], env: dict[str, str], what: str) -> None:
+    """Run a stage's child process (children.run_child: it dies with the stage) to its end.
+
+    Raises:
+        ProcessDied: it was killed by a signal (SIGILL from an engine built for another CPU, the OOM killer): the
+            technique's recorded failure, so the pipeline goes on.
+        InputError: another non-zero exit (bad input or an interruption: the process said why in one line above).
+    """
+    code = run_child(cmd, env)
+    if code < 0:
+        raise ProcessDied(f"{what} died by {exit_reason(code)}")
+    if code != 0:
+        raise InputError(f"{what} exited with code {code}")
 
 
 def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -207,11 +207,7 @@ def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict
             if code != 0:
                 raise RuntimeError(f"tensor parallel ranks of timed process {k} failed (torchrun exit code {code}; the stage log has the error)")
         else:
-            code = subprocess.run([sys.executable, str(tp.GENERATE), name, *extra], env=os.environ | {checkpoint.LOCK_HELD: name}).returncode
-            if code < 0:  # killed by a signal (SIGILL from an engine built for another CPU, the OOM killer): this technique's failure
-                raise ProcessDied(f"timed process {k} of {count} died by {exit_reason(code)}")
-            if code != 0:  # bad input or an interruption: the process said why in one line above
-                raise InputError(f"{name}: timed process {k} of {count} exited with code {code}")
+            worker([sys.executable, str(tp.GENERATE), name, *extra], os.environ | {checkpoint.LOCK_HELD: name}, f"{name}: timed process {k} of {count}")
         results.append(read_json(out))
         if tp.needs_launch(cfg):  # the ranks found the lock held by the launcher: its wait is the process's
             results[-1]["perf"] |= {"timing_lock": lock.facts(), "timing_lock_wait_s": lock.wait_s}
@@ -228,6 +224,8 @@ def run_processes(name: str, params: Params, rows_path: Path) -> tuple[list[dict
 
 def timed_process(name: str, params: Params, rows_path: Path, k: int, out: Path) -> None:
     """One timed process (`generate.py <technique> --process k`): generate() over the rows, then its records and perf to `out`."""
+    die_with_parent()  # a torchrun rank: its parent is torchrun, which dies with the stage
+    send_test_signal(name)
     records, perf = guarded(name, params, lambda: generate(name, params, read_jsonl(rows_path), resume=k == 1, keep_checkpoint=True))
     if tp.rank() == 0:
         write_json(out, {"records": records, "perf": perf | {"process": k, "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
@@ -285,7 +283,32 @@ def quality_pass(name: str, params: Params, rows_path: Path) -> tuple[list[dict[
                              "dtype": info.get("dtype"), "model": source, "config": cfg.record(), "resume": ckpt.facts()}
 
 
+QUALITY_SCRIPT = tp.GENERATE.parent / "quality.py"
+
+
+def quality_process(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The quality pass in a fresh child process (`quality.py <technique> --out <file>`), like generate's timed
+    processes: an engine that dies by a signal there is this technique's recorded failure (ProcessDied), not the
+    end of the stage and of `dvc repro`."""
+    out = WORKERS / f"{name}.quality.json"
+    out.unlink(missing_ok=True)
+    worker([sys.executable, str(QUALITY_SCRIPT), name, "--out", str(out)], dict(os.environ), f"{name}: quality process")
+    result = read_json(out)
+    out.unlink()
+    return result["records"], result["facts"]
+
+
+def quality_worker(name: str, params: Params, rows_path: Path, out: Path) -> None:
+    """The quality process (`quality.py <technique> --out <file>`): quality_pass() over the rows, its records and facts to `out`."""
+    die_with_parent()
+    send_test_signal(name)
+    records, facts = guarded(name, params, lambda: quality_pass(name, params, rows_path))
+    write_json(out, {"records": records, "facts": facts})
+
+
 def write_quality(name: str, records: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+    """Write the quality pass's records and quality.json; a failure or skip never replaces a finished pass (files.keep_finished)."""
+    keep_finished(name, facts, QUALITY / f"{name}.jsonl", TECHNIQUE_METRICS / name / "quality.json")
     write_jsonl(QUALITY / f"{name}.jsonl", records)
     write_json(TECHNIQUE_METRICS / name / "quality.json", facts)
     log.info("%s: quality pass %s -> %s", name, next((facts[k] for k in ("not_run", "skipped", "failed") if k in facts), f"{len(records)} rows"),

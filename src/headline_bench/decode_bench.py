@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a fresh one under /tmp)")
     args = p.parse_args(argv)
     setup_logging()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    names = args.techniques.split(",")
+    if unknown := [n for n in names if n not in params["techniques"]]:
+        raise SystemExit(f"error: --techniques: {', '.join(unknown)} not in params.yaml's techniques ({', '.join(params['techniques'])})")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds {args.rounds}: at least 1 round is needed")
     models = ROOT / "data" / "models"
     if not (models / "smollm2-135m" / "config.json").exists():
         raise SystemExit(f"error: {models}/smollm2-135m is not converted; run `dvc repro models` first")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    names = args.techniques.split(",")
     over: dict[str, Any] = {"prepare": {"n": args.rows}}
     for extra in args.set:
         over = merge(over, yaml.safe_load(extra))
@@ -123,6 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     source = Path(args.source or params["prepare"]["source"])
     params["prepare"]["source"] = str(source if source.is_absolute() else (Path.cwd() if args.source else ROOT) / source)
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-decode-{os.getpid()}"
+    try:
+        run_rounds(args, argv, params, names, work, models)
+    finally:
+        if args.work is None:  # the default scratch folder is this run's own: removed however the run ends
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_rounds(args: argparse.Namespace, argv: list[str] | None, params: dict[str, Any], names: list[str], work: Path, models: Path) -> None:
+    """Prepare the rows in `work`, time the techniques in alternating rounds and write the summary and report."""
     (work / "data").mkdir(parents=True, exist_ok=True)
     if not (work / "data" / "models").exists():
         (work / "data" / "models").symlink_to(models, target_is_directory=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from headline_bench.errors import InputError
+from headline_bench.errors import InputError, fail
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (the package is installed editable from src/)
 PACKAGE = Path(__file__).resolve().parent
@@ -35,6 +35,32 @@ TECHNIQUE_METRICS = METRICS / "techniques"
 SERVING_METRICS = METRICS / "serving"
 SERVING_REPORT = METRICS / "serving_report"
 SERVED = Path("data/served")
+
+
+UNFINISHED = ("failed", "skipped", "not_run")  # keys of a metrics file that records no finished measurement
+
+
+def finished(data: Path, metrics: Path) -> bool:
+    """`metrics` records a finished measurement (no failure, skip or not-run) and `data` holds its rows."""
+    try:
+        old = read_json(metrics)
+    except (OSError, ValueError):
+        return False
+    return not any(key in old for key in UNFINISHED) and data.exists() and data.stat().st_size > 0
+
+
+def keep_finished(what: str, result: dict[str, Any], data: Path, metrics: Path) -> None:
+    """Stop the stage (non-zero exit) when `result` is a failure or a skip and `data`/`metrics` hold a finished
+    measurement. Why: the outputs are `persist: true`, so DVC leaves them in place; a recorded failure or skip written
+    over them would lose the last good numbers (a broken package or engine, not the technique, is often the cause),
+    and an exit 0 would make dvc.lock pair the old outputs with the new settings. With nothing finished to keep, the
+    caller records the failure or skip and exits 0, so the report shows it and the other stages run."""
+    reason = result.get("failed") or result.get("skipped")
+    if reason and finished(data, metrics):
+        kind = "failed" if result.get("failed") else "skipped"
+        fail(f"{what} {kind}: {str(reason).splitlines()[0]}; its last finished outputs ({data}, {metrics}, measured "
+             f"{read_json(metrics).get('started_at', 'earlier')}) are kept and the stage fails, so dvc.lock does not pair them "
+             f"with these settings (delete them to record this outcome instead)")
 
 
 def read_jsonl(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:

@@ -501,12 +501,28 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args.worker.split(","), json.loads(args.caps))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     deadline = time.time() + args.budget_s
-    spec = read_yaml(args.passes.read_text())
+    spec, params = read_yaml_file(args.passes, "--passes"), read_yaml_file(ROOT / "params.yaml", "params.yaml")  # no aliases, like every stage
     spec["passes"] = {n: e for n, e in spec["passes"].items() if not args.only or n in args.only.split(",")}
-    params = read_yaml((ROOT / "params.yaml").read_text())  # no aliases, like every stage
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
     if os.environ.get("OUT") and work.resolve().is_relative_to(Path(os.environ["OUT"]).resolve()):
         raise SystemExit(f"error: gpu-check: scratch {work} is under $OUT (model builds and caches would travel back); use --export")
+    try:
+        run_passes(args, spec, params, work, deadline)
+    finally:
+        if args.work is None and args.phase == "all":  # the default scratch (random weights, GBs for an 8B) is this run's own
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file without anchors or aliases; unreadable or refused: a one-line error naming it."""
+    try:
+        return read_yaml(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def run_passes(args: argparse.Namespace, spec: dict[str, Any], params: dict[str, Any], work: Path, deadline: float) -> None:
+    """The passes' device part (generate, planned within the budget) and their scoring and reports, in `work`; results under args.out."""
     out = args.out / slug(args.card or card())
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import functools
+import os
 import re
 import types
 import typing
@@ -31,6 +32,12 @@ PosFloat = Annotated[float, Field(gt=0)]
 
 
 NAME = r"^[A-Za-z0-9_]+$"  # technique and serving entry names: each is a path component of its outputs
+
+
+# what a technique's `reference` may name: the techniques whose generations and quality files dvc.yaml declares as
+# deps of every score stage (score reads its reference's files; an undeclared one would leave the score stale while
+# `dvc status` is clean). Naming another technique means declaring its files there too (tests/test_deps.py checks).
+REFERENCES = ("baseline", "target_only")
 
 
 ENGINES = ("transformers", "llama_cpp", "vllm")  # backends/<engine>.py; `engine:` of techniques and serving entries
@@ -265,7 +272,10 @@ class GenerateKwargs(BaseModel):
     @model_validator(mode="after")
     def known_and_typed(self) -> GenerateKwargs:
         problems = [f"{k}: null is not allowed (leave it out for transformers' default)" for k in self.model_fields_set if getattr(self, k) is None]
+        problems += [f"{k}: set by the harness ({HARNESS_KWARGS[k]}), not a setting" for k in sorted(self.set_keys() & HARNESS_KWARGS.keys())]
         for key, value in (self.model_extra or {}).items():
+            if key in HARNESS_KWARGS:
+                continue
             if key not in generate_kwarg_names():
                 problems.append(unknown_kwarg(key))
             elif (wrong := mistyped(key, value)) is not None:
@@ -277,6 +287,21 @@ class GenerateKwargs(BaseModel):
     def kwargs(self) -> dict[str, Any]:
         """The generate() keyword arguments: the keys that were set."""
         return self.model_dump(exclude_unset=True)
+
+    def set_keys(self) -> set[str]:
+        return set(self.model_fields_set) | set(self.model_extra or {})
+
+
+# generate() arguments the harness passes itself (backends/transformers.py): a technique's value would be refused by
+# generate() ("multiple values") or silently replaced, so the schema refuses it
+HARNESS_KWARGS = {"do_sample": "greedy decoding: False", "pad_token_id": "the tokenizer's", "logits_processor": "the per-token timer",
+                  "streamer": "the per-token timer reads every step", "eos_token_id": "the model's EOS and newline ids",
+                  "tokenizer": "the technique's tokenizer", "inputs": "the prompts", "assistant_model": "speculative: sets it",
+                  "assistant_tokenizer": "speculative: sets it", "compile_config": "compile: sets it"}
+
+
+# the technique-level `generate` keys an engine or the compiled loop applies; any other would be silently ignored
+APPLIED_GENERATE = {"llama_cpp": ("max_new_tokens",), "vllm": ("max_new_tokens",), "decode_loop": ("max_new_tokens", "min_new_tokens", "use_cache")}
 
 
 class Technique(Section):
@@ -297,6 +322,16 @@ class Technique(Section):
     only_on: Literal["cpu", "cuda"] | None = None
     vllm: Vllm | None = None  # vLLM engine arguments
     decode_loop: DecodeLoop | None = None  # the compiled decode loop instead of generate() (compiled_loop)
+
+    @model_validator(mode="after")
+    def generate_keys_it_applies(self) -> Technique:
+        runner = "decode_loop" if self.engine == "transformers" and self.decode_loop else self.engine
+        applied = APPLIED_GENERATE.get(runner)
+        ignored = sorted(self.generate.set_keys() - set(applied)) if applied is not None else []
+        if ignored:
+            raise ValueError(f"generate.{', generate.'.join(ignored)}: not applied by {'the compiled decode loop' if runner == 'decode_loop' else 'engine ' + runner} "
+                             f"(it applies generate.{', generate.'.join(applied)})")
+        return self
 
 
 class SLO(Section):
@@ -355,12 +390,15 @@ ENGINE_KEYS = {"transformers": ("continuous_batching", "compile", "cb"), "llama_
                "vllm": ("args",)}
 
 
+SERVER_FLAGS = ("--host", "--port", "--model", "--dtype", "--seed")  # what backends/vllm.py server() passes `vllm serve` itself
+
+
 class ServingEntry(Section):
     """One engine under load, with its knobs (backends/<engine>.py server())."""
 
     engine: Engine
     model: str | None = None  # None: base.model
-    reference: str | None = None  # the technique whose offline headlines the served ones are compared to
+    reference: str | None = None  # the technique whose offline headlines the served ones are compared to (dvc.yaml: a dep of serve)
     dtype: DType | None = None  # None: base.dtype
     threads: PosInt | None = None  # None: torch's thread count
     request: dict[str, Any] = {}  # extra request fields (engine-specific sampling knobs)
@@ -380,6 +418,12 @@ class ServingEntry(Section):
         if foreign:
             common = [k for k in type(self).model_fields if not any(k in keys for keys in ENGINE_KEYS.values())]
             raise ValueError(f"{', '.join(foreign)}: not a setting of engine {self.engine} (it takes: {', '.join(common + list(ENGINE_KEYS[self.engine]))})")
+        if "reference" in self.model_fields_set and self.reference is None:  # dvc.yaml would depend on data/generations/None.jsonl
+            raise ValueError("reference: null is not allowed (name the technique whose offline headlines the served ones are compared to)")
+        harness = [str(a) for a in self.args if str(a).split("=")[0] in SERVER_FLAGS]
+        if harness:
+            raise ValueError(f"args: {', '.join(harness)}: set by the harness (the server listens on 127.0.0.1 only; model, port, dtype "
+                             "and seed come from the entry)")
         return self
 
 
@@ -420,6 +464,9 @@ class Params(Section):
         for name, entry in self.techniques.items():
             if entry and entry.reference and entry.reference not in self.techniques:
                 raise ValueError(f"techniques.{name}.reference: '{entry.reference}' is not one of techniques ({', '.join(names)})")
+            if entry and entry.reference and entry.reference not in REFERENCES:
+                raise ValueError(f"techniques.{name}.reference: '{entry.reference}' is not one of {', '.join(REFERENCES)} (the references "
+                                 "whose files dvc.yaml's score stage declares; settings.REFERENCES)")
         for name, serving in self.serving.items():
             if serving.reference and self.techniques and serving.reference not in self.techniques:
                 raise ValueError(f"serving.{name}.reference: '{serving.reference}' is not one of techniques ({', '.join(names)})")
@@ -586,3 +633,19 @@ def load_params(path: Path = PARAMS, required: Iterable[str] = ()) -> Params:
     if problems or params is None:
         fail("\n".join(f"{path}: {p}" for p in problems))
     return params  # type: ignore[return-value]
+
+
+def stage_key(stage: str, given: str | None) -> str:
+    """The technique or serving entry a foreach stage runs: `given` (its command-line argument, run by hand), else the
+    key in DVC_STAGE, which DVC sets for every stage command ("generate@<key>"). Refused unless it matches NAME.
+
+    Why: DVC runs a stage's cmd through a shell, so a `${key}` in dvc.yaml's cmd would run a name such as
+    `x;id>hb_pwned` before this schema could refuse it, and no quoting helps (a `'` in the name ends the quote)."""
+    if given is None:
+        addressing = os.environ.get("DVC_STAGE", "").rpartition(":")[2]  # "sub/dvc.yaml:generate@key" outside the root
+        prefix, _, given = addressing.partition("@")
+        if prefix != stage or not given:
+            fail(f"usage: python stages/{stage}.py <name> (DVC gives the name in DVC_STAGE={stage}@<name>)")
+    if not re.match(NAME, given):
+        fail(f"{given!r}: names may hold only letters, digits and _ (each names output files)")
+    return given

@@ -44,17 +44,17 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     from transformers import AutoTokenizer
 
     from headline_bench.data.prompts import clean_headline
-    from headline_bench.models.convert import ensure_weights
+    from headline_bench.models.convert import weights_folder
     from headline_bench.models.ref import model_source
     from headline_bench.settings import Vllm
 
     path = model_path(cfg.model_name)
-    ensure_weights(path)  # a random-weight model has no checkpoint until a loader that reads from disk needs one
+    weights = weights_folder(path)  # a random-weight model's checkpoint, written once in .cache/ (never into data/models)
     max_new = cfg.generate.max_new_tokens
     settings = (cfg.vllm or Vllm()).model_dump()
     settings["max_model_len"] = settings["max_model_len"] or params.generate.max_input_tokens + max_new
     start = time.perf_counter()
-    llm = vllm.LLM(model=str(path), dtype=cfg.dtype, seed=params.base.seed, tensor_parallel_size=cfg.tp_size, enable_prefix_caching=False, **settings)
+    llm = vllm.LLM(model=str(weights), dtype=cfg.dtype, seed=params.base.seed, tensor_parallel_size=cfg.tp_size, enable_prefix_caching=False, **settings)
     tokenizer = AutoTokenizer.from_pretrained(path)
     random = bool(model_source(cfg.model_name).get("random"))
     fixed = {"ignore_eos": True, "min_tokens": max_new} if random else {"stop": ["\n"], "include_stop_str_in_output": True}

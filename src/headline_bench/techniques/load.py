@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from headline_bench.logs import log
-from headline_bench.models.convert import ensure_weights, random_model
+from headline_bench.models.convert import random_model, weights_folder
 from headline_bench.models.ref import model_path, model_source
 
 if TYPE_CHECKING:
@@ -64,8 +64,7 @@ def build_model(cfg: ResolvedTechnique, device: str) -> tuple[Any, Any, dict[str
     if model_source(cfg.model_name).get("random") and set(kwargs) == {"dtype"}:
         model = random_model(path, kwargs["dtype"])  # seeded weights built on the device: no checkpoint to write or read
     else:
-        ensure_weights(path)  # a random model's checkpoint, written once for loaders that read from disk
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(weights_folder(path), **kwargs)  # random weights: a checkpoint in .cache/
     if not {"device_map", "distributed_config", "quantization_config"} & set(kwargs):
         model.to(device)
     model.eval()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from headline_bench.children import run_child
 from headline_bench.errors import InputError, Skip
 from headline_bench.files import ROOT
 from headline_bench.logs import log
@@ -76,11 +76,12 @@ def launch_command(technique: str, size: int, script: Path = GENERATE, extra: tu
 
     On one node the rendezvous is torchrun's static one on 127.0.0.1 and a free port (`--master-addr/--master-port`),
     not `--standalone`: that one is the c10d dynamic rendezvous, whose agents unpickle the rendezvous state they read
-    from a TCP store that listens on every interface."""
+    from a TCP store that listens on every interface. The static one's store would too; techniques/torchrun.py binds
+    it to 127.0.0.1 (checked with `ss` in tests/test_integrity.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     nodes = int(os.environ.get("PET_NNODES", "1"))
-    if single_node():
-        cmd += ["--nnodes", "1", "--master-addr", LOOPBACK, "--master-port", str(free_port())]
+    if single_node():  # torchrun's store would listen on every interface: started bound to loopback first (techniques/torchrun.py)
+        cmd = [sys.executable, "-m", "headline_bench.techniques.torchrun", "--nnodes", "1", "--master-addr", LOOPBACK, "--master-port", str(free_port())]
     if "PET_NPROC_PER_NODE" not in os.environ:
         if size % nodes:
             raise InputError(f"tp_size {size} is not a multiple of PET_NNODES={nodes}")
@@ -113,7 +114,7 @@ def launch(technique: str, size: int, script: Path = GENERATE, env: dict[str, st
     cmd = launch_command(technique, size, script, extra)
     per_node = int(cmd[cmd.index("--nproc_per_node") + 1]) if "--nproc_per_node" in cmd else size
     log.info("%s: tensor parallel over %d ranks: %s", technique, size, " ".join(cmd))
-    return subprocess.run(cmd, env=launch_env(per_node, env)).returncode
+    return run_child(cmd, launch_env(per_node, env))  # torchrun dies with the stage, and its ranks with it (timed_process)
 
 
 def init(cfg: ResolvedTechnique, device: str) -> None:
