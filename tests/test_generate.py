@@ -162,6 +162,19 @@ def test_acceptance_counts_timed_rows_only(two_models: dict[str, Any], name: str
     assert perf["draft_tokens_accepted"] == sum(r["draft_accepted"] for r in records)
 
 
+def with_tokenizer(models_dir: Path, name: str, tok: Any) -> Path:
+    """models_dir/<name>: the tiny model's weights with `tok` as its tokenizer (embeddings resized to its vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    target = models_dir / name
+    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    (target / "source.json").write_text(f'{{"name": "{name}"}}')
+    return target
+
+
 def test_universal_assisted_decoding_with_another_tokenizer(models_dir: Path) -> None:
     """Draft and target differ in vocabulary (one added token), so generate() translates the draft's tokens
     through text (universal assisted decoding): the output equals the target alone, and the acceptance
@@ -169,16 +182,11 @@ def test_universal_assisted_decoding_with_another_tokenizer(models_dir: Path) ->
 
     With the same weights and byte-identical tokenization the target accepts only ~10% of the drafted tokens
     here (100% with a shared tokenizer), so the test does not ask for a high rate."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    target = models_dir / "tiny_uad"
     tok = AutoTokenizer.from_pretrained(models_dir / "tiny")
     tok.add_tokens(["<extra>"])
-    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    (target / "source.json").write_text('{"name": "tiny_uad"}')
+    with_tokenizer(models_dir, "tiny_uad", tok)
     params = copy.deepcopy(BASE_PARAMS)
     params["base"]["target"] = "tiny_uad"
     params["techniques"].update(DECODING)
@@ -202,7 +210,7 @@ def test_universal_assisted_decoding_with_a_tokenizer_that_merges(models_dir: Pa
     next prefill gets no tokens ("cannot reshape tensor of 0 elements into shape [1, 0, -1, 64]") - the failure a fresh
     install met in `dvc repro` while the byte-identical tokenizers of the test above passed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: i + 3 for i, ch in enumerate(alphabet)}
@@ -213,12 +221,7 @@ def test_universal_assisted_decoding_with_a_tokenizer_that_merges(models_dir: Pa
     raw.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     assert len(tok("the city council vote").input_ids) < len("the city council vote")  # merges: fewer tokens than bytes
-    target = models_dir / "tiny_bpe"
-    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    (target / "source.json").write_text('{"name": "tiny_bpe"}')
+    with_tokenizer(models_dir, "tiny_bpe", tok)
     params = copy.deepcopy(BASE_PARAMS)
     params["base"].update(model="tiny_bpe", target="tiny") if merging == "draft" else params["base"].update(target="tiny_bpe")
     params["generate"]["max_new_tokens"] = 16
