@@ -1,4 +1,4 @@
-"""README's results block is generated from the committed metrics and must be current (render/glance.py)."""
+"""README's results block is generated from the committed metrics and must be current (headline_bench/glance.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from headline_bench.render import glance
+from headline_bench import glance
 
 ROOT = Path(__file__).resolve().parents[1]
 
