@@ -24,7 +24,7 @@ The cache is sized to prompt + new tokens rounded up to `bucket` slots (a 640-sl
 every step read 7x the keys it needed) and reused across calls of the same bucket and batch size. Prefill runs eager
 with the model's own 2D-mask handling (exactly what `generate` does, so left padding behaves the same).
 
-On CPU three more knobs pay (params `decode_loop`, measured in the README): the step's attention written as arithmetic
+On CPU three more knobs pay (params `decode_loop`, measured in docs/results/decode-cpu): the step's attention written as arithmetic
 that inductor fuses (`grouped_attention`), no dynamo guards on the model's modules, and inductor's freezing with
 concatenated int4 matmuls and a C++ launcher (`decode_loop.inductor`).
 """

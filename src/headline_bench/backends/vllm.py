@@ -40,7 +40,7 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     try:
         import vllm
     except ImportError:
-        raise Skip("vllm not installed: pip install vllm in its own virtual environment (it pins its own torch; README 'GPU')") from None
+        raise Skip("vllm not installed: pip install vllm in its own virtual environment (it pins its own torch; docs/gpu.md)") from None
     from transformers import AutoTokenizer
 
     from headline_bench.data.prompts import clean_headline

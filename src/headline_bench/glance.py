@@ -1,0 +1,143 @@
+"""README's "results at a glance" block, written from the committed metrics so that no number in it is typed by hand.
+
+Why a generated block: hand-typed results go stale with every run and every machine, and a reader cannot tell which
+run a number came from. This module renders metrics/summary.json (and metrics/serving_report/summary.json where it
+exists) into markdown that names the machine (summary.json's `env`) and the commit that last changed the metrics, and
+replaces the text between the README's markers. tests/test_glance.py fails when README's block differs from what
+this module renders, so CI checks that it is current.
+
+Usage (from the repository root): scripts/glance --write README.md   (or --check README.md: exit 1 when stale)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from headline_bench.render.markdown import f, table
+
+START, END = "<!-- glance:start -->", "<!-- glance:end -->"
+SUMMARY = Path("metrics/summary.json")
+SERVING = Path("metrics/serving_report/summary.json")
+
+
+def metrics_commit(root: Path, path: Path = SUMMARY) -> str:
+    """The commit that last changed `path` (12 hex digits), or why it cannot be named (no git, shallow, uncommitted)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        if git("rev-parse", "--is-shallow-repository") == "true":
+            return "unknown (shallow clone)"
+        if git("status", "--porcelain", "--", str(path)):
+            return "uncommitted changes"
+        sha = git("log", "-1", "--format=%H", "--", str(path))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git history)"
+    return sha[:12] or "uncommitted"
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """One line naming the machine and versions a run measured on (summary.json `env`)."""
+    parts = [env.get("device"), env.get("cpu_id"), env.get("cpu_isa") and f"ISA {env['cpu_isa']}",
+             env.get("torch") and f"torch {env['torch']}", env.get("transformers") and f"transformers {env['transformers']}",
+             env.get("torch_threads") and f"{env['torch_threads']} torch threads"]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def _ms(v: Any) -> str:
+    return f(v * 1000 if isinstance(v, (int, float)) else None, ".1f")
+
+
+def _delta(t: dict[str, Any]) -> str:
+    if t.get("rougeL_delta_low") is None or t.get("rougeL_delta_high") is None:
+        return "—"
+    return f"{f(t.get('rougeL_delta'), '+.3f')} [{f(t['rougeL_delta_low'], '+.3f')}, {f(t['rougeL_delta_high'], '+.3f')}]"
+
+
+def techniques_table(techniques: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """The per-technique table and the lines for techniques that were skipped or failed."""
+    rows, missing = [], []
+    for name, t in techniques.items():
+        reason = t.get("skipped") or t.get("failed")
+        if reason:
+            missing.append(f"`{name}` ({'skipped' if t.get('skipped') else 'failed'}: {str(reason).splitlines()[0]})")
+            continue
+        rows.append([f"`{name}`", _ms(t.get("s_per_token")), _ms(t.get("tpot_s_p50")), f(t.get("tokens_per_s"), ".1f"),
+                     f(t.get("peak_memory_mb"), ".0f"), f(t.get("rougeL"), ".3f"), _delta(t), t.get("quality_state") or "—"])
+    header = ["technique", "ms/token", "TPOT p50 ms", "tokens/s", "peak MB", "ROUGE-L", "ΔROUGE-L [interval]", "quality"]
+    return table(header, rows), missing
+
+
+def serving_lines(serving: dict[str, Any]) -> list[str]:
+    """One line per serving entry: its sustainable rate and how many served rows equal its offline reference."""
+    lines = []
+    for e in serving.get("entries", []):
+        if e.get("status") != "ran":
+            lines.append(f"- `{e['entry']}`: {e.get('status')} ({e.get('reason') or e.get('failed') or ''})")
+            continue
+        rate = e.get("sustainable_rate") or {}
+        r = {"measured": f"{f(rate.get('rate'), 'g')} req/s", "at least": f">= {f(rate.get('rate'), 'g')} req/s",
+             "below": "below the lowest rate tried"}.get(rate.get("bound"), "n/a")
+        same = f"{e.get('rows_identical')}/{e.get('rows_compared')} rows served as offline `{e.get('offline_reference')}`"
+        lines.append(f"- `{e['entry']}`: sustainable {r}; {same}" + ("; not eligible" if e.get("ineligible") else ""))
+    rec = serving.get("recommendation") or {}
+    if rec.get("choice"):
+        lines.append(f"- online-serving pick: `{rec['choice']}`")
+    return lines
+
+
+def render(root: Path, commit: str | None = None) -> str:
+    """The block's markdown (markers excluded) from the committed metrics under `root` (`commit`: metrics_commit's)."""
+    s = json.loads((root / SUMMARY).read_text())
+    prep = s.get("prepare", {})
+    out = [f"<!-- generated by scripts/glance from {SUMMARY} and {SERVING}; edit those, not this -->",
+           f"From `{SUMMARY}` (commit {commit or metrics_commit(root)}): {machine_line(s.get('env', {}))}; "
+           f"{prep.get('quality_rows', '?')} quality rows, {prep.get('timed_rows', '?')} timed rows. Quality states are "
+           "those the run's score stage recorded; ms/token = mean latency / mean new tokens.", ""]
+    tab, missing = techniques_table(s.get("techniques", {}))
+    out += [tab, ""]
+    if missing:
+        out += ["Not measured on this machine: " + "; ".join(missing) + ".", ""]
+    if s.get("environment_warning"):
+        out += [f"Note: {s['environment_warning']}.", ""]
+    picks = [f"{r['scenario']}: `{r['choice']}`" for r in s.get("recommendations", []) if r.get("choice")]
+    if picks:
+        out += ["Picks: " + "; ".join(picks) + ".", ""]
+    if (root / SERVING).exists():
+        out += [f"Serving (`{SERVING}`):", *serving_lines(json.loads((root / SERVING).read_text())), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between the markers replaced by `block`; the markers must each appear once."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"expected one {START} ... {END} block")
+    head, rest = text.split(START)
+    return f"{head}{START}\n{block}{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root (metrics/ lives there)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", type=Path, help="replace the block in this file")
+    g.add_argument("--check", type=Path, help="exit 1 if this file's block is not current")
+    a = p.parse_args(argv)
+    target = a.write or a.check
+    text = target.read_text()
+    new = replace_block(text, render(a.root))
+    if a.check:
+        if new != text:
+            print(f"error: {target}: the results block is stale; run scripts/glance --write {target}", file=sys.stderr)
+            return 1
+        return 0
+    target.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
