@@ -4,7 +4,7 @@ Input contract (perf.json + generation records): each record keeps `latency_s_pa
 pass, and `new_tokens`; perf.json's `passes` list says, per pass, which timed process ran it (`process`; passes
 without it all belong to one process). A process's per-row latency is its passes' mean.
 
-Rule (README "Latency"): the ratio of seconds per generated token, technique / reference, has an interval over
+Rule (docs/methods.md "Timing"): the ratio of seconds per generated token, technique / reference, has an interval over
 processes and rows: the log ratio per process (paired by process index when both sides ran the same number of
 processes, as an interleaving runner does; else unpaired) gives the run-to-run part, a row bootstrap of the
 process-averaged ratio gives the prompt part; their variances add and the t quantile has Welch-Satterthwaite degrees

@@ -1,6 +1,6 @@
 """Quality states: one rule, decided from the simultaneous interval that the report prints beside it.
 
-The rule (README "Quality verdicts"), for a comparison of per-row ΔROUGE-L = technique - its reference:
+The rule (docs/methods.md "Quality verdicts"), for a comparison of per-row ΔROUGE-L = technique - its reference:
 - the comparison belongs to a family declared in params (`score.family`: lossy techniques vs baseline;
   `score.model_comparisons`: another model vs baseline, a family of its own). The family is fixed by params, not by
   what ran: a member skipped on this machine still counts in k.
