@@ -162,6 +162,19 @@ class Score(Section):
     near_tie_calibration: str | None = "calibration/near_tie.json"  # measured thresholds per device/dtype (scripts/calibrate_near_tie.py)
 
 
+class FidelityBounds(Section):  # quality/divergence.py: a technique is "within bound" when every interval is on the good side
+    kl_mean: Annotated[float, Field(gt=0)]    # mean over rows of per-token KL(baseline || technique), nats
+    kl_p99: Annotated[float, Field(gt=0)]     # 99th percentile of per-token KL over all positions, nats
+    top1: Annotated[float, Field(gt=0, le=1)]  # least share of positions whose top token is baseline's
+    nll_delta: Annotated[float, Field(gt=0)]  # most added NLL per token of the reference headline, nats
+
+
+class Fidelity(Section):  # teacher-forced fidelity to baseline (stages fidelity_reference and fidelity)
+    rows: PosInt = 100  # the first rows of baseline's quality pass
+    top_k: PosInt = 64  # baseline's distribution stored as its top-k log-probs, the rest lumped
+    bounds: FidelityBounds
+
+
 class Report(Section):
     sample_headlines: NonNegInt = 3
     balanced_rougeL_within: Annotated[float, Field(ge=0)] = 0.01
@@ -370,6 +383,7 @@ class Params(Section):
     prompt: Prompt | None = None
     generate: Generate | None = None
     score: Score | None = None
+    fidelity: Fidelity | None = None
     report: Report | None = None
     technique: str | None = None
     techniques: dict[str, Technique | None] = {}
