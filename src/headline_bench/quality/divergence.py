@@ -121,14 +121,14 @@ def summarize(rows: list[dict[str, Any]], bounds: dict[str, float], level: float
     out: dict[str, Any] = {"rows": len(rows), "positions": int(pooled.size), "interval_level": level,
                            "tail_mass": float(np.mean([r["tail_mass"] for r in rows])) if rows else None}
     if len(rows) < min_rows:
-        return out | {m: {"value": point[m], "bound": bounds[m]} for m in MEASURES} | {"fidelity_state": "too few rows"}
+        return out | {m: {"value": point[m], "bound": bounds[m], "worse": worse} for m, worse in MEASURES.items()} | {"fidelity_state": "too few rows"}
     dist = bootstrap_rows(rows, n_samples, seed)
     states = []
     for m, worse in MEASURES.items():
         low, high = interval(dist[m], level)
         state = decide_measure(low, high, bounds[m], worse)
         states.append(state)
-        out[m] = {"value": point[m], "low": low, "high": high, "bound": bounds[m], "state": state}
+        out[m] = {"value": point[m], "low": low, "high": high, "bound": bounds[m], "worse": worse, "state": state}
     return out | {"fidelity_state": combine(states)}
 
 
