@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_report import REPORT, SCORE, fake_metrics
 
 from headline_bench.quality.divergence import summarize
 from headline_bench.render import report
 from headline_bench.render.fidelity import decided_by
 from headline_bench.settings import Report, Score
-from test_report import REPORT, SCORE, fake_metrics
 
 BOUNDS = {"kl_mean": 0.05, "kl_p99": 1.0, "top1": 0.9, "nll_delta": 0.05}
 
