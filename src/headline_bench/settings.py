@@ -146,6 +146,7 @@ class Generate(Section):
     repeats: PosInt = 1             # timed passes over the timed rows in each timed process
     processes: PosInt = 1           # timed processes per technique (1: the stage's own; more: fresh ones, process-to-process variance)
     quality_batch_size: PosInt = 8  # prompts per call in the untimed quality pass, where the technique can batch
+    check_rows: NonNegInt = 22     # untimed rows after the timed ones on which lossless techniques and their references are checked
 
 
 class Score(Section):
@@ -158,7 +159,7 @@ class Score(Section):
     model_comparisons: list[str] = []  # other models compared with baseline (target_only): a family of their own
     seed: int | None = None
     near_tie_units: Annotated[float, Field(ge=0)] = 4  # fallback near-tie threshold in machine epsilons, where no calibration exists
-    near_tie_perturbation: Annotated[float, Field(gt=0)] = 2  # near-ties only while the technique moves margins <= this x the calibrated noise (q0.9)
+    near_tie_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01  # calibration: chance that numeric noise alone calls a row "real" in a whole lossless check
     near_tie_calibration: str | None = "calibration/near_tie.json"  # measured thresholds per device/dtype (scripts/calibrate_near_tie.py)
 
 
