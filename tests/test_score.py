@@ -10,7 +10,16 @@ import pytest
 from rouge_score import rouge_scorer
 
 from headline_bench.analysis.verdicts import decide
-from headline_bench.quality.fidelity import EPS, calibration_key, equivalence, fidelity, near_tie_threshold, perturbation_cap, row_cap, token_check
+from headline_bench.quality.fidelity import (
+    EPS,
+    calibration_key,
+    equivalence,
+    fidelity,
+    near_tie_threshold,
+    perturbation_cap,
+    row_cap,
+    token_check,
+)
 from headline_bench.quality.rouge import ROUGE_MODULE, rouge
 from headline_bench.quality.score import score
 from headline_bench.settings import Score

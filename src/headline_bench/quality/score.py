@@ -12,7 +12,15 @@ from headline_bench.analysis.verdicts import compare, family_of, mlperf_99
 from headline_bench.errors import InputError
 from headline_bench.files import GENERATIONS, LOSSLESS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl
 from headline_bench.measure.records import assemble
-from headline_bench.quality.fidelity import calibration_key, equivalence, fidelity, near_tie_threshold, perturbation_cap, row_cap, token_check
+from headline_bench.quality.fidelity import (
+    calibration_key,
+    equivalence,
+    fidelity,
+    near_tie_threshold,
+    perturbation_cap,
+    row_cap,
+    token_check,
+)
 from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
 from headline_bench.techniques.config import resolve
