@@ -192,15 +192,15 @@ def lossless(rows: list[Row]) -> str:
         rules.add(t["rule"])
         outcome = "equivalent" if r.get("quality_state") == "equivalent" else f"quality comparison: {r.get('quality_state', '—')}"
         moved = t.get("perturbation") or {}
-        shift = (f"{moved['q0.9']:.3g} (cap {moved['cap']:.3g}, {moved['positions']} positions)" if moved.get("q0.9") is not None and moved.get("cap") is not None
-                 else "—")
+        shift = (f"{moved['worst_q0.9']:.3g} on `{moved['worst_row']}` (cap {moved['cap']:.3g}, {moved['rows_judged']} rows judged)"
+                 if moved.get("worst_q0.9") is not None and moved.get("cap") is not None else "—")
         body.append([r["technique"], r["fidelity_reference"], t["compared"], t["identical"], t["near_tie"], t["real_difference"],
                      t.get("unclassified", 0), shift, f"{r['identical']}/{r['compared']}", outcome])
         real = [d for d in t.get("differing", []) if d["class"] != "near_tie"]
         if real:
             rows_text = ", ".join(differing_row(d) for d in real)
             notes.append(f"- **{r['technique']}**: {len(real)} row(s) differ beyond a near-tie: {rows_text}")
-    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Margin perturbation q0.9",
+    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Margin perturbation q0.9, worst row",
               "Identical headlines", "Outcome"]
     return "\n\n".join([table(header, body), "Rule: " + "; ".join(sorted(rules)) + ". Unclassified: rows without token ids on one side "
                         "(compared as strings), a differing row whose reference recorded no logit margin (an engine without logits), or a near-tie whose "
