@@ -10,6 +10,7 @@ the KL over that partition is a stated lower bound (quality/divergence.py).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +88,9 @@ def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple
     if not hasattr(engine, "forced_setup"):
         raise Skip(f"n/a: the {cfg.engine} engine gives no full next-token distributions here (vLLM's prompt_logprobs are its own top-k, "
                    "on a GPU; not wired in)")
+    start = time.perf_counter()
     forced, facts = engine.forced_setup(cfg, params, device)
+    loaded = time.perf_counter()
     rows = []
     for ref in reference["rows"]:
         greedy, gold = forced([ref["prompt"] + ref["greedy"], ref["prompt"] + ref["gold"]], len(ref["prompt"]))
@@ -95,6 +98,7 @@ def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple
             raise Skip(f"n/a: the technique's vocabulary ({greedy.shape[-1]}) is not baseline's ({reference['vocab']})")
         m = row_measures(ref, greedy, gold)
         rows.append({"id": ref["id"], **m})
+    facts |= {"load_s": loaded - start, "forward_s_per_row": (time.perf_counter() - loaded) / max(len(rows), 1)}
     s = params.score
     k = max(len(s.family), 1) * len(MEASURES)
     level = simultaneous_level(s.confidence, k)
