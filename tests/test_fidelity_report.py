@@ -22,7 +22,7 @@ def fidelity_json(name: str, kl: float) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     rows = [{"kl": (per := rng.exponential(kl, 20)).tolist(), "kl_mean": float(per.mean()), "top1": 0.97, "nll_delta": 0.01, "tail_mass": 0.001}
             for _ in range(100)]
-    return {"technique": name, "reference": "baseline"} | summarize(rows, BOUNDS, 0.99, 300, 1, 30)
+    return {"technique": name, "reference": "baseline"} | summarize(rows, BOUNDS, 0.99, 300, 1, 30, ["kl_mean", "kl_p99"])
 
 
 def test_report_shows_both_states_and_says_which_decided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,14 +106,16 @@ def combine(states: list[str]) -> str:
     return "within bound" if states and all(s == "within bound" for s in states) else "inconclusive"
 
 
-def summarize(rows: list[dict[str, Any]], bounds: dict[str, float], level: float, n_samples: int, seed: int, min_rows: int) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], bounds: dict[str, float], level: float, n_samples: int, seed: int, min_rows: int,
+              decide: list[str]) -> dict[str, Any]:
     """Every measure's point value and interval over rows at `level`, its state against its bound, and the
-    technique's fidelity state (combine()); "too few rows" below min_rows.
+    technique's fidelity state from the `decide` measures (combine()); "too few rows" below min_rows.
 
     Args:
         rows: row_measures() per row.
         bounds: per measure in MEASURES (params fidelity.bounds).
-        level: two-sided level of each interval (the caller applies Bonferroni over techniques and measures).
+        level: two-sided level of each interval (the caller applies Bonferroni over techniques and deciding measures).
+        decide: the measures whose states make the technique's (params fidelity.decide); the others are reported beside.
     """
     pooled = np.concatenate([np.asarray(r["kl"], dtype=float) for r in rows]) if rows else np.zeros(0)
     point = {m: float(np.mean([r[m] for r in rows])) if rows else None for m in MEASURES if m != "kl_p99"}
@@ -123,13 +125,10 @@ def summarize(rows: list[dict[str, Any]], bounds: dict[str, float], level: float
     if len(rows) < min_rows:
         return out | {m: {"value": point[m], "bound": bounds[m], "worse": worse} for m, worse in MEASURES.items()} | {"fidelity_state": "too few rows"}
     dist = bootstrap_rows(rows, n_samples, seed)
-    states = []
     for m, worse in MEASURES.items():
         low, high = interval(dist[m], level)
-        state = decide_measure(low, high, bounds[m], worse)
-        states.append(state)
-        out[m] = {"value": point[m], "low": low, "high": high, "bound": bounds[m], "worse": worse, "state": state}
-    return out | {"fidelity_state": combine(states)}
+        out[m] = {"value": point[m], "low": low, "high": high, "bound": bounds[m], "worse": worse, "state": decide_measure(low, high, bounds[m], worse)}
+    return out | {"fidelity_state": combine([out[m]["state"] for m in decide]), "decided_by": list(decide)}
 
 
 def all_finite(row: dict[str, Any]) -> bool:

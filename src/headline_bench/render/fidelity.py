@@ -55,13 +55,15 @@ def fidelity_section(names: list[str], fids: dict[str, dict[str, Any]], rouge_st
     bounds = next((f for f in fids.values() if f.get("kl_mean")), None)
     measures = [m for m in COLUMNS if bounds and isinstance(bounds.get(m), dict)]
     rule = ("bounds: " + ", ".join(f"{m} {'<=' if bounds[m].get('worse') == 'max' else '>='} {bounds[m]['bound']:g}" for m in measures)) if bounds else "no bounds recorded"
+    decide = bounds.get("decided_by", []) if bounds else []
     level = f"{bounds['interval_level']:.4f}" if bounds and finite(bounds.get("interval_level")) else "—"
     text = ("Teacher-forced over baseline's greedy headlines (one forward pass per row, no generation), as llama.cpp's "
             "`llama-perplexity --kl-divergence`: per-token KL(baseline || technique) in nats (row mean; and the 99th percentile over all "
             "positions), the share of positions whose top token is baseline's, and the added NLL per token of the reference headline. "
             f"Intervals: percentile bootstrap over rows at the simultaneous level {level} (Bonferroni over the lossy family and the "
-            f"{len(COLUMNS)} measures). A measure is **within bound** when its interval lies on the good side of its bound, **beyond** when "
-            "it lies past it, else inconclusive; a technique is beyond when any measure is, within when every one is (" + rule + "). "
+            f"deciding measures: {', '.join(decide) or '—'}). A measure is **within bound** when its interval lies on the good side of its "
+            "bound, **beyond** when it lies past it, else inconclusive; a technique is beyond when any deciding measure is, within when "
+            "every one is; the other measures' states are shown beside, for information (" + rule + "). "
             "KL uses baseline's top-k tokens with the rest lumped: a lower bound of the full KL. Decided by: which of the ROUGE state "
             "(Quality verdicts) and the fidelity state reached a decision.")
     parts = [text, table(["Technique", "ROUGE state", "Fidelity state", "KL mean [CI]", "KL p99 [CI]", "Top-1 agreement [CI]", "ΔNLL [CI]", "Rows",
