@@ -137,7 +137,8 @@ def forced_setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[A
 
     gguf = gguf_of(cfg.model_name, params)
     threads = cfg.threads or torch.get_num_threads()
-    llm = open_llama(Llama, gguf, params.generate.max_input_tokens + cfg.generate.max_new_tokens, threads, params.base.seed, device, logits_all=True)
+    n_ctx = params.generate.max_input_tokens + max(cfg.generate.max_new_tokens, 128)  # the reference headline may be longer than a generated one
+    llm = open_llama(Llama, gguf, n_ctx, threads, params.base.seed, device, logits_all=True)
     return lambda sequences, start: llamacpp_logits(llm, sequences, start), {"engine": "llama.cpp", "dtype": gguf_format(llm).lower(),
                                                                              "vocab": llm.n_vocab()}
 

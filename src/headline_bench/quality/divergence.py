@@ -71,8 +71,9 @@ def row_measures(ref: dict[str, Any], logits: torch.Tensor, gold_logits: torch.T
         gold_logits: [G, V] at the positions predicting the reference headline.
     """
     ids, logp = torch.as_tensor(ref["ids"]), torch.as_tensor(ref["logp"])
+    logits, gold_logits = logits.float().cpu(), gold_logits.float().cpu()  # the stored reference lives on the CPU
     kl, tail = lumped_kl(ids, logp, logits)
-    agree = logits.float().argmax(-1) == ids[:, 0].long().to(logits.device)
+    agree = logits.argmax(-1) == ids[:, 0].long()
     return {"kl": [float(x) for x in kl], "kl_mean": float(kl.mean()), "top1": float(agree.float().mean()),
             "nll_delta": token_nll(gold_logits, ref["gold"]) - float(ref["nll"]), "tail_mass": float(tail.mean()), "positions": int(kl.numel())}
 
