@@ -45,8 +45,8 @@ def calibrate(models_dir: Path, params: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from headline_bench.data.prompts import prompts_for
-    from headline_bench.techniques.load import build_model
     from headline_bench.techniques.config import resolve
+    from headline_bench.techniques.load import build_model
 
     _, tokenizer, _ = build_model(resolve(params, "baseline"), "cpu")
     model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny", dtype=torch.bfloat16).eval()
