@@ -1,8 +1,9 @@
 """Stage quality: one technique (argv[1]) over data/prepared/quality.jsonl, generated once, untimed, batched where the
 technique can batch -> data/quality/<technique>.jsonl and metrics/techniques/<technique>/quality.json.
-Lossless techniques are not run: they take their reference's quality once their timed token ids match (score).
+Lossless techniques are not run there: they take their reference's quality once their token ids match (score). They
+and their references run the lossless check's further rows as timed (untimed) -> data/lossless/<technique>.jsonl.
 
-The pass runs in a child process (`quality.py <technique> --out <file>`), so an engine killed by a signal is the
+Both passes run in a child process (`quality.py <technique> --out <file>`), so an engine killed by a signal is the
 technique's recorded failure and the pipeline goes on."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="run the pass in this process and write its result here (started by the stage itself)")
     args = parser.parse_args()
     name = stage_key("quality", args.technique)
-    params = load_params(required=["base", "generate", "prompt", "techniques"])
+    params = load_params(required=["base", "generate", "prompt", "techniques", "score"])
     if args.out is not None:
         return quality_worker(name, params, QUALITY_ROWS, args.out)
     records, facts = guarded(name, params, lambda: quality_process(name))

@@ -122,6 +122,7 @@ def test_a_failed_serve_rerun_keeps_the_finished_serve_outputs(tmp_path: Path, m
     """serve.json and data/served are `persist: true`; a server that dies on the rerun leaves them and fails the stage."""
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     files.write_jsonl(tmp_path / "data/prepared/timed.jsonl", ROWS)
+    files.write_jsonl(tmp_path / "data/prepared/quality.jsonl", ROWS)  # the served quality pass reads the quality rows
     monkeypatch.chdir(tmp_path)
     entry = next(iter(yaml.safe_load((ROOT / "params.yaml").read_text())["serving"]))
     served, metrics = tmp_path / f"data/served/{entry}.jsonl", tmp_path / f"metrics/serving/{entry}/serve.json"
@@ -184,7 +185,8 @@ def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> N
     params["techniques"] |= {name: {} for name in HOSTILE}
     params["serving"] = {name: {"engine": "transformers", "reference": "baseline"} for name in HOSTILE}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    for path in ["data/prepared/timed.jsonl", "data/prepared/quality.jsonl", "data/generations/baseline.jsonl", "data/models/README"]:
+    for path in ["data/prepared/timed.jsonl", "data/prepared/quality.jsonl", "data/generations/baseline.jsonl", "data/models/README",
+                 "data/quality/baseline.jsonl", "metrics/techniques/baseline/perf.json"]:  # every dep of the stages run
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         (repo / path).write_text("\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
 from headline_bench.analysis.verdicts import decide
-from headline_bench.quality.fidelity import EPS, equivalence, fidelity, near_tie_threshold, noise_q90, perturbation_cap, token_check
+from headline_bench.quality.fidelity import (
+    EPS,
+    calibration_key,
+    equivalence,
+    fidelity,
+    near_tie_threshold,
+    perturbation_cap,
+    row_cap,
+    token_check,
+)
 from headline_bench.quality.rouge import ROUGE_MODULE, rouge
 from headline_bench.quality.score import score
 from headline_bench.settings import Score
@@ -118,6 +128,10 @@ def test_score_seed_changes_intervals_not_point_estimates() -> None:
     assert a["rougeL"] == b["rougeL"] and a["rougeL_delta"] == b["rougeL_delta"]
 
 
+ENV = {"cpu_id": "AuthenticAMD family 25 model 1 stepping 1", "cpu_isa": "avx2 fma"}
+KEY = calibration_key("m", ENV, "cpu", "bfloat16")
+
+
 def tok(i: str, ids: list[int], margins: list[float] | None = None, prediction: str = "x") -> dict:
     return {"id": i, "prediction": prediction, "reference": "r", "token_ids": ids, "margins": margins}
 
@@ -127,19 +141,21 @@ def test_token_check_classifies_identical_near_tie_and_real_difference() -> None
     reference = [tok("a", [5, 6, 7], [0.5, 0.5, 0.5]), tok("b", [5, 6, 7], [0.5, 2 * eps, 0.5]), tok("c", [5, 6, 7], [0.5, 0.3, 0.5]),
                  tok("d", [5, 6], [0.5, 0.5]), tok("e", [1], None, prediction="same")]
     mine = [tok("a", [5, 6, 7]), tok("b", [5, 9, 7]), tok("c", [5, 9]), tok("d", [5, 6, 8]), {"id": "e", "prediction": "same", "reference": "r"}]
-    t = token_check(mine, reference, *near_tie_threshold("bfloat16", "cpu", {}, 4))
+    t = token_check(mine, reference, *near_tie_threshold("bfloat16", KEY, {}, 4))
     assert (t["identical"], t["near_tie"], t["real_difference"], t["compared"]) == (2, 1, 2, 5)
     assert t["differing"] == [{"id": "b", "step": 1, "margin": 2 * eps, "class": "near_tie"},
                               {"id": "c", "step": 1, "margin": 0.3, "class": "real_difference"},
                               {"id": "d", "step": 2, "margin": None, "class": "real_difference"}]  # the reference stopped: no margin there
     assert "uncalibrated" in t["rule"] and "4 x machine epsilon of bfloat16" in t["rule"]
     # the same 2-epsilon gap is a real difference in float32, whose resolution is far finer
-    assert token_check(mine, reference, *near_tie_threshold("float32", "cpu", {}, 4))["near_tie"] == 0
-    # a measured calibration replaces the epsilon rule for its device and dtype only
-    cal = {"cpu/bfloat16": {"threshold": 0.4, "quantile": 0.99, "positions": 1000, "model": "m"}}
-    calibrated = token_check(mine, reference, *near_tie_threshold("bfloat16", "cpu:0", cal, 4))
-    assert (calibrated["near_tie"], calibrated["real_difference"]) == (2, 1) and "0.99 quantile" in calibrated["rule"]
-    assert near_tie_threshold("bfloat16", "cuda:0", cal, 4)[0] == pytest.approx(4 * eps)
+    assert token_check(mine, reference, *near_tie_threshold("float32", KEY, {}, 4))["near_tie"] == 0
+    # a measured calibration replaces the epsilon rule for its model, device kind and dtype only
+    cal = {KEY: {"threshold": 0.4, "alpha": 0.01, "check_positions": 720, "positions": 1000, "model": "m"}}
+    calibrated = token_check(mine, reference, *near_tie_threshold("bfloat16", KEY, cal, 4))
+    assert (calibrated["near_tie"], calibrated["real_difference"]) == (2, 1) and "probability 0.01" in calibrated["rule"]
+    for other in (calibration_key("m", ENV, "cuda:0", "bfloat16"), calibration_key("m", ENV | {"cpu_isa": "avx2"}, "cpu", "bfloat16"),
+                  calibration_key("gemma", ENV, "cpu", "bfloat16")):
+        assert near_tie_threshold("bfloat16", other, cal, 4)[0] == pytest.approx(4 * eps)
 
 
 def test_lossless_with_only_near_ties_is_equivalent_and_untested_else_a_comparison_naming_rows() -> None:
@@ -189,29 +205,41 @@ def test_score_technique_takes_the_reference_quality_through_near_ties_and_score
     write_jsonl(Path("data/generations/kv_cache.jsonl"), real)
     s = score_technique("kv_cache", params)
     assert s["token_check"]["real_difference"] == 1 and s["quality_source"] == "timed rows" and s["rows"] == 4
-    assert "beyond a near-tie on 1 of 4 timed rows" in s["quality_source_note"]
+    assert "beyond a near-tie on 1 of 4 checked rows" in s["quality_source_note"]
     assert s["quality_state"] == "too few rows", {k: s.get(k) for k in ("rows", "rougeL_delta_low", "quality_basis", "samples")}
     assert "differ beyond a near-tie (2)" in s["quality_basis"]
 
 
 def test_near_ties_need_a_perturbation_within_numeric_noise() -> None:
     """A lossy technique first differs where margins are small too; its perturbation of the margins where the tokens
-    still agree (here 0.1 vs a 0.02 cap) makes those rows real. A lossless one (0.001) keeps them near-ties; too few
-    shared positions to judge leaves them unclassified."""
+    still agree (here 0.1 vs a 0.02 row cap) makes those rows real. A lossless one (0.001) keeps them near-ties; rows
+    too short to judge leave them unclassified."""
     def rows_with(shift: float, length: int = 8) -> tuple[list[dict], list[dict]]:
         ref = [tok(str(i), list(range(length)), [0.3] * (length - 1) + [0.005]) for i in range(5)]
         margins = [0.3 + shift] * (length - 1) + [0.005 + shift]
         mine = [tok(str(i), list(range(length - 1)) + [99] if i == 0 else list(range(length)), margins) for i in range(5)]
         return mine, ref
-    cal = {"cpu/bfloat16": {"threshold": 0.1, "quantile": 0.999, "positions": 1000, "model": "m", "q0.9": 0.01}}
-    threshold, rule = near_tie_threshold("bfloat16", "cpu", cal, 4)
-    cap = perturbation_cap(threshold, noise_q90("bfloat16", "cpu", cal), 2)
-    assert cap == pytest.approx(0.02) and perturbation_cap(0.03, None, 2) == 0.03  # uncalibrated: the threshold itself
+    cal = {KEY: {"threshold": 0.1, "alpha": 0.01, "check_positions": 720, "positions": 1000, "model": "m", "row_cap": 0.02}}
+    threshold, rule = near_tie_threshold("bfloat16", KEY, cal, 4)
+    cap = perturbation_cap(threshold, row_cap(KEY, cal))
+    assert cap == pytest.approx(0.02) and perturbation_cap(0.03, None) == 0.03  # uncalibrated: the threshold itself
     lossless = token_check(*rows_with(0.001), threshold, rule, cap)
     assert (lossless["near_tie"], lossless["real_difference"]) == (1, 0) and lossless["perturbation"]["within_noise"] is True
-    assert lossless["perturbation"]["positions"] == 4 * 8 + 7 and "perturbation" in lossless["rule"]
+    assert lossless["perturbation"]["positions"] == 4 * 8 + 7 and "worst row" in lossless["rule"]
     lossy = token_check(*rows_with(0.1), threshold, rule, cap)
-    assert (lossy["near_tie"], lossy["real_difference"]) == (0, 1) and lossy["perturbation"]["q0.9"] == pytest.approx(0.1)
+    assert (lossy["near_tie"], lossy["real_difference"]) == (0, 1) and lossy["perturbation"]["worst_q0.9"] == pytest.approx(0.1)
     assert token_check(*rows_with(0.1), threshold, rule)["near_tie"] == 1  # without a cap: the margin rule alone
-    short = token_check(*rows_with(0.001, length=3), threshold, rule, cap)  # 4 x 3 + 2 = 14 positions < 20
+    short = token_check(*rows_with(0.001, length=3), threshold, rule, cap)  # rows of 3 positions < MIN_ROW_POSITIONS
     assert (short["near_tie"], short["unclassified"]) == (0, 1) and short["perturbation"]["within_noise"] is None
+
+
+def test_a_perturbation_on_few_rows_shows_on_the_worst_row() -> None:
+    """2 of 30 rows perturbed (a mask bug at a cache-bucket edge), the rest exact: a pooled 0.9 quantile stays at 0 and
+    would pass; the worst row does not, so the row that differs only at a small margin is a real difference."""
+    ref = [tok(str(i), list(range(20)), [0.3] * 19 + [0.005]) for i in range(30)]
+    mine = [tok(str(i), list(range(20)), [0.3 + (0.2 if i < 2 else 0.0)] * 20) for i in range(30)]
+    mine[0] = tok("0", list(range(19)) + [99], [0.5] * 20)  # a perturbed row whose first difference sits at a tiny margin
+    pooled = np.quantile([abs(a - b) for m, r in zip(mine, ref) for a, b in zip(m["margins"][:19], r["margins"][:19])], 0.9)
+    assert pooled == pytest.approx(0.0, abs=1e-12)
+    check = token_check(mine, ref, 0.1, "rule", 0.02)
+    assert check["perturbation"]["worst_q0.9"] == pytest.approx(0.2) and check["real_difference"] == 1 and check["near_tie"] == 0

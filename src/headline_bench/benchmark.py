@@ -17,7 +17,18 @@ from headline_bench.backends.base import Generation
 from headline_bench.children import die_with_parent, run_child, send_test_signal
 from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, ProcessDied, Skip, exit_reason, fail
-from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, keep_finished, read_json, read_jsonl, write_json, write_jsonl
+from headline_bench.files import (
+    GENERATIONS,
+    LOSSLESS,
+    QUALITY,
+    TECHNIQUE_METRICS,
+    TIMED_ROWS,
+    keep_finished,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from headline_bench.logs import log
 from headline_bench.measure import checkpoints as checkpoint
 from headline_bench.measure.environment import env_info
@@ -283,6 +294,39 @@ def quality_pass(name: str, params: Params, rows_path: Path) -> tuple[list[dict[
                              "dtype": info.get("dtype"), "model": source, "config": cfg.record(), "resume": ckpt.facts()}
 
 
+def checked(name: str, params: Params) -> bool:
+    """Whether the technique runs the lossless check pass: lossless ones (a `reference`) and the ones that are no lossy
+    family member (baseline, another model such as target_only: what lossless techniques reproduce). Decided from the
+    technique's own entry and score.family only, so editing one technique never reruns every quality stage."""
+    entry = params.entry(name)
+    return bool(entry.reference) or name not in (params.score.family if params.score else [])
+
+
+def check_pass(name: str, params: Params, rows_path: Path, timed_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The lossless check's further rows: the technique exactly as timed (its batch size, cache and kernels), untimed,
+    over the first `generate.check_rows` quality rows that are not timed rows.
+
+    Run by lossless techniques and by the techniques they reproduce (checked()), so that the score stage compares token ids on
+    timed_rows + check_rows rows instead of the timed rows alone (8 identical rows bound the share of differing rows
+    only at 31%, 30 at 10%). Other techniques return no records.
+    """
+    cfg, device = settle(params, name)
+    if not checked(name, params) or not params.generate.check_rows:
+        return [], {}
+    timed = {r["id"] for r in read_jsonl(timed_path)}
+    rows = [r for r in read_jsonl(rows_path) if r["id"] not in timed][: params.generate.check_rows]
+    check_hardware(cfg, device)
+    if tp.needs_launch(cfg):
+        raise Skip("the check pass does not start torchrun; tensor parallel techniques are checked on their timed rows")
+    generate_fn, tokenizer, info = backends.setup(cfg, params, device)
+    prompts, kept, too_long = prompts_for(rows, tokenizer, params.prompt, info.get("max_input_tokens", 10**9))
+    info.get("before_warmup", lambda rest: None)(prompts)  # decode_loop: compile every cache shape first
+    log.info("%s: lossless check pass over %d further rows, batch %d, on %s", name, len(prompts), cfg.batch_size, device)
+    gens, numbers = run(generate_fn, prompts, cfg.batch_size, 0, device)
+    records = [{**row, **{k: v for k, v in asdict(g).items() if k not in TIMING_FIELDS}} for row, g in zip(kept, gens)] + too_long
+    return records, {"rows": len(records), "batch_size": cfg.batch_size, "wall_s": numbers["wall_s"], "device": device}
+
+
 QUALITY_SCRIPT = tp.GENERATE.parent / "quality.py"
 
 
@@ -303,12 +347,21 @@ def quality_worker(name: str, params: Params, rows_path: Path, out: Path) -> Non
     die_with_parent()
     send_test_signal(name)
     records, facts = guarded(name, params, lambda: quality_pass(name, params, rows_path))
+    if not (facts.get("failed") or facts.get("skipped")):  # the lossless check's further rows, in the same process
+        checked_records, check_facts = guarded(name, params, lambda: check_pass(name, params, rows_path, TIMED_ROWS))
+        if check_facts:
+            facts = facts | {"lossless_check": check_facts | {"records": checked_records}}
     write_json(out, {"records": records, "facts": facts})
 
 
 def write_quality(name: str, records: list[dict[str, Any]], facts: dict[str, Any]) -> None:
-    """Write the quality pass's records and quality.json; a failure or skip never replaces a finished pass (files.keep_finished)."""
+    """Write the quality pass's records and quality.json, and the lossless check pass's records (data/lossless/, carried
+    in facts["lossless_check"]["records"]); a failure or skip never replaces a finished pass (files.keep_finished)."""
     keep_finished(name, facts, QUALITY / f"{name}.jsonl", TECHNIQUE_METRICS / name / "quality.json")
+    check = dict(facts.get("lossless_check") or {})
+    checked_records = check.pop("records", [])
+    facts = {k: v for k, v in facts.items() if k != "lossless_check"} | ({"lossless_check": check} if check else {})
+    write_jsonl(LOSSLESS / f"{name}.jsonl", checked_records)
     write_jsonl(QUALITY / f"{name}.jsonl", records)
     write_json(TECHNIQUE_METRICS / name / "quality.json", facts)
     log.info("%s: quality pass %s -> %s", name, next((facts[k] for k in ("not_run", "skipped", "failed") if k in facts), f"{len(records)} rows"),

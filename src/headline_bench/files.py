@@ -26,6 +26,8 @@ MODELS = Path("data/models")
 
 GENERATIONS = Path("data/generations")  # the timed pass's records (data/prepared/timed.jsonl)
 QUALITY = Path("data/quality")          # the quality pass's records (data/prepared/quality.jsonl)
+LOSSLESS = Path("data/lossless")        # the lossless check's further rows (untimed, as timed) of lossless techniques and their references
+FIDELITY = Path("data/fidelity")        # teacher-forced fidelity: baseline's stored distributions and each technique's rows
 
 
 METRICS = Path("metrics")

@@ -153,6 +153,7 @@ class Generate(Section):
     repeats: PosInt = 1             # timed passes over the timed rows in each timed process
     processes: PosInt = 1           # timed processes per technique (1: the stage's own; more: fresh ones, process-to-process variance)
     quality_batch_size: PosInt = 8  # prompts per call in the untimed quality pass, where the technique can batch
+    check_rows: NonNegInt = 22     # untimed rows after the timed ones on which lossless techniques and their references are checked
 
 
 class Score(Section):
@@ -165,8 +166,22 @@ class Score(Section):
     model_comparisons: list[str] = []  # other models compared with baseline (target_only): a family of their own
     seed: int | None = None
     near_tie_units: Annotated[float, Field(ge=0)] = 4  # fallback near-tie threshold in machine epsilons, where no calibration exists
-    near_tie_perturbation: Annotated[float, Field(gt=0)] = 2  # near-ties only while the technique moves margins <= this x the calibrated noise (q0.9)
+    near_tie_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01  # calibration: chance that numeric noise alone calls a row "real" in a whole lossless check
     near_tie_calibration: str | None = "calibration/near_tie.json"  # measured thresholds per device/dtype (scripts/calibrate_near_tie.py)
+
+
+class FidelityBounds(Section):  # quality/divergence.py: a technique is "within bound" when every interval is on the good side
+    kl_mean: Annotated[float, Field(gt=0)]    # mean over rows of per-token KL(baseline || technique), nats
+    kl_p99: Annotated[float, Field(gt=0)]     # 99th percentile of per-token KL over all positions, nats
+    top1: Annotated[float, Field(gt=0, le=1)]  # least share of positions whose top token is baseline's
+    nll_delta: Annotated[float, Field(gt=0)]  # most added NLL per token of the reference headline, nats
+
+
+class Fidelity(Section):  # teacher-forced fidelity to baseline (stages fidelity_reference and fidelity)
+    rows: PosInt = 100  # the first rows of baseline's quality pass
+    top_k: PosInt = 1024  # baseline's distribution stored as its top-k log-probs, the rest lumped
+    bounds: FidelityBounds
+    decide: list[Literal["kl_mean", "kl_p99", "top1", "nll_delta"]] = ["kl_mean", "kl_p99"]  # the measures that make the state
 
 
 class Report(Section):
@@ -434,6 +449,7 @@ class Params(Section):
     prompt: Prompt | None = None
     generate: Generate | None = None
     score: Score | None = None
+    fidelity: Fidelity | None = None
     report: Report | None = None
     technique: str | None = None
     techniques: dict[str, Technique | None] = {}

@@ -87,14 +87,7 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
     max_new = cfg.generate.max_new_tokens
     n_ctx = params.generate.max_input_tokens + max_new
     start = time.perf_counter()
-    try:
-        llm = Llama(
-            model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=params.base.seed,
-            n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False,
-        )
-    except ValueError as e:  # llama.cpp: "Failed to load model from file"
-        raise InputError(f"{gguf}: llama.cpp cannot load this GGUF file ({e})") from None
-    atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
+    llm = open_llama(Llama, gguf, n_ctx, threads, params.base.seed, device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     fmt = gguf_format(llm)
     info = {
@@ -107,6 +100,47 @@ def setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Generate
         return llamacpp_generate(llm, prompts, max_new)
 
     return generate_fn, tokenizer, info
+
+
+def open_llama(llama: Any, gguf: Path, n_ctx: int, threads: int, seed: int, device: str, **extra: Any) -> Any:
+    """A llama_cpp.Llama on the GGUF file (`extra`: e.g. logits_all), closed at exit."""
+    try:
+        llm = llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
+                    n_gpu_layers=-1 if device.startswith("cuda") else 0, verbose=False, **extra)
+    except ValueError as e:  # llama.cpp: "Failed to load model from file"
+        raise InputError(f"{gguf}: llama.cpp cannot load this GGUF file ({e})") from None
+    atexit.register(llm.close)  # free while the bindings still exist; __del__ at interpreter teardown raises
+    return llm
+
+
+def llamacpp_logits(llm: Any, sequences: list[list[int]], start: int) -> list[Any]:
+    """Teacher forcing with llama.cpp: each sequence evaluated once from an empty cache (a Llama made with logits_all
+    keeps every position's logits in `scores`), and its logits [len(s) - start, V] at the positions predicting s[start:]."""
+    import torch
+
+    out = []
+    for s in sequences:
+        llm.reset()
+        llm.eval(s)
+        out.append(torch.from_numpy(llm.scores[start - 1 : len(s) - 1].copy()))
+    return out
+
+
+def forced_setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Any, dict[str, Any]]:
+    """llama.cpp on the technique's GGUF file for teacher forcing (quality/teacher.py): every position's logits
+    (logits_all), the same ids as baseline's fed directly (no tokenizing). Skip where llama-cpp-python or the GGUF is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise Skip("n/a: llama-cpp-python not installed, so no llama.cpp logits") from None
+    import torch
+
+    gguf = gguf_of(cfg.model_name, params)
+    threads = cfg.threads or torch.get_num_threads()
+    n_ctx = params.generate.max_input_tokens + max(cfg.generate.max_new_tokens, 128)  # the reference headline may be longer than a generated one
+    llm = open_llama(Llama, gguf, n_ctx, threads, params.base.seed, device, logits_all=True)
+    return lambda sequences, start: llamacpp_logits(llm, sequences, start), {"engine": "llama.cpp", "dtype": gguf_format(llm).lower(),
+                                                                             "vocab": llm.n_vocab()}
 
 
 def llama_cpp_python_command(entry: ServingEntry, gguf: Path, port: int, device: str, n_ctx: int, seed: int, threads: int, host: str) -> list[str]:

@@ -110,6 +110,31 @@ def loop_generate(loop: Any, tokenizer: Any, prompts: list[str], device: str, ma
                        lambda b, n: [float(f"{m:.6g}") for m in margins[b][:n]])
 
 
+@torch.inference_mode()
+def forced_logits(model: Any, sequences: list[list[int]], start: int, device: str) -> list[torch.Tensor]:
+    """Teacher forcing: one forward pass over a row's sequences (right-padded into one batch, no cache, no generation).
+
+    Returns:
+        per sequence s, the logits [len(s) - start, V] at the positions predicting s[start:].
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)  # [B, W]
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=width - start + 1).logits  # [B, W - start + 1, V]
+    return [logits[b, : len(s) - start] for b, s in enumerate(sequences)]
+
+
+def forced_setup(cfg: ResolvedTechnique, params: Params, device: str) -> tuple[Callable[[list[list[int]], int], list[torch.Tensor]], dict[str, Any]]:
+    """The technique's model for teacher forcing (quality/teacher.py): its weights, dtype and transforms, run eagerly.
+    A compiled or decode-loop technique's own kernels are not used: its fidelity is that of its weights and dtype."""
+    model, _, info = build_model(cfg, device)
+    eager = [k for k in ("compile", "decode_loop") if getattr(cfg, k)]
+    facts = {"engine": "transformers", "dtype": str(model.dtype).replace("torch.", ""), "random_weights": info["random_weights"]}
+    if eager:
+        facts["note"] = f"eager forward of the technique's model: its {' and '.join(eager)} kernels are not in the measure"
+    return lambda sequences, start: forced_logits(model, sequences, start, device), facts
+
+
 def configure_draft(draft: Any, settings: Speculative) -> dict[str, Any]:
     """Put the speculative settings where transformers reads them: the draft's own generation config.
 

@@ -59,6 +59,7 @@ class Score(Record):
     quality_taken_from: str | None = row("the technique whose quality pass a lossless technique's quality is taken from")
     quality_source_note: str | None = row("why the timed rows are scored instead of a quality pass")
     timed_rows: int | None = row("timed rows the lossless check (fidelity, token_check) compares")
+    check_rows: int | None = row("further untimed rows the lossless check (token_check) compares besides the timed rows (data/lossless)")
     batched_vs_timed: dict[str, Any] | None = row("quality-pass (batched) outputs equal to the timed (batch-1) outputs on the timed rows, by token ids")
     mlperf_99: bool | None = row("MLPerf's point-estimate check: ROUGE-L >= 99% of baseline's (informational)")
     rougeL_delta_sd: Num | None = row("per-row sd of the difference")

@@ -10,9 +10,17 @@ import numpy as np
 from headline_bench.analysis.stats import bootstrap_means, interval
 from headline_bench.analysis.verdicts import compare, family_of, mlperf_99
 from headline_bench.errors import InputError
-from headline_bench.files import GENERATIONS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl
+from headline_bench.files import GENERATIONS, LOSSLESS, QUALITY, TECHNIQUE_METRICS, read_json, read_jsonl
 from headline_bench.measure.records import assemble
-from headline_bench.quality.fidelity import equivalence, fidelity, near_tie_threshold, noise_q90, perturbation_cap, token_check
+from headline_bench.quality.fidelity import (
+    calibration_key,
+    equivalence,
+    fidelity,
+    near_tie_threshold,
+    perturbation_cap,
+    row_cap,
+    token_check,
+)
 from headline_bench.quality.records import Score
 from headline_bench.quality.rouge import TYPES, row_scores
 from headline_bench.techniques.config import resolve
@@ -107,25 +115,32 @@ def quality_owner(params: Params, name: str) -> str:
     return seen[-1]
 
 
-def scored_set(name: str, params: Params, timed: list[dict[str, Any]], check: dict[str, Any]) -> tuple[list, list, dict[str, Any]]:
+def check_records(name: str) -> list[dict[str, Any]]:
+    """The lossless check pass's records of a technique (data/lossless/<technique>.jsonl); empty where it ran none."""
+    path = LOSSLESS / f"{name}.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def scored_set(name: str, params: Params, timed: list[dict[str, Any]], check: dict[str, Any], extra: int = 0) -> tuple[list, list, dict[str, Any]]:
     """Which records are scored for quality, against which baseline records, and why (recorded in score.json).
 
     A lossy technique is scored on its own quality pass (data/quality/<technique>.jsonl) against baseline's. A
     lossless one takes its reference's quality pass once every timed row's token ids equal the reference's or differ
-    only at a near-tie (the lossless check on the timed rows, `check`: equivalent up to the dtype's numerics); one with
+    only at a near-tie (the lossless check on the timed rows and the check pass's `extra` rows, `check`: equivalent up
+    to the dtype's numerics); one with
     a real or unclassifiable difference, or a technique without a quality pass, is scored on its timed rows against
     baseline's timed rows, and score.json says why (`quality_source_note`).
     """
     owner = quality_owner(params, name)
     lossless = owner != name
-    predicted = sum(r.get("prediction") is not None for r in timed)
+    predicted = sum(r.get("prediction") is not None for r in timed) + extra  # extra: check-pass rows with a prediction
     matches = 0 < check["compared"] == predicted and check["identical"] + check["near_tie"] == predicted
     records, baseline = quality_records(owner), quality_records("baseline")
     if records and baseline and (not lossless or matches):
         facts = {"quality_set": str(QUALITY / f"{owner}.jsonl"), "quality_source": "reference" if lossless else "quality pass"}
         return records, baseline, facts | ({"quality_taken_from": owner} if lossless else {})
     why = (f"token ids differ from {params.entry(name).reference} beyond a near-tie on {check['real_difference'] + check['unclassified']} "
-           f"of {check['compared']} timed rows, so the reference's quality is not taken" if lossless and not matches
+           f"of {check['compared']} checked rows, so the reference's quality is not taken" if lossless and not matches
            else f"no quality-pass records for {owner if not records else 'baseline'}")
     return timed, read_dep(GENERATIONS / "baseline.jsonl"), {
         "quality_set": str(GENERATIONS / f"{name}.jsonl"), "quality_source": "timed rows", "quality_source_note": f"scored on the timed rows: {why}"}
@@ -160,16 +175,19 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
     s = params.score
     cal_path = Path(s.near_tie_calibration or "")
     calibration = read_json(cal_path) if cal_path.is_file() else {}
-    threshold, rule = near_tie_threshold(perf.get("dtype"), perf.get("device"), calibration, s.near_tie_units)
-    cap = perturbation_cap(threshold, noise_q90(perf.get("dtype"), perf.get("device"), calibration), s.near_tie_perturbation)
+    key = calibration_key((perf.get("config") or {}).get("model_name"), perf.get("env"), perf.get("device"), perf.get("dtype"))
+    threshold, rule = near_tie_threshold(perf.get("dtype"), key, calibration, s.near_tie_units)
+    cap = perturbation_cap(threshold, row_cap(key, calibration))
     head = {"technique": name, "fidelity_reference": ref_name, "lossless": lossless_reference is not None}
     if perf.get("quality"):
         scored = [r for r in records if r.get("token_ids")]
         return assemble(Score, head, {"quality": perf["quality"], "samples": len(scored)}, fidelity(scored, reference, "token_ids"),
                         {"token_check": token_check(scored, reference, threshold, rule, cap)})
     reference = read_dep(ref_path)  # beyond random weights, a missing reference is an error, not "no rows to compare"
-    check = token_check(records, reference, threshold, rule, cap)  # the lossless check: timed rows, batch 1
-    scored, baseline, source = scored_set(name, params, records, check)
+    # the lossless check: timed rows plus the check pass's further rows, each side run as timed
+    further = check_records(name) if lossless_reference else []
+    check = token_check(records + further, reference + check_records(ref_name), threshold, rule, cap)
+    scored, baseline, source = scored_set(name, params, records, check, sum(r.get("prediction") is not None for r in further))
     family = None if name == "baseline" else family_of(name, params.techniques, s)
     # the reference's records over the same rows as `scored`: its quality pass, or its timed rows when those are scored
     on_quality_pass = source["quality_source"] != "timed rows"
@@ -177,5 +195,5 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
     result = score(scored, baseline, paired, s, family, check, lossless_reference, perf.get("dtype"))
     for key in ("fidelity", "identical", "compared", "first_difference", "token_check"):  # stated once, on the timed rows
         result.pop(key, None)
-    timed = fidelity(records, reference) | {"token_check": check, "timed_rows": len(records)}
+    timed = fidelity(records, reference) | {"token_check": check, "timed_rows": len(records), "check_rows": len(further)}
     return assemble(Score, head, {"confidence": s.confidence}, source, result, timed, {"batched_vs_timed": batch_consistency(name, records, params)})

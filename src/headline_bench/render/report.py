@@ -13,6 +13,7 @@ from headline_bench.analysis.verdicts import resolve_equivalents
 from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_json, read_jsonl, write_json
 from headline_bench.logs import log
 from headline_bench.measure.environment import comparable, describe, fingerprint
+from headline_bench.render.fidelity import fidelity_section
 from headline_bench.render.markdown import f, table
 from headline_bench.settings import Params
 from headline_bench.settings import Report as ReportSettings
@@ -216,15 +217,15 @@ def lossless(rows: list[Row]) -> str:
         rules.add(t["rule"])
         outcome = "equivalent" if r.get("quality_state") == "equivalent" else f"quality comparison: {r.get('quality_state', '—')}"
         moved = t.get("perturbation") or {}
-        shift = (f"{moved['q0.9']:.3g} (cap {moved['cap']:.3g}, {moved['positions']} positions)" if moved.get("q0.9") is not None and moved.get("cap") is not None
-                 else "—")
+        shift = (f"{moved['worst_q0.9']:.3g} on `{moved['worst_row']}` (cap {moved['cap']:.3g}, {moved['rows_judged']} rows judged)"
+                 if moved.get("worst_q0.9") is not None and moved.get("cap") is not None else "—")
         body.append([r["technique"], r["fidelity_reference"], t["compared"], t["identical"], t["near_tie"], t["real_difference"],
                      t.get("unclassified", 0), shift, f"{r['identical']}/{r['compared']}", outcome])
         real = [d for d in t.get("differing", []) if d["class"] != "near_tie"]
         if real:
             rows_text = ", ".join(differing_row(d) for d in real)
             notes.append(f"- **{r['technique']}**: {len(real)} row(s) differ beyond a near-tie: {rows_text}")
-    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Margin perturbation q0.9",
+    header = ["Technique", "Reference", "Rows", "Identical tokens", "Near-tie", "Real difference", "Unclassified", "Margin perturbation q0.9, worst row",
               "Identical headlines", "Outcome"]
     return "\n\n".join([table(header, body), "Rule: " + "; ".join(sorted(rules)) + ". Unclassified: rows without token ids on one side "
                         "(compared as strings), a differing row whose reference recorded no logit margin (an engine without logits), or a near-tie whose "
@@ -403,7 +404,8 @@ def environment(perfs: dict[str, dict[str, Any]], prepare: dict[str, Any], rows:
 
 
 def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str, dict[str, Any]], prepare: dict[str, Any],
-           generations: dict[str, list[Row]], focus: str, settings: ReportSettings, score_settings: ScoreSettings) -> dict[str, Any]:
+           generations: dict[str, list[Row]], focus: str, settings: ReportSettings, score_settings: ScoreSettings,
+           fidelities: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Build every report output from metrics already on disk and write them.
 
     Args:
@@ -415,6 +417,7 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
         settings: params `report` (sample_headlines, balanced_rougeL_within, memory_tie_share, speed_tie, usd_per_hour: None shows
             cost as n/a).
         score_settings: params `score` (the declared families, margin, min_rows, power), which the verdicts section states.
+        fidelities: fidelity.json contents by technique (teacher-forced fidelity; None: that stage did not run).
 
     The interval level, bootstrap resamples and seed are score's (read from score.json), so the latency
     intervals here use the same settings as the quality ones.
@@ -448,7 +451,9 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     if focus != "baseline":
         sections += [f"## What changed: {focus} vs baseline", what_changed(by, focus)]
     sections += ["## Results", results_tables(rows, confidence, usd_per_hour), f"Pareto front (P50 latency vs ROUGE-L): {', '.join(front) or 'none'}.",
-                 "## Quality verdicts", random_note(rows) or verdicts(rows, confidence, score_settings), "## Latency", latency_table(rows, confidence, tie),
+                 "## Quality verdicts", random_note(rows) or verdicts(rows, confidence, score_settings),
+                 "## Fidelity to baseline", fidelity_section(names, fidelities or {}, {r["technique"]: r.get("quality_state") for r in rows}),
+                 "## Latency", latency_table(rows, confidence, tie),
                  "## Share of the hardware ceiling and energy", hardware(rows),
                  "## Lossless check", lossless(rows), "## Sample headlines", sample_headlines(generations, focus, settings.sample_headlines),
                  "## Recommendations", random_note(rows) or recommendations(recs, rows, confidence), "## Charts", "![Latency vs ROUGE-L](plots/pareto.png)",
@@ -460,6 +465,8 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     for g in groups:
         for name in g["techniques"]:
             by[name]["environment"] = g["label"]
+    for name, fid in (fidelities or {}).items():
+        by[name]["fidelity_state"] = fid.get("fidelity_state") or fid.get("not_measured") or fid.get("skipped")
     for name, r in resumed(perfs).items():
         by[name] |= {"resumed_rows": r["resumed_rows"], "sessions": r.get("sessions")}
     drop = ("technique", "first_difference", "token_check")
@@ -487,4 +494,6 @@ def report_from_disk(params: Params) -> dict[str, Any]:
     perfs = {n: load(TECHNIQUE_METRICS / n / "perf.json", n) for n in names}
     scores = {n: load(TECHNIQUE_METRICS / n / "score.json", n) for n in names}
     gens = {n: read_jsonl(GENERATIONS / f"{n}.jsonl") for n in names if (GENERATIONS / f"{n}.jsonl").exists()}
-    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or ScoreSettings())
+    fids = {n: read_json(TECHNIQUE_METRICS / n / "fidelity.json") for n in names if (TECHNIQUE_METRICS / n / "fidelity.json").exists()}
+    return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or ScoreSettings(),
+                  fids)
