@@ -442,7 +442,7 @@ def test_gpu_check_refuses_an_alias_in_its_passes_file_and_removes_its_scratch(t
         gpu_check.main(["--passes", str(passes)])
     assert str(e.value).startswith(f"error: --passes {passes}: line 1: YAML anchors and aliases are not allowed") and "\n" not in str(e.value)
 
-    def crash(args: Any, spec: Any, params: Any, names: Any, work: Path, deadline: float) -> None:
+    def crash(args: Any, spec: Any, params: Any, work: Path, deadline: float) -> None:
         (work / "models").mkdir(parents=True)
         raise RuntimeError("the device part crashed")
 
