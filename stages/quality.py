@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="run the pass in this process and write its result here (started by the stage itself)")
     args = parser.parse_args()
     name = stage_key("quality", args.technique)
-    params = load_params(required=["base", "generate", "prompt", "techniques", "score"])
+    params = load_params(required=["base", "generate", "prompt", "techniques"])  # score: optional (benchmark.checked)
     if args.out is not None:
         return quality_worker(name, params, QUALITY_ROWS, args.out)
     records, facts = guarded(name, params, lambda: quality_process(name))
