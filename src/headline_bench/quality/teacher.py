@@ -104,7 +104,8 @@ def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple
     decide = params.fidelity.decide
     k = max(len(s.family), 1) * len(decide)
     level = simultaneous_level(s.confidence, k)
-    summary = summarize(rows, params.fidelity.bounds.model_dump(), level, s.bootstrap_samples, s.seed or params.base.seed, s.min_rows, decide)
+    summary = summarize(rows, params.fidelity.bounds.model_dump(), level, s.bootstrap_samples, s.seed or params.base.seed,
+                        params.fidelity.min_rows, decide)
     log.info("%s: fidelity over %d rows: KL %.4g, top-1 %.3f, ΔNLL %+.4f -> %s", name, len(rows), summary["kl_mean"]["value"],
              summary["top1"]["value"], summary["nll_delta"]["value"], summary["fidelity_state"])
     return rows, head | facts | {"device": device, "top_k": reference["top_k"], "comparisons": k, "interval_method": "percentile bootstrap over rows",
