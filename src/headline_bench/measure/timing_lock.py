@@ -87,6 +87,14 @@ def acquire(fd: int, path: Path, state: TimingLock, parent: str | None) -> bool:
     except BlockingIOError:
         pass
     now = holder(path)
+    settle = time.monotonic() + 1.0
+    while now is None and time.monotonic() < settle:  # the holder may be between its flock and its line: ask again briefly
+        time.sleep(0.02)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            now = holder(path)
     if parent and now and str(now.get("pid")) == parent:
         state.held_by_parent = int(parent)
         return False
