@@ -13,7 +13,7 @@ import torch
 from headline_bench.backends.llama_cpp import llamacpp_logits
 from headline_bench.backends.transformers import forced_logits
 from headline_bench.benchmark import guarded
-from headline_bench.quality.divergence import combine, decide_measure, lumped_kl, reference_topk, row_measures, summarize
+from headline_bench.quality.divergence import NOT_BEYOND, combine, decide_measure, lumped_kl, reference_topk, row_measures, summarize
 from headline_bench.quality.teacher import fidelity_pass, reference_pass
 from headline_bench.settings import parse
 
@@ -22,7 +22,7 @@ PARAMS: dict[str, Any] = {
     "prompt": {"template": "headline: {summary}", "few_shot": []},
     "generate": {"max_new_tokens": 6, "use_cache": True, "batch_size": 1, "warmup_runs": 1, "max_input_tokens": 600},
     "score": {"bootstrap_samples": 400, "confidence": 0.95, "min_rows": 30, "family": ["prune_l1", "llamacpp"], "seed": 3},
-    "fidelity": {"rows": 40, "top_k": 8, "bounds": {"kl_mean": 0.05, "kl_p99": 1.0, "top1": 0.9, "nll_delta": 0.05}},
+    "fidelity": {"rows": 40, "min_rows": 30, "top_k": 8, "bounds": {"kl_mean": 0.05, "kl_p99": 1.0, "top1": 0.9, "nll_delta": 0.05}},
     "techniques": {"baseline": {"generate": {"use_cache": False}}, "kv_cache": {"reference": "baseline"}, "same": {},
                    "prune_l1": {"prune": {"method": "l1_unstructured", "amount": 0.5, "include_lm_head": False}},
                    "llamacpp": {"engine": "llama_cpp"}},
@@ -140,9 +140,13 @@ def test_decide_measure_three_states(low: float, high: float, worse: str, state:
 
 
 def test_combine_any_beyond_all_within() -> None:
-    assert combine(["within bound", "beyond bound", "inconclusive"]) == "beyond bound"
-    assert combine(["within bound", "within bound"]) == "within bound"
-    assert combine(["within bound", "inconclusive"]) == "inconclusive"
+    assert combine({"kl_mean": "within bound", "kl_p99": "beyond bound", "top1": "inconclusive"}) == "beyond bound"
+    assert combine({"kl_mean": "within bound", "top1": "within bound"}) == "within bound"
+    assert combine({"kl_mean": "within bound", "top1": "inconclusive"}) == "inconclusive"
+    # the screen (kl_p99) never certifies: its "not beyond" lets kl_mean decide, and alone it decides nothing but beyond
+    assert combine({"kl_mean": "within bound", "kl_p99": NOT_BEYOND}) == "within bound"
+    assert combine({"kl_p99": NOT_BEYOND}) == "inconclusive"
+    assert decide_measure(0.1, 0.2, 0.5, "max", screen=True) == NOT_BEYOND and decide_measure(0.6, 0.9, 0.5, "max", screen=True) == "beyond bound"
 
 
 def synthetic_rows(n: int, kl: float, seed: int = 0) -> list[dict[str, Any]]:
@@ -174,3 +178,16 @@ def test_only_the_deciding_measures_make_the_state() -> None:
     out = summarize(rows, BOUNDS, 0.99, 500, 1, 30, DECIDE)
     assert out["top1"]["state"] == "beyond bound" and out["fidelity_state"] == "within bound" and out["decided_by"] == DECIDE
     assert summarize(rows, BOUNDS, 0.99, 500, 1, 30, [*DECIDE, "top1"])["fidelity_state"] == "beyond bound"
+
+
+def test_pooled_quantiles_equal_numpy_on_the_concatenated_resamples() -> None:
+    import numpy as np
+
+    from headline_bench.quality.divergence import pooled_quantiles
+
+    rng = np.random.default_rng(0)
+    values = [rng.exponential(1.0, rng.integers(1, 25)).round(2) for _ in range(13)]  # ties across rows, a 1-position row
+    picks = rng.integers(0, len(values), (700, len(values)))
+    want = [np.quantile(np.concatenate([values[i] for i in p]), q) for q in (0.99,) for p in picks]
+    assert np.allclose(pooled_quantiles(values, 0.99, picks, chunk=64), want, rtol=0, atol=1e-12)
+    assert np.allclose(pooled_quantiles(values, 0.5, picks[:50]), [np.quantile(np.concatenate([values[i] for i in p]), 0.5) for p in picks[:50]])

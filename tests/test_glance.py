@@ -29,6 +29,7 @@ def test_readme_block_is_current() -> None:
 def _summary(tokens_per_s: float) -> dict:
     return {"env": {"device": "cpu (Test CPU, 2 cores)", "torch": "9.9"}, "prepare": {"quality_rows": 5, "timed_rows": 2},
             "techniques": {"kv_cache": {"s_per_token": 0.0125, "tokens_per_s": tokens_per_s, "quality_state": "equivalent"},
+                           "quant8": {"s_per_token": 0.02, "tokens_per_s": 50.0, "quality_state": "too few rows", "fidelity_state": "within bound"},
                            "vllm": {"skipped": "vLLM needs a CUDA GPU"}},
             "recommendations": [{"scenario": "low latency", "choice": "kv_cache"}]}
 
@@ -40,7 +41,8 @@ def test_render_takes_every_number_from_the_metrics(tmp_path: Path) -> None:
     assert "| `kv_cache` | 12.5 |" in first and "80.0" in first
     assert "cpu (Test CPU, 2 cores)" in first and "unknown (no git history)" in first
     assert "`vllm` (skipped: vLLM needs a CUDA GPU)" in first and "low latency: `kv_cache`" in first
-    assert "Serving" not in first  # no serving summary, no serving lines
+    assert "| too few rows | within bound |" in first
+    assert "Serving" not in first and "dvc repro" not in first  # no serving summary, no repro record: no lines for them
     (tmp_path / glance.SUMMARY).write_text(json.dumps(_summary(81.0)))
     assert "81.0" in glance.render(tmp_path) and "80.0" not in glance.render(tmp_path)
 
@@ -62,3 +64,23 @@ def test_replace_block_needs_one_pair_of_markers() -> None:
         glance.replace_block("no markers", "x")
     with pytest.raises(ValueError):
         glance.replace_block(f"{glance.END}{glance.START}", "x")
+
+
+def test_serving_and_repro_time_lines(tmp_path: Path) -> None:
+    (tmp_path / "metrics" / "serving_report").mkdir(parents=True)
+    (tmp_path / glance.SUMMARY).write_text(json.dumps(_summary(80.0)))
+    entries = [{"entry": "llama_server", "status": "ran", "sustainable_rate": {"rate": 4, "bound": "at least"}, "offline_reference": "llamacpp",
+                "served_quality": {"quality_state": "equivalent"}, "client_check": {"client_bound_levels": []}},
+               {"entry": "hf_serve", "status": "ran", "sustainable_rate": {"rate": 1, "bound": "measured"}, "offline_reference": "kv_cache",
+                "served_quality": {"quality_state": "too few rows"}, "ineligible": "served quality too few rows vs kv_cache",
+                "client_check": {"client_bound_levels": ["rate 4"]}},
+               {"entry": "vllm_serve", "status": "skipped", "reason": "vLLM needs a CUDA GPU\nmore"}]
+    (tmp_path / glance.SERVING).write_text(json.dumps({"entries": entries, "recommendation": {"choice": "llama_server", "eligible_by": "equivalent"}}))
+    (tmp_path / glance.REPRO_TIME).write_text(json.dumps({"command": "dvc repro", "total_s": 2520.0, "exit_code": 0, "complete": True,
+                                                          "groups_s": {"generate": 1200.0, "serve": 600.0}, "env": {"device": "cpu (Test CPU, 2 cores)"}}))
+    text = glance.render(tmp_path)
+    assert "`dvc repro` took 42.0 min (complete) on cpu (Test CPU, 2 cores); minutes per stage group: generate 20.0, serve 10.0" in text
+    assert "- `llama_server`: sustainable >= 4 req/s; served quality equivalent vs `llamacpp`; eligible" in text
+    assert "not eligible (served quality too few rows vs kv_cache); client-bound levels: rate 4" in text
+    assert "- `vllm_serve`: skipped (vLLM needs a CUDA GPU)" in text
+    assert "- online-serving pick: `llama_server` (served quality equivalent)" in text

@@ -179,7 +179,7 @@ class FidelityBounds(Section):  # quality/divergence.py: a technique is "within 
 
 class Fidelity(Section):  # teacher-forced fidelity to baseline (stages fidelity_reference and fidelity)
     rows: PosInt = 100  # the first rows of baseline's quality pass
-    min_rows: Annotated[int, Field(ge=2)] = 30  # below this no fidelity state; its own, not score.min_rows (400: ROUGE's lattice tails)
+    min_rows: Annotated[int, Field(ge=2)] = 100  # below this no fidelity state (tests/test_fidelity_sim.py); its own, not score.min_rows
     top_k: PosInt = 1024  # baseline's distribution stored as its top-k log-probs, the rest lumped
     bounds: FidelityBounds
     decide: list[Literal["kl_mean", "kl_p99", "top1", "nll_delta"]] = ["kl_mean", "kl_p99"]  # the measures that make the state

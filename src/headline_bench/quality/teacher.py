@@ -22,7 +22,7 @@ from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, Skip
 from headline_bench.logs import log
 from headline_bench.models.ref import model_source
-from headline_bench.quality.divergence import reference_topk, row_measures, summarize, token_nll
+from headline_bench.quality.divergence import METHODS, reference_topk, row_measures, summarize, token_nll
 from headline_bench.techniques.config import check_hardware, pick_device, resolve
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple
                         params.fidelity.min_rows, decide)
     log.info("%s: fidelity over %d rows: KL %.4g, top-1 %.3f, ΔNLL %+.4f -> %s", name, len(rows), summary["kl_mean"]["value"],
              summary["top1"]["value"], summary["nll_delta"]["value"], summary["fidelity_state"])
-    return rows, head | facts | {"device": device, "top_k": reference["top_k"], "comparisons": k, "interval_method": "percentile bootstrap over rows",
+    return rows, head | facts | {"device": device, "top_k": reference["top_k"], "comparisons": k, "interval_method": METHODS,
                                  "bootstrap_samples": s.bootstrap_samples} | summary
 
 
