@@ -579,6 +579,12 @@ def test_the_null_server_floor_is_the_clients_own_latency(tmp_path):
     assert all(r.error is None and r.tokens == [5, 7, 1][r.index % 3] for results in seen for r in results)
     for f in floors.values():
         assert f["sent"] == 12 and f["errors"] == 0 and f["ttft_s"]["p90"] < 0.1 and f["itl_s"]["p90"] < 0.02 and f["client_cpu_s"] > 0
+    # from the heaviest level down: a clear floor bounds the lighter levels of its kind, which are not replayed
+    seen.clear()
+    keys = [("rate", 10.0), ("rate", 50.0), ("rate", 25.0), ("concurrency", 1), ("concurrency", 2)]
+    floors = calibrate(keys, replay, clear=lambda f: f["measured_at"] != "rate 50")
+    assert len(seen) == 3 and set(floors) == set(keys)
+    assert [floors[k]["measured_at"] for k in keys] == ["rate 25", "rate 50", "rate 25", "concurrency 2", "concurrency 2"]
 
 
 @pytest.mark.parametrize("max_floor_share, bound", [(0.1, False), (0.0, True)], ids=["server-bound", "client-bound"])

@@ -4,8 +4,13 @@ The client and the server share the machine, so a client short of CPU stamps chu
 itself (AIPerf on this 2-core machine: TTFT 6.7 s against the project's 0.27 s for the same server). Two checks:
 - CPU: the client process's CPU time (time.process_time, every thread of the stage process: the event loop, JSON,
   aiohttp) over each level, per request and as a share of one core over the level's wall time;
-- floor: each level replayed against the null server (null_server.py: instant answers with the same token count
-  per row) with the same schedule or concurrency; the TTFT, ITL and TPOT measured there are the client's own floor.
+- floor: a level replayed against the null server (null_server.py: instant answers with the same token count per row)
+  with the same schedule or concurrency; the TTFT, ITL and TPOT measured there are the client's own floor. The
+  client's cost grows with the load it drives (more streams in flight on one event loop), so the levels of each kind
+  are replayed from the heaviest down, and once a level's floor is clear of the limits it stands as the bound for
+  every lighter level of that kind (each records which level it was measured at). Why: replaying every open-loop level
+  cost as long as the levels' own arrival schedules (~80 s per serving entry here), mostly at rates whose floor the
+  heaviest rate already bounds.
 A level is client-bound, and fails whatever its share, when the client used `max_cpu_share` of a core, or when its
 floor's P90 TTFT or TPOT reaches `max_floor_share` of the SLO limit (the client alone would eat that much of it).
 """
@@ -56,18 +61,30 @@ def floor(results: list[RequestResult], wall_s: float, cpu_s: float) -> dict[str
             "itl_s": summarize([g for r in ok for g in r.itl_s]), "tpot_s": summarize([r.tpot_s for r in ok]), **cpu_facts(cpu_s, wall_s, len(results))}
 
 
-def calibrate(keys: list[tuple[str, float]], replay: Callable[[str, str, float], Arrivals],
+def calibrate(keys: list[tuple[str, float]], replay: Callable[[str, str, float], Arrivals], clear: Callable[[dict[str, Any]], bool] = lambda f: False,
               startup_timeout_s: float = 30) -> dict[tuple[str, float], dict[str, Any]]:
-    """Each level (kind, value) replayed once against a null server on 127.0.0.1 (its log in a temporary folder).
+    """The floor of each level (kind, value) against a null server on 127.0.0.1 (its log in a temporary folder), the
+    levels of each kind replayed from the heaviest down until one is `clear` (its floor within the limits): that floor
+    then bounds every lighter level of its kind (recorded as `measured_at`).
 
     Args:
         keys: the distinct levels measured.
         replay: (null server's completions url, kind, value) -> the level's arrivals with the null payloads.
+        clear: whether a floor is clear of the limits (the default, never: every level is replayed).
     """
     port = free_port()
+    floors: dict[tuple[str, float], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp, Server([sys.executable, str(NULL_SERVER), str(port)], port, "/health", Path(tmp) / "null.log") as null:
         null.start(startup_timeout_s)
-        return {key: floor(*timed(replay(null.url + "/v1/completions", *key))) for key in keys}
+        for kind in sorted({k for k, _ in keys}):
+            values = sorted((v for k, v in keys if k == kind), reverse=True)
+            for i, value in enumerate(values):
+                floor_ = floor(*timed(replay(null.url + "/v1/completions", kind, value))) | {"measured_at": f"{kind} {value:g}"}
+                floors[(kind, value)] = floor_
+                if clear(floor_):
+                    floors |= {(kind, lighter): floor_ for lighter in values[i + 1:]}
+                    break
+    return floors
 
 
 def client_bound(level: dict[str, Any], floor_: dict[str, Any] | None, slo: dict[str, float], max_cpu_share: float,
@@ -110,13 +127,14 @@ def check(levels: list[dict[str, Any]], replay: Callable[[str, str, float], Arri
         s: params `serve` (slo, client).
     """
     keys = sorted({(lv["kind"], lv[lv["kind"]]) for lv in levels})
+    slo = s.slo.model_dump()
     try:
-        floors = calibrate(keys, replay)
+        floors = calibrate(keys, replay, lambda f: client_bound({}, f, slo, s.client.max_cpu_share, s.client.max_floor_share) is None)
     except Exception as e:
         log.error("client floor not measured: %s", e)
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    mark(levels, floors, s.slo.model_dump(), s.slo.share, s.client.max_cpu_share, s.client.max_floor_share)
+    mark(levels, floors, slo, s.slo.share, s.client.max_cpu_share, s.client.max_floor_share)
     top = {m: max((f[m].get("p90") or 0) for f in floors.values()) for m in ("ttft_s", "itl_s", "tpot_s")}
-    return {"levels": len(keys), "client_bound_levels": [lv["level"] for lv in levels if lv.get("client_bound")],
+    return {"levels": len(keys), "replayed": sorted({f["measured_at"] for f in floors.values()}), "client_bound_levels": [lv["level"] for lv in levels if lv.get("client_bound")],
             "floor_ttft_s_p90_max": top["ttft_s"], "floor_itl_s_p90_max": top["itl_s"], "floor_tpot_s_p90_max": top["tpot_s"],
             "client_cpu_share_max": max((lv.get("client_cpu_share") or 0) for lv in levels)}
