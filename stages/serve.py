@@ -25,7 +25,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SystemExit runs the Server's stop, like Ctrl-C
     try:
         entry = resolve_entry(params, name)
-        rows, quality_rows = read_jsonl(TIMED_ROWS), read_jsonl(QUALITY_ROWS)
+        rows, quality_rows = read_jsonl(TIMED_ROWS), read_jsonl(QUALITY_ROWS)[: params.serve.quality.rows]
         result, records = serve(name, entry, params, rows, quality_rows)
     except InputError as e:
         fail(f"serve {name}: {e}")

@@ -69,3 +69,19 @@ def test_energy_is_divided_by_this_sessions_rows(monkeypatch: pytest.MonkeyPatch
     assert perf["energy_j_per_headline"] == 6.0 and perf["energy_j_per_token"] == 2.0
     assert perf["energy_scope"] == "this session's 2 rows and 6 new tokens"
 
+
+
+def test_warmup_calls_cycle_over_the_first_batches_and_stay_untimed() -> None:
+    """A compiled generate() recompiles for dynamic shapes at its second prompt length: warm-up calls on the first two
+    batches (warmup_batches=2) put that compile before the timed rows; the default keeps every call on the first batch."""
+    calls: list[list[str]] = []
+
+    def fake(prompts: list[str]) -> list[Generation]:
+        calls.append(list(prompts))
+        return [Generation("h", "h", 5, 3, 0.1, 0.01, 0.01) for _ in prompts]
+
+    gens, perf = runner.run(fake, ["a", "b", "c"], 1, 2, "cpu", warmup_batches=2)
+    assert calls == [["a"], ["b"], ["a"], ["b"], ["c"]] and len(gens) == 3 and len(perf["warmup_s"]) == 2
+    calls.clear()
+    runner.run(fake, ["a", "b", "c"], 1, 2, "cpu")
+    assert calls[:2] == [["a"], ["a"]]

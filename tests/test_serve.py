@@ -445,7 +445,7 @@ def test_served_prompts_equal_offline_prompts_by_token_ids(tiny_llama, tmp_path,
 # --- issue 30: served quality by the offline rule, goodput on the offline prompt, the client's own floor ----------
 
 def served_run(monkeypatch, tmp_path, *flags: str, offline: list[dict], quality_request: dict | None = None, serve_settings: dict | None = None,
-               fast: bool = True):
+               fast: bool = True, served_rows: int | None = None):
     """serve.serve against the fake server (answering at once unless `fast` is false) with the quality rows of `offline`, the first
     two of them timed; returns (result, records, summary)."""
     from headline_bench.serving import summary as serving_summary
@@ -455,7 +455,7 @@ def served_run(monkeypatch, tmp_path, *flags: str, offline: list[dict], quality_
     params.serving["e"] = params.serving["e"].model_copy(update={"quality_request": quality_request or {}})
     monkeypatch.setattr("headline_bench.serving.served_quality.offline_quality", lambda params, entry: ("ref", offline))
     quality_rows = [{"id": r["id"], "summary": "s", "reference": r["reference"]} for r in offline]
-    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, quality_rows[:2], quality_rows)  # timed rows: the first quality rows
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, quality_rows[:2], quality_rows[:served_rows])  # timed rows: the first quality rows
     assert all(gone(s) for s in servers)
     return result, records, serving_summary.summarize(["e"], {"e": result}, params.serve, params.score)
 
@@ -486,6 +486,16 @@ def test_served_quality_pairs_every_quality_row_with_the_offline_reference(tmp_p
         assert sq["rougeL_delta"] == pytest.approx(0.5) and sq["quality_note"] == "significantly above the reference" and sq["comparisons"] == 1
     assert summary["entries"][0]["ineligible"] is None
     assert f"yes ({state})" in render(summary)
+
+
+def test_served_quality_on_the_first_rows_pairs_only_those(tmp_path, monkeypatch):
+    """serve.quality.rows: the stage serves the first quality rows only, and the offline rows beyond them are not
+    counted as unserved (else no entry could be equivalent)."""
+    _, offline = offline_set(40)
+    result, records, summary = served_run(monkeypatch, tmp_path, offline=offline, served_rows=30)
+    sq = summary["entries"][0]["served_quality"]
+    assert len([r for r in records if r["level"] == "quality concurrency 1"]) == 30
+    assert sq["rows"] == 30 and sq["token_check"]["not_served"] == [] and sq["quality_state"] == "equivalent"
 
 
 def test_a_row_not_served_or_sent_otherwise_never_counts_as_identical():
@@ -630,3 +640,11 @@ def test_token_ids_and_logprob_gaps_from_each_servers_logprobs():
     legacy = {"choices": [{"text": "Hi", "logprobs": {"tokens": ["Hi"], "token_logprobs": [-0.1], "top_logprobs": [{"Hi": -0.1}]}}]}
     assert token_logprobs(llama) == token_logprobs(vllm) == [(7, pytest.approx(1.5))]
     assert token_logprobs(legacy) == [(None, None)] and token_logprobs({"choices": [{"text": "Hi"}]}) == []
+
+
+def test_a_disabled_entry_is_a_recorded_skip_that_starts_no_server(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params, rows, servers = fake_entry(monkeypatch)
+    params.serving["e"] = params.serving["e"].model_copy(update={"enabled": False})
+    result, records = serve.serve("e", serve.resolve_entry(params, "e"), params, rows, rows)
+    assert servers == [] and records == [] and "serving.e.enabled: false" in result["skipped"] and "-S serving.e.enabled=true" in result["skipped"]

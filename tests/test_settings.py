@@ -156,3 +156,13 @@ def test_recorded_config_keeps_the_keys_params_yaml_set() -> None:
                                                                       "max_cache_len": 640}
     assert recorded(resolve_entry(params, "llamacpp_server")) == {"model": "smollm2-135m", "engine": "llama_cpp", "server": "llama_cpp_python",
                                                                   "interrupt_requests": False, "request": {"repeat_penalty": 1.0}, "reference": "llamacpp"}
+
+
+def test_quality_pass_batch_is_one_for_compiled_and_sequential_techniques() -> None:
+    """The default params: compiled techniques keep their timed shapes (batch 1) in the quality pass, so the graphs the
+    timed runs compiled are reused; eager transformers techniques batch `generate.quality_batch_size` prompts."""
+    from headline_bench.benchmark import quality_batch_size
+
+    params = load_params()
+    got = {name: quality_batch_size(resolve(params, name), params) for name in ("quant4", "cpu_fast", "compiled_loop_cpu", "llamacpp", "speculative")}
+    assert got == {"quant4": params.generate.quality_batch_size, "cpu_fast": 1, "compiled_loop_cpu": 1, "llamacpp": 1, "speculative": 1}

@@ -204,6 +204,17 @@ def test_none_eligible_says_why() -> None:
     assert rec["value"] == "none: no technique that ran here is eligible (quant4: inconclusive at n=100 (~400 rows would decide it worse); prune: worse)"
 
 
+def test_fidelity_within_bound_makes_a_technique_eligible_unless_rouge_found_it_worse() -> None:
+    """On the defaults ROUGE says "too few rows" for every lossy technique: fidelity within bound settles it instead;
+    fidelity beyond bound or inconclusive does not, and neither does within bound when ROUGE found it worse."""
+    rows = [row("kv_cache", 0.5, 0.26, 0, 0), row("llamacpp", 0.2, 0.26, -0.01, 0.01) | {"quality_state": "too few rows", "fidelity_state": "within bound"},
+            row("quant4", 0.1, 0.24, -0.02, 0.01) | {"quality_state": "too few rows", "fidelity_state": "beyond bound"},
+            row("odd", 0.05, 0.1, -0.2, -0.05) | {"fidelity_state": "within bound"}]
+    assert rows[-1]["quality_state"] == "worse"
+    assert pick(recommend(rows, 0.01), "low latency")["choice"] == "llamacpp"
+    assert [e.split(":")[0] for e in excluded(rows)] == ["quant4", "odd"] and "fidelity beyond bound" in excluded(rows)[0]
+
+
 def test_memory_constrained_picks_lowest_peak_among_non_inferior() -> None:
     rows = [row("baseline", 1.6, 0.26, 0, 0, mem=1200), row("quant8", 0.7, 0.25, -0.005, 0.01, mem=800),
             row("quant4", 0.6, 0.18, -0.1, -0.02, mem=500), row("nf4_maybe", 0.6, 0.25, -0.03, 0.01, mem=400)]

@@ -99,14 +99,19 @@ def generate(name: str, params: Params, rows: list[dict[str, Any]], resume: bool
         raise InputError(f"{name}: every prompt is longer than the model's limit ({len(too_long)} rows)")
     log.info("%s: %d prompts (%d too long) on %s, model %s", name, len(prompts), len(too_long), device, cfg.model_name)
     after_run, after_warmup = info.pop("after_run", dict), info.pop("after_warmup", lambda: None)
-    warmup = params.generate.warmup_runs
+    warmup, warmup_batches = params.generate.warmup_runs, 1
     if (cfg.compile or cfg.decode_loop) and device.startswith("cuda"):
         warmup = max(warmup, 2)  # call 1 compiles, call 2 records the CUDA graphs: neither belongs in the timed run
+    elif cfg.compile:
+        # a compiled generate() sees a new shape with the second prompt length, and torch.compile's automatic dynamic
+        # shapes then recompile once: a second warm-up call, on the second batch, keeps that compile out of the timed
+        # rows (cpu_fast: a 42 s first timed row on a 2-core Intel). CUDA keeps both calls on one batch for its graphs.
+        warmup, warmup_batches = max(warmup, 2), 2
     ckpt = checkpoint.open_checkpoint(name, cfg, params, kept, Generation, env, writer=tp.rank() == 0) if resume else checkpoint.disabled()
     info.pop("before_warmup", lambda rest: None)(prompts[len(ckpt.done) :])  # decode_loop: compile every cache shape first
     with timed_section(f"generate {name}") as lock:  # loading above may overlap other work; warm-up and timing may not
         gens, numbers = run_repeats(generate_fn, prompts, cfg.batch_size, warmup, device, params.generate.repeats,
-                                    after_warmup, ckpt.done, ckpt.append)
+                                    after_warmup, ckpt.done, ckpt.append, warmup_batches=warmup_batches)
     if info.pop("memory_external", False):  # the engine runs in another process: torch's counters here read ~0
         for key in ("max_allocated_mb", "max_reserved_mb", "peak_rss_mb"):
             numbers.pop(key, None)
@@ -248,9 +253,13 @@ TIMING_FIELDS = ("latency_s", "ttft_s", "tpot_s", "latency_s_passes", "latency_s
 
 def quality_batch_size(cfg: ResolvedTechnique, params: Params) -> int:
     """Prompts per call in the quality pass: `generate.quality_batch_size` where the technique can batch; 1 for
-    llama.cpp (one prompt at a time here) and assisted decoding (transformers drafts for one row per call)."""
+    llama.cpp (one prompt at a time here), assisted decoding (transformers drafts for one row per call) and compiled
+    techniques at their timed batch of 1: compiled graphs are per shape, and a batch of 8 is a new set (compiled_loop_cpu:
+    66 s for its first batch of 8 and ~45 s per new cache bucket, 156 s for the pass on a 2-core Intel), while the timed
+    runs' own shapes are already in Inductor's cache (.cache in the workspace)."""
     assisted = cfg.speculative or cfg.generate.prompt_lookup_num_tokens
-    if cfg.engine == "llama_cpp" or assisted:
+    compiled_at_one = (cfg.compile or cfg.decode_loop) and cfg.batch_size == 1
+    if cfg.engine == "llama_cpp" or assisted or compiled_at_one:
         return 1
     return params.generate.quality_batch_size
 

@@ -362,6 +362,7 @@ class SLO(Section):
 class ServedQuality(Section):
     """The served quality pass (serving/served_quality.py): every quality row once, paired with the offline reference."""
 
+    rows: PosInt | None = None  # the first quality rows served (None: all); paired with the offline pass on the same rows
     at_sustainable_rate: bool = False  # also serve every quality row once at the sustainable rate (does load change outputs?)
     max_duration_s: PosFloat = 1800  # no new quality request after this long (a bound, not a target: rows left out score 0)
 
@@ -413,6 +414,7 @@ class ServingEntry(Section):
     """One engine under load, with its knobs (backends/<engine>.py server())."""
 
     engine: Engine
+    enabled: bool = True  # false: a recorded skip (kept in params; `dvc exp run -S serving.<entry>.enabled=true` runs it)
     model: str | None = None  # None: base.model
     reference: str | None = None  # the technique whose offline headlines the served ones are compared to (dvc.yaml: a dep of serve)
     dtype: DType | None = None  # None: base.dtype

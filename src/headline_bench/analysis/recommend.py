@@ -25,7 +25,8 @@ ELIGIBLE = "among eligible techniques"
 
 
 ELIGIBLE_DEF = ("the reference (baseline), a technique whose quality state is non-inferior (the lower end of its simultaneous interval "
-                "of ΔROUGE-L is above -score.margin), or a lossless technique equivalent to an eligible reference")
+                "of ΔROUGE-L is above -score.margin), a technique whose fidelity to baseline is within bound (teacher-forced KL, "
+                "Fidelity to baseline) and whose ROUGE state is not worse, or a lossless technique equivalent to an eligible reference")
 
 
 def _pick(scenario: str, pool: list[Row], key: Callable[[Row], Any], rule: str, value: Callable[[Row], str], empty: str) -> Row:
@@ -41,7 +42,14 @@ def _num(r: Row, k: str) -> float | None:
 
 
 def eligible(r: Row) -> bool:
-    return not r.get("skipped") and r.get("quality_effective", r.get("quality_state")) in ELIGIBLE_STATES
+    """Quality settled well enough to be chosen: by ROUGE (non-inferior, or equivalent to an eligible reference), or by
+    fidelity within bound where ROUGE has not found it worse. Why fidelity counts: on the defaults ROUGE needs
+    score.min_rows (400) rows and the quality set has 100, so without it no lossy technique could ever be picked; a
+    technique within the fidelity bounds moves baseline's next-token distributions no more than a good 4-bit quantization."""
+    if r.get("skipped"):
+        return False
+    state = r.get("quality_effective", r.get("quality_state"))
+    return state in ELIGIBLE_STATES or (r.get("fidelity_state") == "within bound" and state != "worse")
 
 
 def excluded(rows: list[Row]) -> list[str]:
@@ -51,13 +59,14 @@ def excluded(rows: list[Row]) -> list[str]:
         if r.get("skipped") or eligible(r):
             continue
         state = r.get("quality_effective") or r.get("quality_state") or "no quality comparison"
+        fidelity = f"; fidelity {r['fidelity_state']}" if r.get("fidelity_state") else ""
         if state in ("inconclusive", "too few rows"):
             need = (f"~{r['rows_to_decide']} rows would decide it {r['rows_to_decide_state']}" if r.get("rows_to_decide_state")
                     else f"needs {r['rows_to_decide']} rows" if r.get("rows_to_decide") else "no row count decides it")
             state = f"{state} at n={r.get('rougeL_delta_rows', r.get('rows'))} ({need})"
         if r.get("quality_state") == "equivalent":
             state = f"equivalent to {r.get('quality_reference')}, which is {state}"
-        out.append(f"{r['technique']}: {state}")
+        out.append(f"{r['technique']}: {state}{fidelity}")
     return out
 
 

@@ -34,14 +34,16 @@ def cudagraph_skips() -> int:
 
 def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str,
         after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
-        on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
+        on_batch: Callable[[list[Generation]], None] | None = None, warmup_batches: int = 1) -> tuple[list[Generation], dict[str, Any]]:
     """Warm up, then generate every prompt once, timing each batch; return generations and perf numbers.
 
     Args:
         generate_fn: a backend bound to its model and generate kwargs.
         prompts: all prompts, in row order.
         batch_size: prompts per call.
-        warmup_runs: untimed calls on the first batch (compile, allocator and cache warm-up).
+        warmup_runs: untimed calls (compile, allocator and cache warm-up), on the first `warmup_batches` batches in
+            turn (2: a second call on a second batch also compiles the dynamic-shape graph a compiled generate()
+            switches to at the second prompt length).
         device: "cpu" or "cuda", for the memory tracker.
         after_warmup: called once the warm-up calls are done (resets counters that must cover timed rows only).
         done: generations of the first rows, finished in an earlier session (checkpoint.py); the rest run now.
@@ -50,9 +52,9 @@ def run(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_run
     done = done or []
     groups = batches(prompts[len(done) :], batch_size)
     warmup_s = []
-    for _ in range(warmup_runs if groups else 0):
+    for k in range(warmup_runs if groups else 0):
         start = time.perf_counter()
-        generate_fn(groups[0])
+        generate_fn(groups[k % min(warmup_batches, len(groups))])
         warmup_s.append(time.perf_counter() - start)
     after_warmup()
     memory, energy = MemoryTracker(device), EnergyTracker(device)
@@ -104,13 +106,13 @@ def spread(values: list[float]) -> float | None:
 
 def run_repeats(generate_fn: GenerateFn, prompts: list[str], batch_size: int, warmup_runs: int, device: str, repeats: int,
                 after_warmup: Callable[[], None] = lambda: None, done: list[Generation] | None = None,
-                on_batch: Callable[[list[Generation]], None] | None = None) -> tuple[list[Generation], dict[str, Any]]:
+                on_batch: Callable[[list[Generation]], None] | None = None, warmup_batches: int = 1) -> tuple[list[Generation], dict[str, Any]]:
     """`repeats` timed passes over all prompts in this process (warm-up before the first only), merged by merge_runs.
 
     Only the first pass resumes from `done` and feeds the checkpoint (`on_batch`); later passes time every row again.
     """
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the order techniques ran in, across processes
-    passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup, done, on_batch)]
+    passes = [run(generate_fn, prompts, batch_size, warmup_runs, device, after_warmup, done, on_batch, warmup_batches)]
     passes += [run(generate_fn, prompts, batch_size, 0, device) for _ in range(repeats - 1)]
     gens, perf = merge_runs(passes, "passes")
     return gens, perf | {"repeats": repeats, "started_at": started}

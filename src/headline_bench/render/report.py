@@ -442,6 +442,9 @@ def report(names: list[str], perfs: dict[str, dict[str, Any]], scores: dict[str,
     speed_comparisons(rows, generations, perfs, n_samples, confidence, seed, tie)
     env = next((p["env"] for p in perfs.values() if p.get("env") and not p.get("skipped")), {})
     front = pareto_front(rows, "latency_s_p50", "rougeL")
+    for r in rows:  # eligibility counts fidelity within bound (analysis/recommend.eligible)
+        fid = (fidelities or {}).get(r["technique"]) or {}
+        r["fidelity_state"] = fid.get("fidelity_state")
     recs = recommend(rows, settings.balanced_rougeL_within, int(env.get("gpu_count") or 0),
                      speed_tie(generations, perfs, n_samples, confidence, seed, tie), settings.memory_tie_share)
     from headline_bench.render.charts import write_charts

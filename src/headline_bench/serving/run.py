@@ -245,6 +245,9 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
     s, seed = serve_settings(params), params.base.seed
     out: dict[str, Any] = {"entry": name, "config": recorded(entry), "env": env_info(), "load": s.model_dump(exclude={"slo"}), "slo": s.slo.model_dump(),
                            "requests_needed": requests_needed(s.slo.share, s.slo.confidence)}
+    if not entry.enabled:
+        log.info("%s: skipped: serving.%s.enabled is false", name, name)
+        return out | {"skipped": f"disabled in params (serving.{name}.enabled: false; `dvc exp run -S serving.{name}.enabled=true` runs it)"}, []
     levels: list[dict[str, Any]] = []
     timed_requests: list[tuple[str, RequestResult]] = []
     served_q: list[tuple[str, RequestResult]] = []
@@ -305,7 +308,7 @@ def serve(name: str, entry: ServingEntry, params: Params, rows: list[dict[str, A
             "prompt_check": prompt_check(spec, ids, differs, kept, warm) | {"server_counts_match_quality_rows": count_match(counts, q_ids, q_kept)},
             "warmup": [{k: getattr(r, k) for k in ("prompt_tokens", "usage_tokens", "tokens", "finish_reason", "error")} for r in warm],
             "offline_reference": str(reference) if offline is not None else None, "quality": quality(records, offline, seed),
-            "served_quality": served_states(q_records, params, entry, device) if quality_rows else None}
+            "served_quality": served_states(q_records, params, entry, device, [r["id"] for r in quality_rows]) if quality_rows else None}
     return out, q_records + records
 
 

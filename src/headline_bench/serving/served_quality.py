@@ -100,10 +100,15 @@ def near_tie(params: Params, entry: ServingEntry, device: str | None) -> tuple[f
     return (*near_tie_threshold(dtype, device, read_json(path) if path.is_file() else {}, s.near_tie_units), dtype)
 
 
-def served_states(q_records: list[dict[str, Any]], params: Params, entry: ServingEntry, device: str | None) -> dict[str, Any]:
+def served_states(q_records: list[dict[str, Any]], params: Params, entry: ServingEntry, device: str | None,
+                  row_ids: list[Any] | None = None) -> dict[str, Any]:
     """The served rows paired with the offline reference, per quality pass (concurrency 1, and under `at_rate` the
-    sustainable rate where it ran); the report decides the states (summary.decide)."""
+    sustainable rate where it ran); the report decides the states (summary.decide). row_ids: the quality rows the pass
+    sent (serve.quality.rows), so that the offline rows beyond them are not counted as unserved."""
     owner, offline = offline_quality(params, entry)
+    if row_ids is not None:
+        wanted = set(row_ids)
+        offline = [r for r in offline if r["id"] in wanted]
     if not offline:
         return {"quality_state": None, "note": f"no offline quality pass to pair with (reference {entry.reference or 'unset'})"}
     threshold, rule, dtype = near_tie(params, entry, device)

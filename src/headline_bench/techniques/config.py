@@ -100,7 +100,7 @@ def check_hardware(cfg: ResolvedTechnique, device: str) -> None:
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if cfg.only_on and cfg.only_on != kind:
-        raise Skip(f"only_on: {cfg.only_on} (a recipe for that device, e.g. a kernel layout it alone has); this run is on {kind}")
+        raise Skip(f"only_on: {cfg.only_on} (params.yaml runs this technique on that device only; its comment there says why); this run is on {kind}")
     if cfg.device_map and gpus < 2:
         raise Skip(f"device_map={cfg.device_map!r} splits layers across GPUs; this machine has {gpus} GPU(s)")
     if reason := unavailable(cfg.engine, device):
