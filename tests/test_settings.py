@@ -166,3 +166,16 @@ def test_quality_pass_batch_is_one_for_compiled_and_sequential_techniques() -> N
     params = load_params()
     got = {name: quality_batch_size(resolve(params, name), params) for name in ("quant4", "cpu_fast", "compiled_loop_cpu", "llamacpp", "speculative")}
     assert got == {"quant4": params.generate.quality_batch_size, "cpu_fast": 1, "compiled_loop_cpu": 1, "llamacpp": 1, "speculative": 1}
+
+
+def test_a_disabled_technique_is_a_recorded_skip_naming_the_flag_that_runs_it() -> None:
+    from headline_bench.errors import Skip
+    from headline_bench.techniques.config import check_hardware
+
+    params = load_params()
+    assert params.techniques["cpu_fast"].enabled is False
+    with pytest.raises(Skip, match=r"techniques\.cpu_fast\.enabled=true"):
+        check_hardware(resolve(params, "cpu_fast"), "cpu")
+    on = copy.deepcopy(PARAMS)
+    on["techniques"]["cpu_fast"]["enabled"] = True
+    check_hardware(resolve(parse(on), "cpu_fast"), "cpu")  # no Skip: it runs here when enabled

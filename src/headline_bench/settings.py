@@ -336,6 +336,7 @@ class Technique(Section):
     device_map: str | None = None
     max_memory: dict[str | int, str | int] | None = None
     only_on: Literal["cpu", "cuda"] | None = None
+    enabled: bool = True  # false: a recorded skip (kept in params; `dvc exp run -S techniques.<name>.enabled=true` runs it)
     vllm: Vllm | None = None  # vLLM engine arguments
     decode_loop: DecodeLoop | None = None  # the compiled decode loop instead of generate() (compiled_loop)
 

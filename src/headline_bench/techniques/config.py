@@ -52,6 +52,7 @@ class ResolvedTechnique(BaseModel):
     max_memory: dict[str | int, str | int] | None = None
     threads: int | None = None
     only_on: str | None = None
+    enabled: bool = True
     vllm: Vllm | None = None
     decode_loop: DecodeLoop | None = None
 
@@ -99,6 +100,8 @@ def check_hardware(cfg: ResolvedTechnique, device: str) -> None:
     """Raise Skip with the reason when this machine cannot run the technique as named."""
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     kind = "cuda" if device.startswith("cuda") else "cpu"
+    if not cfg.enabled:
+        raise Skip(f"disabled in params (techniques.{cfg.name}.enabled: false; `dvc exp run -S techniques.{cfg.name}.enabled=true` runs it)")
     if cfg.only_on and cfg.only_on != kind:
         raise Skip(f"only_on: {cfg.only_on} (params.yaml runs this technique on that device only; its comment there says why); this run is on {kind}")
     if cfg.device_map and gpus < 2:
