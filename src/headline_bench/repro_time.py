@@ -55,7 +55,7 @@ def run(args: list[str], echo: TextIO = sys.stdout) -> dict[str, Any]:
     """Run `dvc repro ARGS`, echo its output with a clock time per line, return the timing record."""
     from headline_bench.measure.environment import env_info, fingerprint
 
-    started = datetime.now(UTC).isoformat(timespec="seconds")
+    started, code = datetime.now(UTC).isoformat(timespec="seconds"), commit()  # the code as it was when the run began
     t0 = time.monotonic()
     lines: list[tuple[float, str]] = []
     with subprocess.Popen(["dvc", "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
@@ -67,7 +67,7 @@ def run(args: list[str], echo: TextIO = sys.stdout) -> dict[str, Any]:
             echo.flush()
     end = time.monotonic()
     ran, skipped = stage_times(lines, end)
-    return {"command": " ".join(["dvc", "repro", *args]), "commit": commit(), "started_at": started, "exit_code": proc.returncode,
+    return {"command": " ".join(["dvc", "repro", *args]), "commit": code, "started_at": started, "exit_code": proc.returncode,
             "total_s": round(end - t0, 1), "groups_s": group_totals(ran), "stages": ran, "skipped": skipped,
             "complete": proc.returncode == 0 and not skipped,
             "env": fingerprint(env_info())}
