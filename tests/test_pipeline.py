@@ -52,7 +52,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
     params["technique"] = "baseline"  # whatever an experiment applied to the workspace
     params["serving"] = {"hf_serve_cb": params["serving"]["hf_serve_cb"]}  # its reference, kv_cache, is generated here
-    params["serve"].update(rates=[4], concurrency=[2], requests=2, warmup_requests=1, search_steps=0, max_duration_s=5)
+    params["serve"].update(rates=[4], concurrency=[2], requests=2, warmup_requests=1, search_steps=0, max_duration_s=5, runs=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(DVC + ["init", "-q"], repo)

@@ -20,7 +20,7 @@ from headline_bench.techniques.config import resolve
 
 PARAMS: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
 SERVE_KEYS = "client, concurrency, max_duration_s, overload_share, quality, rates, requests, runs, search_min_gap, search_steps, slo, startup_timeout_s, timeout_s, warmup_requests"
-ENTRY_KEYS = "args, binary, cb, compile, continuous_batching, dtype, engine, interrupt_requests, model, parallel, quality_request, reference, request, server, threads"
+ENTRY_KEYS = "args, binary, cb, compile, continuous_batching, dtype, enabled, engine, interrupt_requests, model, parallel, quality_request, reference, request, server, threads"
 
 
 def changed(path: str | tuple[str, ...], value: Any = None, delete: bool = False) -> dict[str, Any]:
@@ -58,7 +58,7 @@ BAD = [  # (change, the one error line); the issue's list first
     (changed("generate.max_new_tokens", -5), "generate.max_new_tokens = -5: should be greater than or equal to 1"),
     (changed("serving.a/b", {"engine": "vllm"}), "serving: 'a/b': names may hold only letters, digits and _ (each names output files)"),
     (changed("serving.hf_serve.server", "llama_server"),
-     "serving.hf_serve: server: not a setting of engine transformers (it takes: engine, model, reference, dtype, threads, request, quality_request, "
+     "serving.hf_serve: server: not a setting of engine transformers (it takes: engine, enabled, model, reference, dtype, threads, request, quality_request, "
      "continuous_batching, compile, cb)"),
     (changed("serving.hf_serve.engine", "onnx"), "serving.hf_serve.engine = 'onnx': should be 'transformers', 'llama_cpp' or 'vllm'"),
     (changed("serving.hf_serve.reference", "nope"), "serving.hf_serve.reference: 'nope' is not one of techniques"),
@@ -155,7 +155,8 @@ def test_recorded_config_keeps_the_keys_params_yaml_set() -> None:
     assert resolve(params, "static_compile").record()["generate"] == {"max_new_tokens": 24, "use_cache": True, "cache_implementation": "static",
                                                                       "max_cache_len": 640}
     assert recorded(resolve_entry(params, "llamacpp_server")) == {"model": "smollm2-135m", "engine": "llama_cpp", "server": "llama_cpp_python",
-                                                                  "interrupt_requests": False, "request": {"repeat_penalty": 1.0}, "reference": "llamacpp"}
+                                                                  "interrupt_requests": False, "request": {"repeat_penalty": 1.0}, "reference": "llamacpp",
+                                                                  "enabled": False}
 
 
 def test_quality_pass_batch_is_one_for_compiled_and_sequential_techniques() -> None:
