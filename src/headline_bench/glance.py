@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from headline_bench.quality.divergence import FIDELITY_STATES
 from headline_bench.render.markdown import f, table
 
 START, END = "<!-- glance:start -->", "<!-- glance:end -->"
@@ -69,7 +70,7 @@ def techniques_table(techniques: dict[str, dict[str, Any]]) -> tuple[str, list[s
             continue
         rows.append([f"`{name}`", _ms(t.get("s_per_token")), _ms(t.get("tpot_s_p50")), f(t.get("tokens_per_s"), ".1f"),
                      f(t.get("peak_memory_mb"), ".0f"), f(t.get("rougeL"), ".3f"), _delta(t), t.get("quality_state") or "—",
-                     t.get("fidelity_state") or "—"])
+                     t.get("fidelity_state") if t.get("fidelity_state") in FIDELITY_STATES else "—"])
     header = ["technique", "ms/token", "TPOT p50 ms", "tokens/s", "peak MB", "ROUGE-L", "ΔROUGE-L [interval]", "ROUGE state", "fidelity state"]
     return table(header, rows), missing
 
@@ -101,8 +102,9 @@ def repro_line(record: dict[str, Any]) -> str:
     """The run's measured `dvc repro` time, per stage group, from scripts/repro-timed's record."""
     groups = ", ".join(f"{k} {v / 60:.1f}" for k, v in (record.get("groups_s") or {}).items())
     whole = "complete" if record.get("complete") else f"exit {record.get('exit_code')}, skipped stages: {len(record.get('skipped') or [])}"
-    return (f"`{record.get('command')}` took {record.get('total_s', 0) / 60:.1f} min ({whole}) on "
-            f"{machine_line(record.get('env') or {})}; minutes per stage group: {groups} (`{REPRO_TIME}`).")
+    env = record.get("env") or {}
+    return (f"`{record.get('command')}` took {record.get('total_s', 0) / 60:.1f} min ({whole}) on {env.get('device') or 'an unnamed machine'}"
+            f"{', ' + env['cpu_id'] if env.get('cpu_id') else ''}; minutes per stage group: {groups} (`{REPRO_TIME}`).")
 
 
 def render(root: Path, commit: str | None = None) -> str:
