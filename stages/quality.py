@@ -31,7 +31,7 @@ def main() -> None:
     params = load_params(required=["base", "generate", "prompt", "techniques"])  # score: optional (benchmark.checked)
     if args.out is not None:
         return quality_worker(name, params, QUALITY_ROWS, args.out)
-    records, facts = guarded(name, params, lambda: quality_process(name))
+    records, facts = guarded(name, params, lambda: quality_process(name, params))
     write_quality(name, records, facts)
 
 

@@ -19,7 +19,7 @@ from headline_bench.models.memory import detach_from_checkpoint
 from headline_bench.settings import Prune, Quantize, check, parse
 from headline_bench.techniques.config import resolve
 from headline_bench.techniques.load import load_kwargs
-from headline_bench.techniques.prune import apply_prune, sparsity
+from headline_bench.techniques.prune import apply_prune, global_l1, prunable, sparsity
 from headline_bench.techniques.quantize import quantization_config
 
 torch.set_num_threads(1)
@@ -113,6 +113,32 @@ def test_prune_l1_reaches_amount_and_is_permanent() -> None:
     assert facts["lm_head_tied"] and not facts["lm_head_pruned"]
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # the tied lm_head/embedding is left whole
     assert generate(model).shape == (2, 12)
+
+
+def test_global_l1_prunes_what_torch_prunes() -> None:
+    """The same weights zeroed as torch.nn.utils.prune.global_unstructured (L1Unstructured) where no weight ties the
+    threshold; with ties, the same count and no kept weight smaller than a pruned one."""
+    ours, theirs = tiny_model(), tiny_model()
+    layers = list(prunable(ours))
+    prune.global_unstructured([(m, "weight") for _, m in prunable(theirs)], pruning_method=prune.L1Unstructured, amount=0.3)
+    n = global_l1(layers, 0.3)
+    assert n == round(0.3 * sum(m.weight.numel() for _, m in layers))
+    for (_, a), (_, b) in zip(layers, prunable(theirs), strict=True):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+        assert torch.equal(a.weight, b.weight)
+
+    tied = tiny_model()  # values on a coarse grid, as GGUF-dequantized weights are: many weights equal the threshold
+    layers = list(prunable(tied))
+    with torch.no_grad():
+        for _, m in layers:
+            m.weight.copy_((m.weight * 8).round() / 8)
+    before = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
+    n = global_l1(layers, 0.3)
+    after = torch.cat([m.weight.detach().flatten() for _, m in layers])
+    threshold = before.kthvalue(n).values
+    assert int((before == threshold).sum()) > 100  # the case this checks: many ties at the threshold
+    assert int((after == 0).sum()) == n  # exactly round(0.3 x n), ties included (zeros already there count first)
+    assert before[after == 0].max() <= before[after != 0].min()
 
 
 def test_prune_2of4_two_zeros_per_group() -> None:

@@ -86,28 +86,36 @@ def test_llamacpp_without_gguf_is_na_with_the_reason(tiny_reference: tuple[Any, 
 
 
 class FakeLlama:
-    """llama_cpp.Llama's teacher-forcing surface: reset(), eval(ids) and `scores` (one logits row per evaluated token)."""
+    """llama_cpp.Llama's teacher-forcing surface: reset(), eval(ids) from position `n_tokens` on (the cache after it
+    dropped), `scores` (one logits row per position); `evaluated` counts the tokens eval() was given."""
 
     def __init__(self, model: Any) -> None:
-        self.model, self.scores = model, np.zeros((0, 0), dtype=np.float32)
+        self.model, self.ids, self.n_tokens, self.evaluated = model, [], 0, 0
+        self.scores = np.zeros((64, model.config.vocab_size), dtype=np.float32)
 
     def reset(self) -> None:
-        self.scores = np.zeros((0, 0), dtype=np.float32)
+        self.n_tokens = 0
 
     def eval(self, ids: list[int]) -> None:
+        self.ids = self.ids[: self.n_tokens] + list(ids)
         with torch.inference_mode():
-            self.scores = self.model(torch.tensor([ids])).logits[0].numpy()
+            logits = self.model(torch.tensor([self.ids])).logits[0].numpy()
+        self.scores[self.n_tokens : len(self.ids)] = logits[self.n_tokens :]
+        self.n_tokens, self.evaluated = len(self.ids), self.evaluated + len(ids)
 
 
 def test_llamacpp_logits_line_up_with_transformers(models_dir: Path) -> None:
-    """The llama.cpp path slices its per-position logits like the transformers path: same positions, same values."""
+    """The llama.cpp path slices its per-position logits like the transformers path: same positions, same values; the
+    second sequence reuses the shared prompt's cache (only its own tokens evaluated), a different prompt starts afresh."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny").eval()
-    seqs = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 20, 21]]
-    hf, cpp = forced_logits(model, seqs, 4, "cpu"), llamacpp_logits(FakeLlama(model), seqs, 4)
-    assert [t.shape[0] for t in hf] == [3, 2]
-    for a, b in zip(hf, cpp):
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 20, 21], [3, 6, 7, 8, 20]]
+    llm = FakeLlama(model)
+    hf, cpp = forced_logits(model, seqs, 4, "cpu"), llamacpp_logits(llm, seqs, 4)
+    assert [t.shape[0] for t in hf] == [3, 2, 1]
+    assert llm.evaluated == 7 + 2 + 5
+    for a, b in zip(hf, cpp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

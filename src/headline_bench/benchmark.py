@@ -21,6 +21,7 @@ from headline_bench.files import (
     GENERATIONS,
     LOSSLESS,
     QUALITY,
+    QUALITY_ROWS,
     TECHNIQUE_METRICS,
     TIMED_ROWS,
     keep_finished,
@@ -341,10 +342,16 @@ def check_pass(name: str, params: Params, rows_path: Path, timed_path: Path) -> 
 QUALITY_SCRIPT = tp.GENERATE.parent / "quality.py"
 
 
-def quality_process(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def quality_process(name: str, params: Params) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The quality pass in a fresh child process (`quality.py <technique> --out <file>`), like generate's timed
     processes: an engine that dies by a signal there is this technique's recorded failure (ProcessDied), not the
-    end of the stage and of `dvc repro`."""
+    end of the stage and of `dvc repro`. A technique this machine cannot run starts no engine, so its skip is
+    recorded in this process (the same records; a child costs ~3 s of imports, 8 of them on a CPU run)."""
+    cfg, device = settle(params, name)
+    try:
+        check_hardware(cfg, device)
+    except Skip:
+        return quality_results(name, params, QUALITY_ROWS)
     out = WORKERS / f"{name}.quality.json"
     out.unlink(missing_ok=True)
     worker([sys.executable, str(QUALITY_SCRIPT), name, "--out", str(out)], dict(os.environ), f"{name}: quality process")
@@ -353,15 +360,21 @@ def quality_process(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return result["records"], result["facts"]
 
 
-def quality_worker(name: str, params: Params, rows_path: Path, out: Path) -> None:
-    """The quality process (`quality.py <technique> --out <file>`): quality_pass() over the rows, its records and facts to `out`."""
-    die_with_parent()
-    send_test_signal(name)
+def quality_results(name: str, params: Params, rows_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """quality_pass() over the rows, then the lossless check pass in the same process (its records in the facts)."""
     records, facts = guarded(name, params, lambda: quality_pass(name, params, rows_path))
     if not (facts.get("failed") or facts.get("skipped")):  # the lossless check's further rows, in the same process
         checked_records, check_facts = guarded(name, params, lambda: check_pass(name, params, rows_path, TIMED_ROWS))
         if check_facts:
             facts = facts | {"lossless_check": check_facts | {"records": checked_records}}
+    return records, facts
+
+
+def quality_worker(name: str, params: Params, rows_path: Path, out: Path) -> None:
+    """The quality process (`quality.py <technique> --out <file>`): quality_results() to `out`."""
+    die_with_parent()
+    send_test_signal(name)
+    records, facts = quality_results(name, params, rows_path)
     write_json(out, {"records": records, "facts": facts})
 
 

@@ -114,14 +114,22 @@ def open_llama(llama: Any, gguf: Path, n_ctx: int, threads: int, seed: int, devi
 
 
 def llamacpp_logits(llm: Any, sequences: list[list[int]], start: int) -> list[Any]:
-    """Teacher forcing with llama.cpp: each sequence evaluated once from an empty cache (a Llama made with logits_all
-    keeps every position's logits in `scores`), and its logits [len(s) - start, V] at the positions predicting s[start:]."""
+    """Teacher forcing with llama.cpp: each sequence's logits [len(s) - start, V] at the positions predicting s[start:]
+    (a Llama made with logits_all keeps every position's logits in `scores`).
+
+    The first sequence is evaluated from an empty cache; a later one with the same first `start` tokens (the prompt)
+    keeps the prompt's cache and evaluates only its own tokens (eval() drops the cache from `n_tokens` on): on SmolLM2's
+    rows 0.52 instead of 0.83 s per row on a 2-core Intel, with logits equal to the last bit to evaluating it whole."""
     import torch
 
     out = []
-    for s in sequences:
-        llm.reset()
-        llm.eval(s)
+    for i, s in enumerate(sequences):
+        if i and s[:start] == sequences[0][:start]:
+            llm.n_tokens = start
+            llm.eval(s[start:])
+        else:
+            llm.reset()
+            llm.eval(s)
         out.append(torch.from_numpy(llm.scores[start - 1 : len(s) - 1].copy()))
     return out
 
