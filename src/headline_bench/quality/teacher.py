@@ -21,8 +21,8 @@ from headline_bench.analysis.verdicts import simultaneous_level
 from headline_bench.data.prompts import prompts_for
 from headline_bench.errors import InputError, Skip
 from headline_bench.logs import log
-from headline_bench.models.ref import model_source
 from headline_bench.quality.divergence import METHODS, reference_topk, row_measures, summarize, token_nll
+from headline_bench.quality.fidelity_scope import not_measured_record
 from headline_bench.techniques.config import check_hardware, pick_device, resolve
 
 if TYPE_CHECKING:
@@ -58,20 +58,6 @@ def reference_pass(params: Params, records: list[dict[str, Any]]) -> dict[str, A
             "rows": rows}
 
 
-def not_measured(name: str, params: Params) -> str | None:
-    """Why a technique gets no fidelity measure (the reference itself, lossless, another model, random weights), or None."""
-    entry = params.entry(name)
-    if name == "baseline":
-        return "the reference"
-    if entry.reference:
-        return f"lossless (reference {entry.reference}): judged by the token-id check, not by a distance"
-    if resolve(params, name).model_name != params.base.model:
-        return "n/a: another model (its next-token distributions are not baseline's to approximate)"
-    if model_source(params.base.model).get("random"):
-        return "n/a: random weights"
-    return None
-
-
 def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One technique's per-row measures against baseline's stored distributions, and their summary with states.
 
@@ -80,9 +66,9 @@ def fidelity_pass(name: str, params: Params, reference: dict[str, Any]) -> tuple
     The intervals are at the simultaneous level 1 - (1 - score.confidence) / (k x d), k = the lossy family's size and
     d = the deciding measures (fidelity.decide), so the deciding intervals of every family member cover together (Bonferroni).
     """
+    if record := not_measured_record(name, params):
+        return [], record
     head = {"technique": name, "reference": "baseline"}
-    if reason := not_measured(name, params):
-        return [], head | {"not_measured": reason}
     cfg, device = resolve(params, name), pick_device(params.base.device)
     check_hardware(cfg, device)
     engine = backends.engine(cfg.engine)
