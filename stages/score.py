@@ -10,9 +10,9 @@ import _workspace  # noqa: F401  (first: headline_bench from this workspace's sr
 import sys
 
 from headline_bench.errors import InputError, fail
-from headline_bench.files import TECHNIQUE_METRICS, write_json
+from headline_bench.files import TECHNIQUE_METRICS, read_json, write_json
 from headline_bench.logs import log, setup_logging
-from headline_bench.quality.score import score_technique
+from headline_bench.quality.records import outcome_score
 from headline_bench.settings import load_params, stage_key
 
 
@@ -22,7 +22,11 @@ def main() -> None:
     params = load_params(required=["base", "score", "techniques"])
     out = TECHNIQUE_METRICS / name / "score.json"
     try:
-        result = score_technique(name, params)
+        result = outcome_score(name, read_json(TECHNIQUE_METRICS / name / "perf.json"))  # skipped or failed: no torch needed
+        if result is None:
+            from headline_bench.quality.score import score_technique
+
+            result = score_technique(name, params)
     except (InputError, FileNotFoundError) as e:
         fail(f"score {name}: {e}")
     write_json(out, result)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from headline_bench.measure.records import Num, Record, kept, row
+from headline_bench.measure.records import Num, Record, assemble, kept, row
 
 
 class Score(Record):
@@ -78,3 +78,10 @@ class Score(Record):
     compared: int | None = row("headlines compared with the reference's")
     first_difference: dict[str, Any] | None = row("the first row whose headline differs from the reference's")
     token_check: dict[str, Any] | None = row("quality/fidelity.token_check(): identical / near-tie / real difference by token ids")
+
+
+def outcome_score(name: str, perf: dict[str, Any]) -> dict[str, Any] | None:
+    """score.json of a technique whose generate stage was skipped or failed (its outcome, nothing scored), else None.
+    Light on purpose: the score stage writes it without importing torch (~2 s of each of 8 skipped stages on a CPU)."""
+    outcome = next((k for k in ("skipped", "failed") if k in perf), None)
+    return None if outcome is None else assemble(Score, {"technique": name, outcome: perf[outcome]})

@@ -21,7 +21,7 @@ from headline_bench.quality.fidelity import (
     row_cap,
     token_check,
 )
-from headline_bench.quality.records import Score
+from headline_bench.quality.records import Score, outcome_score
 from headline_bench.quality.rouge import TYPES, row_scores
 from headline_bench.techniques.config import resolve
 
@@ -165,9 +165,8 @@ def score_technique(name: str, params: Params) -> dict[str, Any]:
     decided here at the level of the technique's family (fixed by params, so every file states the same verdict)."""
     lossless_reference = params.entry(name).reference
     perf = read_json(TECHNIQUE_METRICS / name / "perf.json")
-    for outcome in ("skipped", "failed"):
-        if outcome in perf:
-            return assemble(Score, {"technique": name, outcome: perf[outcome]})
+    if outcome := outcome_score(name, perf):
+        return outcome
     records = read_jsonl(GENERATIONS / f"{name}.jsonl")
     ref_name = lossless_reference or "baseline"  # lossy techniques: fidelity to the baseline, for information
     ref_path = GENERATIONS / f"{ref_name}.jsonl"
