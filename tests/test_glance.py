@@ -80,6 +80,11 @@ def test_serving_and_repro_time_lines(tmp_path: Path) -> None:
                                                           "groups_s": {"generate": 1200.0, "serve": 600.0}, "env": {"device": "cpu (Test CPU, 2 cores)"}}))
     text = glance.render(tmp_path)
     assert "`dvc repro` took 42.0 min (complete) on cpu (Test CPU, 2 cores); minutes per stage group: generate 20.0, serve 10.0" in text
+    measured = {"peak_bandwidth_source": "measured: best of 5 reads"}
+    techniques = {"a": measured | {"peak_bandwidth_gbs": 17.0}, "b": measured | {"peak_bandwidth_gbs": 20.0}, "c": measured | {"peak_bandwidth_gbs": 18.0},
+                  "gpu": {"peak_bandwidth_gbs": 3350.0, "peak_bandwidth_source": "datasheet: H100"}, "skipped": {"skipped": "no GPU"}}
+    assert glance.read_speed(techniques) == "; memory read rate measured by its timed processes: median 18.0 GB/s over 3 techniques"
+    assert glance.read_speed({"gpu": techniques["gpu"]}) == ""
     assert "- `llama_server`: sustainable >= 4 req/s; served quality equivalent vs `llamacpp`; eligible" in text
     assert "not eligible (served quality too few rows vs kv_cache); client-bound levels: rate 4" in text
     assert "- `vllm_serve`: skipped (vLLM needs a CUDA GPU)" in text

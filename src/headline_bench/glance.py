@@ -98,13 +98,27 @@ def serving_lines(serving: dict[str, Any]) -> list[str]:
     return lines
 
 
-def repro_line(record: dict[str, Any]) -> str:
-    """The run's measured `dvc repro` time, per stage group, from scripts/repro-timed's record."""
+def read_speed(techniques: dict[str, Any]) -> str:
+    """The memory read rate the run's timed processes measured on a CPU (median over techniques), as a clause; "" without one.
+
+    Why beside the wall time: a shared 2-core VM's speed changes from hour to hour (the same CPU model read 20-23 GB/s in
+    one full run and 17-19 GB/s in the next, with tokens/s 0.6-0.8x), so two runs' totals compare only with it."""
+    rates = sorted(t["peak_bandwidth_gbs"] for t in techniques.values()
+                   if str(t.get("peak_bandwidth_source", "")).startswith("measured") and isinstance(t.get("peak_bandwidth_gbs"), (int, float)))
+    if not rates:
+        return ""
+    mid = len(rates) // 2
+    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    return f"; memory read rate measured by its timed processes: median {median:.1f} GB/s over {len(rates)} techniques"
+
+
+def repro_line(record: dict[str, Any], speed: str = "") -> str:
+    """The run's measured `dvc repro` time, per stage group, from scripts/repro-timed's record (`speed`: read_speed's clause)."""
     groups = ", ".join(f"{k} {v / 60:.1f}" for k, v in (record.get("groups_s") or {}).items())
     whole = "complete" if record.get("complete") else f"exit {record.get('exit_code')}, skipped stages: {len(record.get('skipped') or [])}"
     env = record.get("env") or {}
     return (f"`{record.get('command')}` took {record.get('total_s', 0) / 60:.1f} min ({whole}) on {env.get('device') or 'an unnamed machine'}"
-            f"{', ' + env['cpu_id'] if env.get('cpu_id') else ''}; minutes per stage group: {groups} (`{REPRO_TIME}`).")
+            f"{', ' + env['cpu_id'] if env.get('cpu_id') else ''}{speed}; minutes per stage group: {groups} (`{REPRO_TIME}`).")
 
 
 def render(root: Path, commit: str | None = None) -> str:
@@ -117,7 +131,7 @@ def render(root: Path, commit: str | None = None) -> str:
            "the score stage's, fidelity states the fidelity stage's (teacher-forced KL to baseline, docs/methods.md); "
            "ms/token = mean latency / mean new tokens.", ""]
     if (root / REPRO_TIME).exists():
-        out += [repro_line(json.loads((root / REPRO_TIME).read_text())), ""]
+        out += [repro_line(json.loads((root / REPRO_TIME).read_text()), read_speed(s.get("techniques", {}))), ""]
     tab, missing = techniques_table(s.get("techniques", {}))
     out += [tab, ""]
     if missing:
