@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from headline_bench.render.fidelity import FIDELITY_STATES
+from headline_bench.quality.divergence import FIDELITY_STATES
 from headline_bench.render.markdown import f, table
 
 START, END = "<!-- glance:start -->", "<!-- glance:end -->"

@@ -33,6 +33,7 @@ from headline_bench.analysis.stats import INTERVAL_METHOD, finite, interval, mea
 
 # per-row measures and the direction in which each gets worse: "max": larger is worse, "min": smaller is worse
 MEASURES = {"kl_mean": "max", "kl_p99": "max", "top1": "min", "nll_delta": "max"}
+FIDELITY_STATES = ("within bound", "beyond bound", "inconclusive", "too few rows")
 # measures whose interval is trusted on one side only: their upper end is too low too often (see the module docstring),
 # so they can show a technique beyond its bound, never within it
 SCREENS = ("kl_p99",)

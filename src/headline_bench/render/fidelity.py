@@ -10,7 +10,6 @@ from headline_bench.render.markdown import table
 COLUMNS = ("kl_mean", "kl_p99", "top1", "nll_delta")  # fidelity.json's measures, in the table's order
 ROUGE_DECIDED = ("non-inferior", "worse", "equivalent")
 FIDELITY_DECIDED = ("within bound", "beyond bound")
-FIDELITY_STATES = (*FIDELITY_DECIDED, "inconclusive", "too few rows")  # quality/divergence.summarize gives one of these
 
 
 def decided_by(rouge: str | None, fidelity: str | None) -> str:
