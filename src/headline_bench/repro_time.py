@@ -25,11 +25,23 @@ RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - skipping run)")  # unchanged, or restored from the run cache
 
 
+# dvc's own lines around a stage's command (the command echo, empty-output warnings, lock updates, hints)
+DVC_LINE = re.compile(r"^\s*$|^> |^WARNING: '|^Updating lock file|^To track the changes|^\s+git add|^Use `dvc push`|^Stage '")
+
+
 def stage_times(lines: list[tuple[float, str]], end: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """(stamp, line) pairs of dvc's output -> each stage that ran with its seconds, and the stages dvc skipped."""
-    starts = [(t, m.group(1)) for t, line in lines if (m := RUNNING.search(line))]
+    """(stamp, line) pairs of dvc's output -> each stage that ran with its seconds, and the stages dvc skipped.
+
+    Each stage also gets `dvc_s`: from its command's last line of output to the stage's end, the time dvc spends on
+    it (saving outputs, rewriting dvc.lock, checking the next stage); the command's own exit is inside it too.
+    """
+    starts = [(i, t, m.group(1)) for i, (t, line) in enumerate(lines) if (m := RUNNING.search(line))]
     skipped = [m.group(1) for _, line in lines if (m := SKIPPED.search(line))]
-    ran = [{"stage": name, "s": round((starts[i + 1][0] if i + 1 < len(starts) else end) - t, 1)} for i, (t, name) in enumerate(starts)]
+    ran = []
+    for k, (i, t, name) in enumerate(starts):
+        stop_i, stop = (starts[k + 1][0], starts[k + 1][1]) if k + 1 < len(starts) else (len(lines), end)
+        own = [s for s, line in lines[i + 1 : stop_i] if not DVC_LINE.search(line)]
+        ran.append({"stage": name, "s": round(stop - t, 1), "dvc_s": round(stop - (own[-1] if own else t), 1)})
     return ran, skipped
 
 
@@ -68,7 +80,8 @@ def run(args: list[str], echo: TextIO = sys.stdout) -> dict[str, Any]:
     end = time.monotonic()
     ran, skipped = stage_times(lines, end)
     return {"command": " ".join(["dvc", "repro", *args]), "commit": code, "started_at": started, "exit_code": proc.returncode,
-            "total_s": round(end - t0, 1), "groups_s": group_totals(ran), "stages": ran, "skipped": skipped,
+            "total_s": round(end - t0, 1), "groups_s": group_totals(ran), "dvc_s": round(sum(r["dvc_s"] for r in ran), 1),
+            "stages": ran, "skipped": skipped,
             "complete": proc.returncode == 0 and not skipped,
             "env": fingerprint(env_info())}
 
