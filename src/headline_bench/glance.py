@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -103,13 +104,11 @@ def read_speed(techniques: dict[str, Any]) -> str:
 
     Why beside the wall time: a shared 2-core VM's speed changes from hour to hour (the same CPU model read 20-23 GB/s in
     one full run and 17-19 GB/s in the next, with tokens/s 0.6-0.8x), so two runs' totals compare only with it."""
-    rates = sorted(t["peak_bandwidth_gbs"] for t in techniques.values()
-                   if str(t.get("peak_bandwidth_source", "")).startswith("measured") and isinstance(t.get("peak_bandwidth_gbs"), (int, float)))
+    rates = [t["peak_bandwidth_gbs"] for t in techniques.values()
+             if str(t.get("peak_bandwidth_source", "")).startswith("measured") and isinstance(t.get("peak_bandwidth_gbs"), (int, float))]
     if not rates:
         return ""
-    mid = len(rates) // 2
-    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
-    return f"; memory read rate measured by its timed processes: median {median:.1f} GB/s over {len(rates)} techniques"
+    return f"; memory read rate measured by its timed processes: median {statistics.median(rates):.1f} GB/s over {len(rates)} techniques"
 
 
 def repro_line(record: dict[str, Any], speed: str = "") -> str:
