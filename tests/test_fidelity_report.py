@@ -46,3 +46,20 @@ def test_report_shows_both_states_and_says_which_decided(tmp_path: Path, monkeyp
     ("non-inferior", None, "ROUGE (fidelity n/a)")])
 def test_decided_by(rouge: str, fidelity: str | None, said: str) -> None:
     assert decided_by(rouge, fidelity) == said
+
+
+def test_fidelity_record_reads_the_family_and_gives_the_rest_their_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvc.yaml's fidelity stage runs for score.family only: a member's file is read (a missing one says so); every other
+    technique gets its n/a from params, even where an older run left a fidelity.json behind."""
+    from headline_bench.files import TECHNIQUE_METRICS, write_json
+    from headline_bench.settings import load_params
+
+    params = load_params()  # the committed params.yaml, read before leaving the repository
+    monkeypatch.chdir(tmp_path)
+    write_json(TECHNIQUE_METRICS / "quant8" / "fidelity.json", written := fidelity_json("quant8", 0.004))
+    write_json(TECHNIQUE_METRICS / "kv_cache" / "fidelity.json", {"technique": "kv_cache", "fidelity_state": "stale"})
+    assert report.fidelity_record("quant8", params) == written
+    assert "missing" in report.fidelity_record("quant4", params)["skipped"]
+    assert report.fidelity_record("kv_cache", params)["not_measured"].startswith("lossless (reference baseline)")
+    assert report.fidelity_record("target_only", params)["not_measured"].startswith("n/a: another model")
+    assert report.fidelity_record("baseline", params)["not_measured"] == "the reference"

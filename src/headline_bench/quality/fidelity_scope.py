@@ -1,5 +1,6 @@
-"""Which techniques get a fidelity measure: decided from params alone, so the fidelity stage of a lossless technique
-(11 of the default CPU run's 21) writes its n/a without importing torch or reading baseline's distributions."""
+"""Which techniques get a fidelity measure: decided from params alone. dvc.yaml runs the fidelity stage for score.family
+members only; the report gives every other technique (the reference, lossless ones, another model) its n/a from here,
+and a member that gets none (random weights) writes it without importing torch or reading baseline's distributions."""
 
 from __future__ import annotations
 

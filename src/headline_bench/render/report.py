@@ -13,6 +13,7 @@ from headline_bench.analysis.verdicts import resolve_equivalents
 from headline_bench.files import GENERATIONS, METRICS, TECHNIQUE_METRICS, read_json, read_jsonl, write_json
 from headline_bench.logs import log
 from headline_bench.measure.environment import comparable, describe, fingerprint
+from headline_bench.quality.fidelity_scope import not_measured_record
 from headline_bench.render.fidelity import fidelity_section
 from headline_bench.render.markdown import f, table
 from headline_bench.settings import Params
@@ -491,12 +492,19 @@ def load(path: Path, name: str) -> dict[str, Any]:
     return read_json(path) if path.exists() else {"technique": name, "skipped": f"{path} missing (stage not run)"}
 
 
+def fidelity_record(name: str, params: Params) -> dict[str, Any]:
+    """The fidelity stage's fidelity.json (it runs for score.family only), else the n/a params give the technique."""
+    if name in (params.score or ScoreSettings()).family:
+        return load(TECHNIQUE_METRICS / name / "fidelity.json", name)
+    return not_measured_record(name, params) or {"technique": name, "not_measured": "n/a: not in score.family (no fidelity stage)"}
+
+
 def report_from_disk(params: Params) -> dict[str, Any]:
     """report() over what the generate and score stages wrote for every technique of params.yaml."""
     names, focus = list(params.techniques), str(params.technique)
     perfs = {n: load(TECHNIQUE_METRICS / n / "perf.json", n) for n in names}
     scores = {n: load(TECHNIQUE_METRICS / n / "score.json", n) for n in names}
     gens = {n: read_jsonl(GENERATIONS / f"{n}.jsonl") for n in names if (GENERATIONS / f"{n}.jsonl").exists()}
-    fids = {n: read_json(TECHNIQUE_METRICS / n / "fidelity.json") for n in names if (TECHNIQUE_METRICS / n / "fidelity.json").exists()}
+    fids = {n: fidelity_record(n, params) for n in names}
     return report(names, perfs, scores, read_json(METRICS / "prepare.json"), gens, focus, params.report or ReportSettings(), params.score or ScoreSettings(),
                   fids)
