@@ -17,6 +17,16 @@ import _workspace  # noqa: E402, F401  (headline_bench from this checkout's src/
 
 torch.set_num_threads(1)
 
+PIPELINE_FILES = ["dvc.yaml", "pipelines"]  # what a copy of the project needs to run its pipeline: the root file and the stage groups'
+
+
+def pipeline_stages() -> dict[str, dict]:
+    """Every stage of the pipeline as written: dvc.yaml at the root and the stage groups' pipelines/<group>/dvc.yaml."""
+    import yaml
+
+    files = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
+    return {name: stage for path in files for name, stage in yaml.safe_load(path.read_text())["stages"].items()}
+
 
 def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     """A 2-layer Llama with random weights and a byte-level tokenizer (one token per byte, like GPT-2's

@@ -7,9 +7,8 @@ import ast
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT
+from conftest import ROOT, pipeline_stages
 
 PACKAGE = "headline_bench"
 SRC = ROOT / "src"
@@ -63,9 +62,9 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
 
 
 def stages() -> dict[str, tuple[Path, list[str]]]:
-    """{stage: (its script, its deps)} from dvc.yaml (foreach stages once, with their templated deps as written)."""
+    """{stage: (its script, its deps)} from dvc.yaml and pipelines/*/dvc.yaml (foreach stages once, with their templated deps as written)."""
     out = {}
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+    for name, stage in pipeline_stages().items():
         body = stage.get("do", stage)
         script = ROOT / body["cmd"].split()[1]
         out[name] = (script, [d for d in body.get("deps", []) if "${" not in d or d.startswith("data/")])
@@ -98,7 +97,7 @@ def test_no_stage_imports_another() -> None:
 
 def test_report_does_not_depend_on_serving() -> None:
     """`dvc repro report` must never start a server: nothing of the serving branch is among its deps."""
-    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    body = pipeline_stages()["report"]
     assert not [d for d in body["deps"] if "serving" in d or "served" in d]
 
 
@@ -107,6 +106,6 @@ def test_score_declares_the_files_of_every_reference_the_schema_allows() -> None
     techniques whose files every score stage declares, so `dvc status` sees each file a score depends on."""
     from headline_bench.settings import REFERENCES
 
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["score"]["do"]["deps"]
+    deps = pipeline_stages()["score"]["do"]["deps"]
     for name in (*REFERENCES, "${key}"):
         assert f"data/generations/{name}.jsonl" in deps and f"data/quality/{name}.jsonl" in deps, name

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_generate import BASE_PARAMS, ROWS
 
-from conftest import ROOT, stage
+from conftest import PIPELINE_FILES, ROOT, pipeline_stages, stage
 from headline_bench import files
 from headline_bench.benchmark import write_outputs, write_quality
 from headline_bench.children import TEST_SIGNAL
@@ -143,7 +143,7 @@ def test_a_failed_serve_rerun_keeps_the_finished_serve_outputs(tmp_path: Path, m
     with pytest.raises(SystemExit, match=f"serve {entry} failed: ServerError: the server died; its last finished outputs"):
         run_serve()
     assert [served.read_bytes(), metrics.read_bytes()] == before
-    outs = {k: v for out in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["serve"]["do"]["outs"] for k, v in out.items()}
+    outs = {k: v for out in pipeline_stages()["serve"]["do"]["outs"] for k, v in out.items()}
     assert outs["data/served/${key}.jsonl"]["persist"] and outs["metrics/serving/${key}/serve.json"]["persist"]  # DVC leaves them in place
 
 
@@ -154,7 +154,7 @@ HOSTILE = ["x;touch hb_pwned", "y';touch hb_pwned;'"]  # the second ends any sin
 
 def test_dvc_yaml_commands_carry_no_template() -> None:
     """DVC runs `cmd` through a shell: a templated name there runs before any schema sees it (settings.stage_key)."""
-    for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+    for name, spec in pipeline_stages().items():
         assert "${" not in spec.get("do", spec)["cmd"], name
 
 
@@ -178,7 +178,7 @@ def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> N
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    for item in ["dvc.yaml", "stages", "src", "calibration"]:
+    for item in [*PIPELINE_FILES, "stages", "src", "calibration"]:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -194,7 +194,7 @@ def test_a_hostile_name_is_refused_before_any_shell_runs_it(tmp_path: Path) -> N
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=env)
     for name in HOSTILE:
         for stage_name in ("generate", "quality", "serve"):
-            out = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", f"{stage_name}@{name}"], cwd=repo, capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", f"pipelines/{stage_name}/dvc.yaml:{stage_name}@{name}"], cwd=repo, capture_output=True,
                                  text=True, env=env, timeout=300)
             assert not list(repo.rglob("hb_pwned*")), f"{stage_name}@{name} ran the shell command in its name"
             assert out.returncode != 0, out.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_tiny_llama
+from conftest import PIPELINE_FILES, ROOT, make_tiny_llama
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -40,7 +40,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
     repo = tmp / "repo"
     repo.mkdir()
-    for item in ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", "calibration", ".dvcignore"]:
+    for item in [*PIPELINE_FILES, "params.yaml", "stages", "src", "data/sample", "calibration", ".dvcignore"]:
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item, **({"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")} if src.is_dir() else {}))
     params = committed_params()
@@ -127,7 +127,7 @@ def test_a_failing_rerun_keeps_the_finished_outputs(repo: Path) -> None:
         text = out.stdout + out.stderr
         assert "error: kv_cache failed: ValueError" in text and "last finished outputs" in text or "max_new_tokens" in text
         assert {p: (repo / p).read_bytes() for p in outs} == before
-        assert "generate@kv_cache" in json.loads(sh(DVC + ["status", "--json"], repo).stdout)
+        assert "pipelines/generate/dvc.yaml:generate@kv_cache" in json.loads(sh(DVC + ["status", "--json"], repo).stdout)
     finally:
         (repo / "params.yaml").write_text(params_text)
 
@@ -143,7 +143,7 @@ def test_changing_load_settings_reruns_only_serving(repo: Path) -> None:
         stale = set(json.loads(sh(DVC + ["status", "--json"], repo).stdout))
     finally:
         params_file.write_text(original)
-    assert stale == {"serve@hf_serve_cb"}  # serve_report and report follow from its outputs when it reruns
+    assert stale == {"pipelines/serve/dvc.yaml:serve@hf_serve_cb"}  # serve_report and report follow from its outputs when it reruns
 
 
 def test_a_temp_experiment_runs_its_own_code(repo: Path) -> None:

@@ -13,9 +13,9 @@ def test_stage_times_run_until_the_next_stage_and_name_skips() -> None:
         (58.0, "12:00:58 INFO baseline: 8 samples -> metrics/techniques/baseline/perf.json\n"),
         (59.0, "WARNING: 'data/lossless/baseline.jsonl' is empty.\n"),
         (61.0, "Updating lock file 'dvc.lock'\n"),
-        (62.0, "Running stage 'generate@quant4':\n"),
-        (70.0, "Stage 'score@kv_cache' is cached - skipping run, checking out outputs\n"),
-        (80.0, "Updating lock file 'dvc.lock'\n"),
+        (62.0, "Running stage 'pipelines/generate/dvc.yaml:generate@quant4':\n"),  # a stage group's own dvc.yaml
+        (70.0, "Stage 'pipelines/score/dvc.yaml:score@kv_cache' is cached - skipping run, checking out outputs\n"),
+        (80.0, "Updating lock file 'pipelines/generate/dvc.lock'\n"),
     ]
     ran, skipped = stage_times(lines, end=92.0)
     assert ran == [{"stage": "prepare", "s": 2.0, "dvc_s": 2.0}, {"stage": "generate@baseline", "s": 60.0, "dvc_s": 4.0},

@@ -256,8 +256,9 @@ def quality_batch_size(cfg: ResolvedTechnique, params: Params) -> int:
     """Prompts per call in the quality pass: `generate.quality_batch_size` where the technique can batch; 1 for
     llama.cpp (one prompt at a time here), assisted decoding (transformers drafts for one row per call) and compiled
     techniques at their timed batch of 1: compiled graphs are per shape, and a batch of 8 is a new set (compiled_loop_cpu:
-    66 s for its first batch of 8 and ~45 s per new cache bucket, 156 s for the pass on a 2-core Intel), while the timed
-    runs' own shapes are already in Inductor's cache (.cache in the workspace)."""
+    66 s for its first batch of 8 and ~45 s per new cache bucket, 156 s for the pass on a 2-core Intel), while at batch 1
+    the quality pass and the timed runs share their graphs through Inductor's cache (.cache in the workspace): whichever
+    stage runs first compiles them cold (dvc runs a technique's quality stage before its generate stage)."""
     assisted = cfg.speculative or cfg.generate.prompt_lookup_num_tokens
     compiled_at_one = (cfg.compile or cfg.decode_loop) and cfg.batch_size == 1
     if cfg.engine == "llama_cpp" or assisted or compiled_at_one:

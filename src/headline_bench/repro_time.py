@@ -29,14 +29,19 @@ SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - sk
 DVC_LINE = re.compile(r"^\s*$|^> |^WARNING: '|^Updating lock file|^To track the changes|^\s+git add|^Use `dvc push`|^Stage '")
 
 
+def stage_name(addressing: str) -> str:
+    """dvc's address of a stage without its file: 'pipelines/generate/dvc.yaml:generate@kv_cache' -> 'generate@kv_cache'."""
+    return addressing.rpartition(":")[2]
+
+
 def stage_times(lines: list[tuple[float, str]], end: float) -> tuple[list[dict[str, Any]], list[str]]:
     """(stamp, line) pairs of dvc's output -> each stage that ran with its seconds, and the stages dvc skipped.
 
     Each stage also gets `dvc_s`: from its command's last line of output to the stage's end, the time dvc spends on
     it (saving outputs, rewriting dvc.lock, checking the next stage); the command's own exit is inside it too.
     """
-    starts = [(i, t, m.group(1)) for i, (t, line) in enumerate(lines) if (m := RUNNING.search(line))]
-    skipped = [m.group(1) for _, line in lines if (m := SKIPPED.search(line))]
+    starts = [(i, t, stage_name(m.group(1))) for i, (t, line) in enumerate(lines) if (m := RUNNING.search(line))]
+    skipped = [stage_name(m.group(1)) for _, line in lines if (m := SKIPPED.search(line))]
     ran = []
     for k, (i, t, name) in enumerate(starts):
         stop_i, stop = (starts[k + 1][0], starts[k + 1][1]) if k + 1 < len(starts) else (len(lines), end)
