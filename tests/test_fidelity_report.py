@@ -49,7 +49,7 @@ def test_decided_by(rouge: str, fidelity: str | None, said: str) -> None:
 
 
 def test_fidelity_record_reads_the_family_and_gives_the_rest_their_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """dvc.yaml's fidelity stage runs for score.family only: a member's file is read (a missing one says so); every other
+    """The fidelity stage (pipelines/fidelity/dvc.yaml) runs for score.family only: a member's file is read (a missing one says so); every other
     technique gets its n/a from params, even where an older run left a fidelity.json behind."""
     from headline_bench.files import TECHNIQUE_METRICS, write_json
     from headline_bench.settings import load_params

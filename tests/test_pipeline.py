@@ -50,7 +50,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["generate"].update(max_new_tokens=4, warmup_runs=1, max_input_tokens=1000, processes=2, quality_batch_size=2)  # byte-level tiny tokenizer: long prompts
     params["score"]["bootstrap_samples"] = 100
     params["techniques"] = {k: params["techniques"][k] for k in ["baseline", "kv_cache", "target_only"]}
-    params["score"]["family"] = []  # dvc.yaml's fidelity stage runs per member, with its techniques entry: none of these is lossy
+    params["score"]["family"] = []  # pipelines/fidelity/dvc.yaml runs a stage per member, with its techniques entry: none of these is lossy
     params["technique"] = "baseline"  # whatever an experiment applied to the workspace
     params["serving"] = {"hf_serve_cb": params["serving"]["hf_serve_cb"]}  # its reference, kv_cache, is generated here
     params["serve"].update(rates=[4], concurrency=[2], requests=2, warmup_requests=1, search_steps=0, max_duration_s=5, runs=2)
